@@ -1,0 +1,118 @@
+"""Real data: load a source, resize, scale to [-1, 1], split into train and held-out test."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class DataError(ValueError):
+    """A data source the user pointed at cannot be used, phrased as one line."""
+
+
+@dataclass
+class Dataset:
+    images: torch.Tensor  # (N, C, H, W) float32 in [-1, 1]
+    labels: torch.Tensor  # (N,) int64 in [0, num_classes)
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = digits.images[:, None].astype(np.float32) / 16.0
+    return images, digits.target.astype(np.int64), [str(i) for i in range(10)]
+
+
+def _from_hf(ds, image_column: str, label_column: str, source: str):
+    from datasets import ClassLabel
+
+    for column in (image_column, label_column):
+        if column not in ds.column_names:
+            raise DataError(f"{source}: no column {column!r} (columns: {ds.column_names}); set data.image_column / data.label_column")
+    if len(ds) == 0:
+        raise DataError(f"{source}: the dataset is empty")
+    feature = ds.features[label_column]
+    labels = np.asarray(ds[label_column], dtype=np.int64)
+    if isinstance(feature, ClassLabel):
+        names = list(feature.names)
+    else:
+        names = [str(i) for i in range(int(labels.max()) + 1)]
+    pil_images = ds[image_column]
+    mode = "L" if all(im.mode in ("L", "1", "I", "I;16") for im in pil_images) else "RGB"
+    sizes = {im.size for im in pil_images}
+    if len(sizes) > 1:
+        # Mixed sizes: bring everything to the largest one before the common resize.
+        target = max(sizes)
+        pil_images = [im.resize(target) for im in pil_images]
+    arrays = [np.asarray(im.convert(mode), dtype=np.float32) / 255.0 for im in pil_images]
+    images = np.stack(arrays)
+    images = images[:, None] if mode == "L" else images.transpose(0, 3, 1, 2)
+    return images, labels, names
+
+
+def _image_folder(path: Path, image_column: str, label_column: str):
+    from datasets import load_dataset
+
+    subdirs = [p for p in path.iterdir() if p.is_dir()]
+    if not subdirs:
+        raise DataError(f"{path}: an image folder needs one sub-folder per class, found none")
+    ds = load_dataset("imagefolder", data_dir=str(path), split="train")
+    return _from_hf(ds, "image", "label", str(path))
+
+
+def _saved_dataset(path: Path, image_column: str, label_column: str):
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as exc:  # datasets raises several types for a corrupt directory
+        raise DataError(f"{path}: not a readable `datasets` save_to_disk directory ({exc})") from None
+    if isinstance(ds, DatasetDict):
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    return _from_hf(ds, image_column, label_column, str(path))
+
+
+def load_source(source: str, image_column: str = "image", label_column: str = "label"):
+    """Return (images in [0, 1] as (N, C, H, W) float32, labels, class names)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if source == "digits":
+        return _digits()
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"data.source: {source!r} is neither 'digits' nor an existing path")
+    if not path.is_dir():
+        raise DataError(f"data.source: {source} must be a directory (image folder or save_to_disk dataset)")
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        return _saved_dataset(path, image_column, label_column)
+    return _image_folder(path, image_column, label_column)
+
+
+def load_dataset(source: str, resolution: int, image_column: str = "image", label_column: str = "label") -> Dataset:
+    images, labels, names = load_source(source, image_column, label_column)
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    if x.shape[-2:] != (resolution, resolution):
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    x = (x.clamp(0, 1) * 2 - 1).contiguous()
+    return Dataset(x, torch.from_numpy(labels), names)
+
+
+def split(data: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    n = len(data.labels)
+    n_test = int(round(n * test_fraction))
+    if n_test < 2 or n - n_test < 2:
+        raise DataError(f"data: {n} images are too few to hold out {test_fraction:.0%} for evaluation")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    test, train = order[:n_test], order[n_test:]
+    pick = lambda idx: Dataset(data.images[idx].contiguous(), data.labels[idx].contiguous(), data.class_names)
+    return pick(train), pick(test)

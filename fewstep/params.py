@@ -1,0 +1,242 @@
+"""params.yaml schema: one pydantic model per stage section, validated at every stage start.
+
+A user mistake becomes one line naming the dotted key and what was expected, e.g.
+``distill.lr must be > 0, got -1``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ParamsError(ValueError):
+    """A params.yaml problem, already phrased as one line for the user."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+PositiveInt = Field(gt=0)
+
+
+class DataParams(Section):
+    source: str = "digits"  # "digits", an image folder (one sub-folder per class), or a save_to_disk dataset
+    resolution: int = Field(8, ge=4, le=512)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    image_column: str = "image"
+    label_column: str = "label"
+
+
+class FeaturizerParams(Section):
+    steps: int = Field(600, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    features: int = Field(128, gt=0)
+
+
+class EDMParams(Section):
+    sigma_min: float = Field(0.002, gt=0)
+    sigma_max: float = Field(80.0, gt=0)
+    sigma_data: float = Field(0.5, gt=0)
+    rho: float = Field(7.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min must be < sigma_max, got {self.sigma_min} >= {self.sigma_max}")
+        return self
+
+
+class TeacherParams(Section):
+    steps: int = Field(1200, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    label_dropout: float = Field(0.1, ge=0, lt=1)
+    p_mean: float = -1.2
+    p_std: float = Field(1.2, gt=0)
+    channels: list[int] | None = None  # None: chosen from the resolution
+    layers_per_block: int = Field(2, gt=0)
+    edm: EDMParams = EDMParams()
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v):
+        if v is not None and (not v or any(c <= 0 or c % 8 for c in v)):
+            raise ValueError(f"must be a non-empty list of positive multiples of 8, got {v}")
+        return v
+
+
+class TrajectoriesParams(Section):
+    num_samples: int = Field(2000, gt=0)
+    sampling_steps: int = Field(18, gt=0)  # Heun steps; NFE = 2 * steps - 1
+    guidance: float = Field(1.0, ge=0)
+    batch_size: int = Field(500, gt=0)
+    shard_size: int = Field(1000, gt=0)
+
+
+class GanParams(Section):
+    generator_weight: float = Field(3e-3, ge=0)
+    critic_weight: float = Field(1e-2, ge=0)
+
+
+class OptimParams(Section):
+    lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.0, 0.99)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(10.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v):
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"must be two numbers in [0, 1), got {list(v)}")
+        return v
+
+
+class CriticParams(OptimParams):
+    steps: int = Field(100, gt=0)
+    batch_size: int = Field(64, gt=0)
+    gan: GanParams = GanParams()
+
+
+class DistillParams(OptimParams):
+    objective: Literal["dmd2"] = "dmd2"
+    steps: int = Field(400, gt=0)
+    batch_size: int = Field(64, gt=0)
+    ttur: int = Field(5, gt=0)  # fake-score updates per generator update
+    student_sigmas: list[float] = [80.0]  # conditioning noise levels, one per student step
+    real_guidance: float = Field(1.0, ge=0)  # CFG on the real score (1 = none)
+    ema_decay: float = Field(0.99, ge=0, lt=1)
+    t_min: float = Field(0.02, ge=0, lt=1)  # DM timestep range as fractions of the Karras grid
+    t_max: float = Field(0.98, gt=0, le=1)
+    gan: GanParams = GanParams()
+    log_every: int = Field(10, gt=0)
+
+    @field_validator("student_sigmas")
+    @classmethod
+    def _sigmas(cls, v):
+        if not v or any(s <= 0 for s in v) or any(a <= b for a, b in zip(v, v[1:])):
+            raise ValueError(f"must be a non-empty, strictly decreasing list of positive noise levels, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _t_range(self):
+        if self.t_min >= self.t_max:
+            raise ValueError(f"t_min must be < t_max, got {self.t_min} >= {self.t_max}")
+        return self
+
+
+class FinetuneParams(DistillParams):
+    steps: int = Field(100, gt=0)
+    lr: float = Field(5e-5, gt=0)
+
+
+class EvaluateParams(Section):
+    batch_size: int = Field(250, gt=0)
+    latency_batch: int = Field(250, gt=0)
+    latency_repeats: int = Field(3, gt=0)
+    knn_k: int = Field(3, gt=0)
+    grid_size: int = Field(10, gt=0)
+
+
+class RunParams(Section):
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    num_threads: int = Field(0, ge=0)  # 0: torch's default
+
+
+class Params(Section):
+    seed: int = Field(0, ge=0)
+    run: RunParams = RunParams()
+    data: DataParams = DataParams()
+    featurizer: FeaturizerParams = FeaturizerParams()
+    teacher: TeacherParams = TeacherParams()
+    trajectories: TrajectoriesParams = TrajectoriesParams()
+    critic: CriticParams = CriticParams()
+    distill: DistillParams = DistillParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+_PHRASES = {
+    "greater_than": lambda c: f"must be > {c['gt']}",
+    "greater_than_equal": lambda c: f"must be >= {c['ge']}",
+    "less_than": lambda c: f"must be < {c['lt']}",
+    "less_than_equal": lambda c: f"must be <= {c['le']}",
+    "int_parsing": lambda c: "must be an integer",
+    "int_from_float": lambda c: "must be an integer",
+    "int_type": lambda c: "must be an integer",
+    "float_parsing": lambda c: "must be a number",
+    "float_type": lambda c: "must be a number",
+    "bool_parsing": lambda c: "must be true or false",
+    "string_type": lambda c: "must be a string",
+    "list_type": lambda c: "must be a list",
+    "tuple_type": lambda c: "must be a list",
+    "literal_error": lambda c: f"must be one of {c['expected']}",
+    "model_type": lambda c: "must be a mapping of keys",
+    "model_attributes_type": lambda c: "must be a mapping of keys",
+}
+
+
+def _one_line(err: dict[str, Any], section: tuple = ()) -> str:
+    loc = [str(p) for p in (*section, *err["loc"]) if not isinstance(p, int)]
+    key = ".".join(loc) or "params"
+    kind, ctx = err["type"], err.get("ctx", {})
+    if kind == "extra_forbidden":
+        return f"{key} is not a known key"
+    if kind == "missing":
+        return f"{key} is required"
+    if kind == "value_error":
+        # our own validators phrase their message; pydantic prefixes "Value error, "
+        msg = err["msg"].removeprefix("Value error, ")
+        return f"{key} {msg}"
+    phrase = _PHRASES.get(kind, lambda c: err["msg"].lower())(ctx)
+    return f"{key} {phrase}, got {err['input']!r}"
+
+
+def _known_keys_hint(model: type[BaseModel], loc: tuple) -> str:
+    """The valid keys of the section where an unknown key was found."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return ""
+        model = field.annotation
+    return f" (valid keys: {', '.join(model.model_fields)})"
+
+
+def validate(raw: Any) -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params must be a mapping of stage sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        line = _one_line(err)
+        if err["type"] == "extra_forbidden":
+            line += _known_keys_hint(Params, err["loc"])
+        more = len(exc.errors()) - 1
+        raise ParamsError(line + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")) from None
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    try:
+        return validate(raw)
+    except ParamsError as exc:
+        raise ParamsError(f"{path}: {exc}") from None

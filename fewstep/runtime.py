@@ -1,0 +1,64 @@
+"""Stage start-up shared by every stage script: params, seeds, device, one-line user errors."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from .data import DataError
+from .io import ArtifactError
+from .params import Params, ParamsError, load
+from .training import TrainingDiverged
+
+USER_ERRORS = (ParamsError, DataError, ArtifactError, TrainingDiverged)
+
+
+def device_for(params: Params) -> torch.device:
+    want = params.run.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("run.device is 'cuda' but no CUDA device is available (use 'cpu' or 'auto')")
+    return torch.device(want)
+
+
+def autocast(params: Params, device: torch.device):
+    """Mixed precision on GPU per run.precision; a no-op on CPU (fp32 there keeps runs bit-reproducible)."""
+    if device.type == "cpu" or params.run.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if params.run.precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def seeded(seed: int, salt: str) -> torch.Generator:
+    """A generator per purpose, so adding a random draw in one place never shifts another's stream."""
+    import zlib
+
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(salt.encode())) % 2**63)
+
+
+def run(stage: str, main: Callable[[Params, argparse.Namespace, torch.device], None],
+        configure: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Parse the stage's arguments, validate params, run `main`, and turn user errors into one line."""
+    parser = argparse.ArgumentParser(prog=f"stages/{stage}.py")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    configure(parser)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    try:
+        params = load(args.params)
+        if params.run.num_threads:
+            torch.set_num_threads(params.run.num_threads)
+        torch.manual_seed(params.seed)
+        device = device_for(params)
+        print(f"[{stage}] device={device} precision={params.run.precision} seed={params.seed}", flush=True)
+        main(params, args, device)
+    except USER_ERRORS as exc:
+        print(f"[{stage}] error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print(f"[{stage}] done in {time.perf_counter() - started:.1f} s", flush=True)

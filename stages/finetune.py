@@ -1,0 +1,25 @@
+"""finetune: continue from the distilled student and its critic with finetune's params
+(by default DMD2's low-learning-rate phase with the GAN on real data)."""
+from pathlib import Path
+
+from fewstep import distill, runtime
+from fewstep.io import atomic_output
+
+
+def main(params, args, device):
+    with atomic_output(args.out) as out:
+        distill.run(params.finetune, teacher_dir=args.teacher, prepare_dir=args.prepare, out=out,
+                    student_dir=args.distilled / "student", critic_dir=args.distilled / "critic",
+                    generator=runtime.seeded(params.seed, "finetune"), device=device, stage="finetune")
+    print(f"[finetune] student -> {args.out / 'student'}", flush=True)
+
+
+def configure(ap):
+    ap.add_argument("--teacher", type=Path, required=True)
+    ap.add_argument("--prepare", type=Path, required=True)
+    ap.add_argument("--distilled", type=Path, required=True, help="the distill stage's output directory")
+    ap.add_argument("--out", type=Path, required=True)
+
+
+if __name__ == "__main__":
+    runtime.run("finetune", main, configure)
