@@ -13,6 +13,7 @@ import torch
 
 from . import objectives
 from .io import load_tensors
+from .params import ParamsError
 from .models import BottleneckTap, EDMDenoiser, GanHead, load_model, save_model
 from .training import Phase, RealBatches, adamw, ema_for, train
 
@@ -38,9 +39,15 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
         device: torch.device, stage: str, student_dir: Path | None = None, critic_dir: Path | None = None,
         train_generator: bool = True) -> dict[str, float]:
     """Train (critic and optionally student) per `params` and write student/, critic/ and live/ under `out`."""
-    teacher, teacher_info = load_model(teacher_dir, device)
+    teacher, _ = load_model(teacher_dir, device)
     teacher.requires_grad_(False)
-    student = load_model(student_dir, device)[0] if student_dir else copy.deepcopy(teacher)
+    if student_dir is None:
+        student = copy.deepcopy(teacher)
+    else:
+        student, student_info = load_model(student_dir, device)
+        if student_info["student_sigmas"] != list(params.student_sigmas):
+            raise ParamsError(f"{stage}.student_sigmas must match the student being continued "
+                              f"({student_info['student_sigmas']}), got {list(params.student_sigmas)}")
     fake, head = load_critic(critic_dir, teacher)
     setup = objectives.Setup(
         teacher=teacher, student=student, fake=fake, head=head, tap=BottleneckTap(fake.unet),
@@ -70,7 +77,7 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
     if ema is not None:
         ema.copy_to(student.parameters())
         save_model(student.eval(), out / "student", role="student", student_sigmas=list(params.student_sigmas),
-                   objective=params.objective, teacher=teacher_info)
+                   objective=params.objective)
     save_model(fake.eval(), out / "critic", role="critic")
     head.save(out / "critic")
     return last

@@ -7,7 +7,6 @@ Models are saved as diffusers-style directories:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -183,7 +182,3 @@ def _load_state(model: nn.Module, file: Path) -> None:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ArtifactError(f"{file}: weights do not fit the model ({str(exc).splitlines()[0]})") from None
-
-
-def model_config_dump(denoiser: EDMDenoiser) -> str:
-    return json.dumps(dict(denoiser.unet.config), sort_keys=True, default=str)

@@ -60,7 +60,7 @@ class TeacherParams(Section):
     p_mean: float = -1.2
     p_std: float = Field(1.2, gt=0)
     channels: list[int] | None = None  # None: chosen from the resolution
-    layers_per_block: int = Field(2, gt=0)
+    layers_per_block: int = Field(1, gt=0)
     edm: EDMParams = EDMParams()
 
     @field_validator("channels")
@@ -164,11 +164,15 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
 
 
+def _num(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 _PHRASES = {
-    "greater_than": lambda c: f"must be > {c['gt']}",
-    "greater_than_equal": lambda c: f"must be >= {c['ge']}",
-    "less_than": lambda c: f"must be < {c['lt']}",
-    "less_than_equal": lambda c: f"must be <= {c['le']}",
+    "greater_than": lambda c: f"must be > {_num(c['gt'])}",
+    "greater_than_equal": lambda c: f"must be >= {_num(c['ge'])}",
+    "less_than": lambda c: f"must be < {_num(c['lt'])}",
+    "less_than_equal": lambda c: f"must be <= {_num(c['le'])}",
     "int_parsing": lambda c: "must be an integer",
     "int_from_float": lambda c: "must be an integer",
     "int_type": lambda c: "must be an integer",

@@ -67,7 +67,7 @@ def _update(phase: Phase, step: int) -> dict[str, float]:
         torch.nn.utils.clip_grad_norm_(phase.module.parameters(), phase.grad_clip)
     phase.optimizer.step()
     phase.scheduler.step()
-    return {f"{phase.name}/{k}": float(v) for k, v in parts.items()}
+    return {f"{phase.name}/{k}": float(v.detach()) for k, v in parts.items()}
 
 
 def train(phases: list[Phase], steps: int, live_dir: Path, desc: str,

@@ -1,0 +1,98 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tiny but complete: every stage runs its real code path in seconds.
+TINY = {
+    "seed": 0,
+    "featurizer": {"steps": 20, "batch_size": 32},
+    "teacher": {"steps": 8, "batch_size": 16},
+    "trajectories": {"num_samples": 40, "sampling_steps": 3, "batch_size": 16, "shard_size": 25},
+    "critic": {"steps": 2, "batch_size": 8},
+    "distill": {"steps": 3, "batch_size": 8, "ttur": 2, "log_every": 2},
+    "finetune": {"steps": 2, "batch_size": 8, "ttur": 1},
+    "evaluate": {"batch_size": 20, "latency_batch": 8, "latency_repeats": 1, "grid_size": 4},
+}
+
+
+def tiny_params(**overrides) -> dict:
+    params = yaml.safe_load(yaml.safe_dump(TINY))
+    for dotted, value in overrides.items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return params
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
+    e.setdefault("PYTHONHASHSEED", "0")
+    return e
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_stage(stage: str, cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--params", "params.yaml", *args], cwd, check)
+
+
+def write_params(folder: Path, params: dict) -> Path:
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def make_project(folder: Path, params: dict) -> Path:
+    """A fresh git + DVC repo holding the pipeline (dvc.yaml, stages, library) with the given params."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / item, folder / item)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "stages", folder / "stages", ignore=ignore)
+    shutil.copytree(ROOT / "fewstep", folder / "fewstep", ignore=ignore)
+    write_params(folder, params)
+    run(["git", "init", "-q"], folder)
+    run(["git", "config", "user.email", "t@example.com"], folder)
+    run(["git", "config", "user.name", "test"], folder)
+    run(["dvc", "init", "-q"], folder)
+    run(["dvc", "config", "core.analytics", "false"], folder)
+    run(["git", "add", "-A"], folder)
+    run(["git", "commit", "-qm", "init"], folder)
+    return folder
+
+
+def write_image_folder(folder: Path, per_class: int = 12, size: int = 28) -> Path:
+    """28x28 grayscale digit images (MNIST-like, upscaled scikit-learn digits), one sub-folder per class."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for label in range(3):
+        (folder / f"class_{label}").mkdir(parents=True, exist_ok=True)
+        images = digits.images[digits.target == label][:per_class]
+        for i, img in enumerate(images):
+            pixels = (img / 16 * 255).astype(np.uint8)
+            Image.fromarray(pixels, mode="L").resize((size, size), Image.BILINEAR).save(folder / f"class_{label}" / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_env():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -1,0 +1,51 @@
+"""End to end through DVC in temporary git repos (slow, but run in CI)."""
+import json
+import re
+
+import pytest
+import yaml
+
+from conftest import make_project, run, tiny_params, write_image_folder, write_params
+
+ALL_STAGES = ["prepare", "teacher", "trajectories", "critic", "distill", "finetune", "evaluate"]
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+@pytest.mark.slow
+def test_repro_rerun_and_param_edit(tmp_path):
+    project = make_project(tmp_path / "project", tiny_params())
+    first = run(["dvc", "repro"], project)
+    assert ran(first.stdout) == ALL_STAGES
+    metrics = json.loads((project / "evaluate/metrics.json").read_text())
+    assert {"teacher", "student", "data_floor", "speedup"} <= set(metrics)
+
+    again = run(["dvc", "repro"], project)
+    assert ran(again.stdout) == []
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["distill"]["lr"] = 1e-4
+    write_params(project, params)
+    edited = run(["dvc", "repro"], project)
+    assert ran(edited.stdout) == ["distill", "finetune", "evaluate"]
+
+    shown = run(["dvc", "metrics", "show", "--json"], project)
+    assert "speedup" in shown.stdout
+    plots = run(["dvc", "plots", "show", "--json"], project)
+    assert "distill/live/plots/metrics/generator/dm.tsv" in plots.stdout
+
+
+@pytest.mark.slow
+def test_image_folder_28px_end_to_end(tmp_path):
+    folder = write_image_folder(tmp_path / "digits28", per_class=12, size=28)
+    params = tiny_params(**{"data.source": str(folder), "data.resolution": 28, "data.test_fraction": 0.25})
+    project = make_project(tmp_path / "project", params)
+    out = run(["dvc", "repro"], project)
+    assert ran(out.stdout) == ALL_STAGES
+    info = json.loads((project / "prepare/info.json").read_text())
+    assert info["resolution"] == 28 and info["channels"] == 1 and info["class_names"] == ["class_0", "class_1", "class_2"]
+    assert info["num_test"] == 9
+    metrics = json.loads((project / "evaluate/metrics.json").read_text())
+    assert metrics["student"]["nfe"] == 1

@@ -1,0 +1,139 @@
+"""Each stage on tiny params, run as its own script in dependency order, outputs checked."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_stage, tiny_params, write_params
+from fewstep.models import load_model
+
+STAGE_ARGS = {
+    "prepare": ["--out", "prepare"],
+    "teacher": ["--prepare", "prepare", "--out", "teacher"],
+    "trajectories": ["--teacher", "teacher/model", "--out", "trajectories"],
+    "critic": ["--teacher", "teacher/model", "--prepare", "prepare", "--out", "critic"],
+    "distill": ["--teacher", "teacher/model", "--prepare", "prepare", "--critic", "critic/critic", "--out", "distill"],
+    "finetune": ["--teacher", "teacher/model", "--prepare", "prepare", "--distilled", "distill", "--out", "finetune"],
+    "evaluate": ["--prepare", "prepare", "--teacher", "teacher/model", "--trajectories", "trajectories",
+                 "--student", "finetune/student", "--samples", "evaluate/samples", "--metrics", "evaluate/metrics.json"],
+}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stages")
+    write_params(folder, tiny_params())
+    logs = {}
+    for stage, args in STAGE_ARGS.items():
+        logs[stage] = run_stage(stage, folder, *args)
+    folder.logs = logs
+    return folder
+
+
+def test_prepare(workdir):
+    data = load_file(workdir / "prepare/data.safetensors")
+    assert data["train_images"].shape[1:] == (1, 8, 8) and data["test_images"].shape[1:] == (1, 8, 8)
+    assert data["train_images"].min() >= -1 and data["train_images"].max() <= 1
+    assert len(data["train_labels"]) + len(data["test_labels"]) == 1797
+    info = json.loads((workdir / "prepare/info.json").read_text())
+    assert info["num_test"] == 359 and len(info["class_names"]) == 10
+    ref = load_file(workdir / "prepare/reference.safetensors")
+    assert ref["features"].shape == (359, 128) and ref["cov"].shape == (128, 128)
+    assert "featurizer test accuracy" in workdir.logs["prepare"].stdout
+
+
+def test_teacher_is_a_diffusers_model(workdir):
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(workdir / "teacher/model/unet")
+    assert unet.config.num_class_embeds == 11  # 10 classes + null label
+    model, info = load_model(workdir / "teacher/model")
+    assert info["role"] == "teacher"
+    x = model(torch.randn(2, 1, 8, 8), torch.tensor([1.0, 2.0]), torch.tensor([0, 10]))
+    assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
+    assert (workdir / "teacher/live/plots/metrics/teacher/loss.tsv").is_file()
+
+
+def test_trajectories_are_sharded(workdir):
+    index = json.loads((workdir / "trajectories/index.json").read_text())
+    assert [s["count"] for s in index["shards"]] == [25, 15]
+    assert index["nfe"] == 5 and len(index["sigmas"]) == 4 and index["sigmas"][-1] == 0
+    shard = load_file(workdir / "trajectories" / index["shards"][1]["file"])
+    assert shard["states"].shape == (15, 4, 1, 8, 8)
+    assert torch.equal(shard["states"][:, -1], shard["images"])
+    assert torch.allclose(shard["states"][:, 0], shard["noise"] * index["sigmas"][0])
+
+
+def test_critic_distill_finetune_outputs(workdir):
+    for stage in ("critic", "distill", "finetune"):
+        assert (workdir / stage / "critic/gan_head.safetensors").is_file()
+        assert (workdir / stage / "live/plots/metrics/critic/denoise.tsv").is_file()
+    for stage in ("distill", "finetune"):
+        student, info = load_model(workdir / stage / "student")
+        assert info["role"] == "student" and info["student_sigmas"] == [80.0]
+        assert (workdir / stage / "live/plots/metrics/generator/dm.tsv").is_file()
+    assert not (workdir / "critic/student").exists()  # the critic stage trains no student
+    # distillation moved the student away from its teacher initialization
+    teacher, _ = load_model(workdir / "teacher/model")
+    student, _ = load_model(workdir / "distill/student")
+    assert any(not torch.equal(a, b) for a, b in zip(teacher.parameters(), student.parameters()))
+
+
+def test_evaluate_metrics_shape(workdir):
+    metrics = json.loads((workdir / "evaluate/metrics.json").read_text())
+    for model in ("teacher", "student"):
+        assert set(metrics[model]) >= {"fid", "precision", "recall", "cond_accuracy", "nfe", "latency_ms"}
+        assert metrics[model]["fid"] >= 0 and 0 <= metrics[model]["precision"] <= 1
+    assert metrics["teacher"]["nfe"] == 5 and metrics["student"]["nfe"] == 1
+    assert metrics["speedup"] == pytest.approx(metrics["teacher"]["latency_ms"] / metrics["student"]["latency_ms"])
+    assert metrics["data_floor"]["fid"] >= 0
+    for name in ("teacher.png", "student.png"):
+        assert (workdir / "evaluate/samples" / name).stat().st_size > 100
+
+
+def test_sample_cli(workdir, tmp_path):
+    from conftest import run
+    import sys
+
+    out = tmp_path / "grid.png"
+    proc = run([sys.executable, "-m", "fewstep.cli", "sample", "--model", str(workdir / "finetune/student"),
+                "--steps", "1", "--out", str(out), "--rows", "3"], workdir)
+    assert out.is_file() and "1 NFE" in proc.stdout
+    from PIL import Image
+
+    assert Image.open(out).size[0] > 3 * 8
+    proc = run([sys.executable, "-m", "fewstep.cli", "sample", "--model", str(workdir / "prepare"),
+                "--out", str(tmp_path / "x.png")], workdir, check=False)
+    assert proc.returncode == 1 and "not a fewstep model directory" in proc.stderr
+
+
+def test_stage_failure_leaves_no_half_written_output(workdir):
+    """evaluate pointed at a corrupted trajectory shard: one clear line, no outputs, no temp dirs."""
+    import shutil
+
+    broken = workdir / "broken_traj"
+    shutil.copytree(workdir / "trajectories", broken)
+    shard = broken / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    args = list(STAGE_ARGS["evaluate"])
+    args[args.index("trajectories")] = "broken_traj"
+    args[args.index("evaluate/samples")] = "eval2/samples"
+    args[args.index("evaluate/metrics.json")] = "eval2/metrics.json"
+    proc = run_stage("evaluate", workdir, *args, check=False)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert lines == [f"[evaluate] error: broken_traj/shard-00001.safetensors: not a readable safetensors file"
+                     + lines[0].split("safetensors file", 1)[1]]
+    assert not (workdir / "eval2/metrics.json").exists() and not (workdir / "eval2/samples").exists()
+    assert not [p for p in (workdir / "eval2").glob(".*tmp")] if (workdir / "eval2").exists() else True
+
+
+def test_same_params_same_bytes(workdir, tmp_path):
+    """Determinism on CPU: rerunning prepare and teacher with the same params gives identical files."""
+    write_params(tmp_path, tiny_params())
+    for stage in ("prepare", "teacher"):
+        run_stage(stage, tmp_path, *STAGE_ARGS[stage])
+    for rel in ("prepare/data.safetensors", "prepare/featurizer/featurizer.safetensors",
+                "teacher/model/unet/diffusion_pytorch_model.safetensors"):
+        assert (tmp_path / rel).read_bytes() == (workdir / rel).read_bytes(), rel
