@@ -23,8 +23,15 @@ TINY = {
 }
 
 
+def _merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        base[key] = _merge(base.get(key) or {}, value) if isinstance(value, dict) else value
+    return base
+
+
 def tiny_params(**overrides) -> dict:
-    params = yaml.safe_load(yaml.safe_dump(TINY))
+    """The project's params.yaml with every section shrunk to seconds, plus dotted-key overrides."""
+    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(yaml.safe_dump(TINY)))
     for dotted, value in overrides.items():
         node = params
         *parents, leaf = dotted.split(".")
