@@ -20,14 +20,15 @@ STAGE_ARGS = {
 }
 
 
+LOGS = {}  # stage -> its completed process, from the module's one pipeline run
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stages")
     write_params(folder, tiny_params())
-    logs = {}
     for stage, args in STAGE_ARGS.items():
-        logs[stage] = run_stage(stage, folder, *args)
-    folder.logs = logs
+        LOGS[stage] = run_stage(stage, folder, *args)
     return folder
 
 
@@ -40,7 +41,7 @@ def test_prepare(workdir):
     assert info["num_test"] == 359 and len(info["class_names"]) == 10
     ref = load_file(workdir / "prepare/reference.safetensors")
     assert ref["features"].shape == (359, 128) and ref["cov"].shape == (128, 128)
-    assert "featurizer test accuracy" in workdir.logs["prepare"].stdout
+    assert "featurizer test accuracy" in LOGS["prepare"].stdout
 
 
 def test_teacher_is_a_diffusers_model(workdir):
