@@ -3,6 +3,7 @@ precision/recall, conditioning accuracy (featurizer), NFE and per-image latency 
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from fewstep import runtime
 from fewstep.grid import save_grid
@@ -19,9 +20,9 @@ def load_trajectories(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def batched(fn, noise, labels, batch_size, device):
-    return torch.cat([fn(n.to(device), y.to(device)).cpu()
-                      for n, y in zip(noise.split(batch_size), labels.split(batch_size))])
+def batched(fn, noise, labels, batch_size, device, desc):
+    pairs = list(zip(noise.split(batch_size), labels.split(batch_size)))
+    return torch.cat([fn(n.to(device), y.to(device)).cpu() for n, y in tqdm(pairs, desc=desc, unit="batch")])
 
 
 def main(params, args, device):
@@ -41,8 +42,8 @@ def main(params, args, device):
     run_teacher_1 = lambda n, y: heun_sample(teacher, n, y, 1)
     samples = {
         "teacher": traj["images"],
-        "teacher_1nfe": batched(run_teacher_1, noise, labels, p.batch_size, device),
-        "student": batched(run_student, noise, labels, p.batch_size, device),
+        "teacher_1nfe": batched(run_teacher_1, noise, labels, p.batch_size, device, "teacher 1 NFE"),
+        "student": batched(run_student, noise, labels, p.batch_size, device, "student"),
     }
     nfes = {"teacher": traj["index"]["nfe"], "teacher_1nfe": 1, "student": len(sigmas)}
 

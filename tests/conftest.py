@@ -72,6 +72,7 @@ def make_project(folder: Path, params: dict) -> Path:
         shutil.copy(ROOT / item, folder / item)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "stages", folder / "stages", ignore=ignore)
+    shutil.copytree(ROOT / "flows", folder / "flows", ignore=ignore)
     shutil.copytree(ROOT / "fewstep", folder / "fewstep", ignore=ignore)
     write_params(folder, params)
     run(["git", "init", "-q"], folder)
@@ -103,3 +104,48 @@ def write_image_folder(folder: Path, per_class: int = 12, size: int = 28) -> Pat
 def _quiet_env():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real local Prefect server for the flow and deployment tests; yields its API URL."""
+    import time
+    import urllib.request
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    server_env = env() | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                          "PREFECT_SERVER_UI_ENABLED": "false"}
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=server_env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("Prefect server did not start:\n" + (home / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        yield {"url": url, "home": home}
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -1,0 +1,118 @@
+"""The Prefect flow over the DVC graph: caching, param edits, corruption, concurrency, team sharing."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import env, make_project, run, tiny_params
+
+STAGES = ["prepare", "teacher", "trajectories", "critic", "distill", "finetune", "evaluate"]
+
+
+def flow(project, cache, *args, check=True):
+    e = env() | {"FEWSTEP_CACHE_DIR": str(cache)}
+    proc = subprocess.run([sys.executable, "flows/distill.py", *args], cwd=project, env=e,
+                          capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"flow failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def report(proc) -> dict:
+    text = proc.stdout
+    return json.loads(text[text.index("{"):text.rindex("}") + 1])
+
+
+@pytest.mark.slow
+def test_cached_rerun_param_edit_and_corruption(tmp_path, prefect_server):
+    project = make_project(tmp_path / "project", tiny_params())
+    cache = tmp_path / "cache"
+    assert report(flow(project, cache)) == {s: "computed" for s in STAGES}
+    assert report(flow(project, cache)) == {s: "cached" for s in STAGES}
+
+    edited = report(flow(project, cache, "--set", "distill.lr=0.0001"))
+    assert [s for s, how in edited.items() if how == "computed"] == ["distill", "finetune", "evaluate"]
+
+    # flip one byte of a cached output: detected, named, and never used
+    target = project / "teacher/model/unet/diffusion_pytorch_model.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-10] ^= 0xFF
+    target.write_bytes(bytes(data))
+    proc = flow(project, cache)
+    states = report(proc)
+    assert states["teacher"] in ("restored", "recomputed")
+    assert "teacher/model/unet/diffusion_pytorch_model.safetensors" in proc.stdout + proc.stderr
+    assert target.read_bytes() != bytes(data)
+
+
+@pytest.mark.slow
+def test_unknown_pipeline_is_one_clear_line(tmp_path, prefect_server):
+    project = make_project(tmp_path / "project", tiny_params())
+    proc = flow(project, tmp_path / "cache", "--pipeline", "sdxl", check=False)
+    assert proc.returncode == 1
+    assert "distill: error: pipeline 'sdxl' does not exist yet: no pipelines/sdxl/dvc.yaml" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_compute_each_stage_once(tmp_path, prefect_server):
+    project = make_project(tmp_path / "project", tiny_params())
+    cache = tmp_path / "cache"
+    e = env() | {"FEWSTEP_CACHE_DIR": str(cache)}
+    procs = [subprocess.Popen([sys.executable, "flows/distill.py"], cwd=project, env=e, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    reports = [json.loads(out[out.index("{"):out.rindex("}") + 1]) for out, _ in outs]
+    for stage in STAGES:
+        assert sorted(r[stage] for r in reports) == ["cached", "computed"], (stage, reports)
+
+
+@pytest.mark.slow
+def test_served_deployment_run_completes_with_metrics_artifact(tmp_path, prefect_server):
+    import time
+
+    project = make_project(tmp_path / "project", tiny_params())
+    e = env() | {"FEWSTEP_CACHE_DIR": str(tmp_path / "cache"), "PREFECT_API_URL": prefect_server["url"]}
+    prefect = str(__import__("pathlib").Path(sys.executable).parent / "prefect")
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "flows/serve.py"], cwd=project, env=e, stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([prefect, "deployment", "inspect", "distill/digits"], env=e,
+                             capture_output=True).returncode != 0:
+            assert server.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        proc = subprocess.run([prefect, "deployment", "run", "distill/digits", "--watch"], env=e,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0 and "Completed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert (project / "evaluate/metrics.json").is_file()
+        artifacts = subprocess.run([prefect, "artifact", "inspect", "evaluation"], env=e, capture_output=True, text=True)
+        assert artifacts.returncode == 0 and "| student |" in artifacts.stdout, artifacts.stdout[-2000:]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.slow
+def test_team_shares_outputs_through_a_dvc_remote(tmp_path, prefect_server):
+    """Clone A computes and pushes; clone B pulls; neither dvc repro nor the flow recomputes in B."""
+    a = make_project(tmp_path / "a", tiny_params())
+    remote = tmp_path / "remote"
+    run(["dvc", "remote", "add", "-d", "team", str(remote)], a)
+    assert report(flow(a, tmp_path / "cache-a")) == {s: "computed" for s in STAGES}
+    run(["dvc", "push", "--run-cache"], a)
+    run(["git", "add", "-A"], a)
+    run(["git", "commit", "-qm", "pipeline results"], a)
+
+    b = tmp_path / "b"
+    run(["git", "clone", "-q", str(a), str(b)], tmp_path)
+    run(["dvc", "pull"], b)
+    assert "Running stage" not in run(["dvc", "repro"], b).stdout
+    # B's own (empty) Prefect cache: every stage is found current by DVC, none recomputed
+    assert report(flow(b, tmp_path / "cache-b")) == {s: "up-to-date" for s in STAGES}
+    # A's shared Prefect cache directory: every stage is a verified hit
+    assert report(flow(b, tmp_path / "cache-a")) == {s: "cached" for s in STAGES}
