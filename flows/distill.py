@@ -29,6 +29,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.filesystems import LocalFileSystem
 from prefect.locking.filesystem import FileSystemLockManager
+from prefect.states import Failed
 
 from fewstep.cache import Hasher, manifest, stage_key, stage_specs, verify
 
@@ -136,10 +137,14 @@ def distill(pipeline: str = "default", overrides: dict[str, Any] | None = None) 
     outputs, restored from the DVC cache) or "recomputed" (damaged and not restorable)."""
     started = time.perf_counter()
     logger = get_run_logger()
-    dvcfile = dvcfile_for(pipeline)
-    specs = stage_specs(ROOT, dvcfile)
-    if overrides:
-        apply_overrides(ROOT / specs[0].params_file, overrides)
+    try:
+        dvcfile = dvcfile_for(pipeline)
+        specs = stage_specs(ROOT, dvcfile)
+        if overrides:
+            apply_overrides(ROOT / specs[0].params_file, overrides)
+    except ValueError as exc:  # a user mistake: one clear line in the run's state, not a traceback
+        logger.error(str(exc))
+        return Failed(message=str(exc))
     hasher = Hasher(cache_dir() / "hash-memo.json")
     report = {}
     for spec in specs:
@@ -178,11 +183,11 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override (repeatable)")
     args = ap.parse_args()
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
-    try:
-        print(json.dumps(distill(args.pipeline, overrides or None), indent=2))
-    except ValueError as exc:
-        print(f"distill: error: {exc}", file=sys.stderr)
+    state = distill(args.pipeline, overrides or None, return_state=True)
+    if state.is_failed():
+        print(f"distill: error: {state.message}", file=sys.stderr)
         sys.exit(1)
+    print(json.dumps(state.result(), indent=2))
 
 
 if __name__ == "__main__":
