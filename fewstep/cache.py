@@ -121,11 +121,7 @@ def stage_key(spec: StageSpec, root: str | Path, hasher: Hasher) -> str:
     missing dependency: a key that cannot be computed must fail the run, not disable caching."""
     root = Path(root)
     params = yaml.safe_load((root / spec.params_file).read_text()) or {}
-    deps = {}
-    for dep in spec.deps:
-        for path, digest in hasher.tree(root / dep).items():
-            deps[Path(path).relative_to(root).as_posix()] = digest
-    payload = {"cmd": spec.cmd, "deps": deps, "params": params_subset(params, spec.params),
+    payload = {"cmd": spec.cmd, "deps": manifest(spec.deps, root, hasher), "params": params_subset(params, spec.params),
                "fewstep": __version__}
     return xxhash.xxh3_128_hexdigest(json.dumps(payload, sort_keys=True, default=str).encode())
 

@@ -14,6 +14,7 @@ Run it:  python flows/distill.py [--pipeline sdxl] [--set distill.lr=1e-4 ...]
 from __future__ import annotations
 
 import argparse
+import functools
 import base64
 import json
 import os
@@ -89,6 +90,7 @@ def _key_from_argument(context, parameters) -> str:
     return parameters["key"]
 
 
+@functools.lru_cache(maxsize=None)
 def _result_storage(storage: Path) -> LocalFileSystem:
     """Prefect needs result storage saved server-side: one LocalFileSystem block per cache directory."""
     import xxhash
