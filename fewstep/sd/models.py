@@ -1,0 +1,56 @@
+"""SD denoisers built from the teacher directory and the encode cache, and the student / critic layout:
+
+    <dir>/unet/          UNet2DConditionModel.save_pretrained (a LoRA student is saved merged)
+    <dir>/fewstep.json   role, the student's conditioning timesteps, the teacher it came from
+    <dir>/gan_head.*     the critic's GAN head (critic directories only)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..io import ArtifactError, read_json, write_json
+from . import teacher as teachers
+from .denoiser import SDCond, SDDenoiser, alphas_cumprod
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def schedule(teacher_path: Path) -> torch.Tensor:
+    """abar_t of the teacher's training schedule."""
+    return alphas_cumprod(teachers.scheduler_config(teacher_path))
+
+
+def denoiser(unet, teacher_path: Path, negative: SDCond | None, device, precision: str = "fp32",
+             checkpointing: bool = False) -> SDDenoiser:
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    return SDDenoiser(unet, schedule(teacher_path), negative, autocast_dtype=AUTOCAST[precision]).to(device)
+
+
+def teacher_denoiser(teacher_path: Path, negative: SDCond, device, precision: str = "fp32") -> SDDenoiser:
+    """The frozen real score. On GPU with bf16/fp16 its weights are stored in that dtype (half the memory)."""
+    dtype = AUTOCAST[precision] if torch.device(device).type != "cpu" and AUTOCAST[precision] else torch.float32
+    model = denoiser(teachers.load_unet(teacher_path, dtype), teacher_path, negative, device, precision)
+    return model.requires_grad_(False).eval()
+
+
+def save(model: SDDenoiser, path: Path, role: str, **info) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.unet.save_pretrained(path / "unet")
+    write_json({"role": role, **info}, path / "fewstep.json")
+
+
+def load(path: Path, teacher_path: Path, negative: SDCond | None, device, precision: str = "fp32",
+         checkpointing: bool = False) -> tuple[SDDenoiser, dict]:
+    from diffusers import UNet2DConditionModel
+
+    for part in ("fewstep.json", "unet/config.json"):
+        if not (path / part).is_file():
+            raise ArtifactError(f"{path}: not a fewstep SD model directory (missing {part})")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path / "unet")
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{path / 'unet'}: cannot load the UNet ({str(exc).splitlines()[0]})") from None
+    return denoiser(unet, teacher_path, negative, device, precision, checkpointing), read_json(path / "fewstep.json")

@@ -1,0 +1,141 @@
+"""Tiny Stable Diffusion pipelines (SDXL and SD1.5 layouts) built from configs with random weights.
+
+Everything is written locally — tokenizer files included — so nothing is downloaded. The shapes follow
+diffusers' own pipeline tests: a two-level UNet on 8x8 latents, a two-level VAE (16x16 images), CLIP
+text encoders with 32-wide hidden states over a 600-token byte-level BPE vocabulary.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROMPTS = ["a red square", "a blue circle", "a green triangle on white", "two yellow dots",
+           "a purple line", "an orange square at night", "a small grey dot", "a red and blue stripe"]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's byte -> printable character table (every byte gets a visible stand-in)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>", max_length: int = 77) -> Path:
+    """A CLIP BPE tokenizer directory: every byte and byte+</w> as tokens plus a few merges."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    merges = ["r e", "e d</w>", "a r", "o n</w>", "s q", "u a", "i n", "t h", "th e</w>", "c i"]
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    raw = folder.parent / f".{folder.name}-raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    (raw / "vocab.json").write_text(json.dumps(vocab))
+    (raw / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (raw / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "pad_token": pad_token}))
+    CLIPTokenizer.from_pretrained(raw).save_pretrained(folder)
+    return folder
+
+
+def _text_config(**extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
+                          num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=1000,
+                          hidden_act="gelu", **extra)
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         norm_num_groups=8, sample_size=16)
+
+
+def _unet(**extra):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True, **extra)
+
+
+def _scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  timestep_spacing="leading", steps_offset=1)
+
+
+def tiny_sdxl(folder: Path, seed: int = 0) -> Path:
+    """A StableDiffusionXLPipeline directory with random weights (two text encoders, pooled + time ids)."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    pipe = StableDiffusionXLPipeline(
+        unet=_unet(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                   projection_class_embeddings_input_dim=6 * 8 + 32, transformer_layers_per_block=(1, 1)),
+        vae=_vae(), scheduler=_scheduler(),
+        text_encoder=CLIPTextModel(_text_config()),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(projection_dim=32)),
+        tokenizer=_load_tokenizer(write_tokenizer(folder.parent / f".{folder.name}-tok")),
+        tokenizer_2=_load_tokenizer(write_tokenizer(folder.parent / f".{folder.name}-tok2", pad_token="!")),
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def tiny_sd15(folder: Path, seed: int = 0) -> Path:
+    """A StableDiffusionPipeline directory with random weights (one text encoder, no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    pipe = StableDiffusionPipeline(
+        unet=_unet(cross_attention_dim=32), vae=_vae(), scheduler=_scheduler(),
+        text_encoder=CLIPTextModel(_text_config()),
+        tokenizer=_load_tokenizer(write_tokenizer(folder.parent / f".{folder.name}-tok")),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def write_prompt_file(path: Path, prompts: list[str] = PROMPTS) -> Path:
+    path.write_text("\n".join(prompts) + "\n")
+    return path
+
+
+def write_prompt_dataset(folder: Path, prompts: list[str] = PROMPTS, size: int = 24) -> Path:
+    """A `datasets` save_to_disk directory with a text column and an image column (flat colour fields)."""
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(np.broadcast_to(rng.integers(0, 256, 3, dtype=np.uint8), (size, size, 3)).copy())
+              for _ in prompts]
+    ds = Dataset.from_dict({"caption": list(prompts), "image": images},
+                           features=Features({"caption": Value("string"), "image": ImageFeature()}))
+    ds.save_to_disk(str(folder))
+    return folder
