@@ -116,3 +116,13 @@ def split(data: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Data
     test, train = order[:n_test], order[n_test:]
     pick = lambda idx: Dataset(data.images[idx].contiguous(), data.labels[idx].contiguous(), data.class_names)
     return pick(train), pick(test)
+
+
+def load_trajectories(folder: Path, with_states: bool = False) -> dict:
+    """The trajectories stage's shards concatenated: noise, labels, images (and states), plus its index."""
+    from .io import load_tensors, read_json
+
+    index = read_json(Path(folder) / "index.json")
+    keys = ("noise", "labels", "images") + (("states",) if with_states else ())
+    shards = [load_tensors(Path(folder) / s["file"], required=keys) for s in index["shards"]]
+    return {k: torch.cat([s[k] for s in shards]) for k in keys} | {"index": index}

@@ -1,26 +1,117 @@
 """Distillation driver shared by the critic, distill and finetune stages.
 
-critic:   train only the fake score + GAN head on the initial student's samples (warm start)
-distill:  alternate TTUR critic updates and generator updates with the chosen objective
+critic:   train only the fake score (+ GAN head) on the initial student's samples (warm start)
+distill:  alternate the objective's critic updates and generator updates
 finetune: the same loop, continued from the distilled student and critic with its own params
+
+`fit` is the model-agnostic core (any denoisers that follow objectives.Setup's contract, e.g. the SD
+pipelines'); `run` loads the digits pipeline's EDM models around it and saves the results.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import objectives
+from .cache import Hasher
+from .checkpoint import CHECKPOINTS, Checkpointer, GeneratorState, fingerprint
+from .data import load_trajectories
 from .io import load_tensors
-from .params import ParamsError
 from .models import BottleneckTap, EDMDenoiser, GanHead, load_model, save_model
-from .training import Phase, RealBatches, adamw, ema_for, train
+from .params import ParamsError
+from .training import Minibatches, Phase, RealBatches, adamw, ema_for, karras_grid_sigmas, train
+
+def karras_positions(edm, positions: list[float]) -> list[float]:
+    """Noise levels at fractions u of the Karras schedule (u=0: sigma_max, u=1: sigma_min)."""
+    hi, lo = edm.sigma_max ** (1 / edm.rho), edm.sigma_min ** (1 / edm.rho)
+    return [float((hi + u * (lo - hi)) ** edm.rho) for u in positions]
 
 
-def real_batches(prepare_dir: Path, batch_size: int, generator, device) -> RealBatches:
+def student_sigmas(params, edm) -> list[float]:
+    """The student's conditioning noise levels: given, or k evenly spaced Karras positions 0, 1/k, ...
+    (the EDM counterpart of DMD2's timesteps 999/749/499/249)."""
+    if params.student_sigmas is not None:
+        return [float(s) for s in params.student_sigmas]
+    k = params.student_steps
+    return karras_positions(edm, [j / k for j in range(k)])
+
+
+def fit(setup: objectives.Setup, params, out: Path, stage: str, train_generator: bool = True,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        checkpoint: Checkpointer | None = None) -> dict[str, float]:
+    """Train the critic (and the student, if `train_generator`) in place with `params.objective`.
+    The student's EMA weights are copied into it at the end. Returns the last logged losses."""
+    objective = objectives.build(params.objective, setup)
+    phases = []
+    critic_updates = objective.critic_updates if train_generator else 1
+    if critic_updates:
+        critic = objective.critic_modules()
+        critic.requires_grad_(True)
+        phases.append(Phase("critic", critic, adamw(critic, params), objective.critic_loss, updates=critic_updates,
+                            grad_clip=params.grad_clip, warmup_steps=params.warmup_steps, accumulate=params.grad_accum))
+    ema = None
+    setup.student.requires_grad_(train_generator)
+    if train_generator:
+        ema = ema_for(setup.student, params.ema_decay)
+        phases.append(Phase("generator", setup.student, adamw(setup.student, params), objective.generator_loss,
+                            grad_clip=params.grad_clip, warmup_steps=params.warmup_steps, accumulate=params.grad_accum))
+    if checkpoint is not None:
+        checkpoint.track(generator_rng=GeneratorState(setup.generator), **({"ema": ema} if ema else {}))
+    print(f"[{stage}] objective={params.objective} steps={params.steps} batch={params.batch_size}x{params.grad_accum} "
+          f"lr={params.lr} critic_updates={critic_updates if train_generator else 'all'} "
+          f"student_sigmas={[round(s, 4) for s in setup.student_sigmas]} "
+          f"backward_simulation={params.backward_simulation}", flush=True)
+    last = train(phases, params.steps, out / "live", desc=stage, log_every=params.log_every, autocast=autocast,
+                 after_step=(lambda step: ema.step(setup.student.parameters())) if ema else None,
+                 checkpoint=checkpoint)
+    if ema is not None:
+        ema.copy_to(setup.student.parameters())
+    return last
+
+
+def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: torch.Generator,
+        device: torch.device, stage: str, student_dir: Path | None = None, critic_dir: Path | None = None,
+        trajectories_dir: Path | None = None, train_generator: bool = True,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, float]:
+    """Train per `params` and write student/ (if trained), critic/ and live/ under `out`."""
+    teacher, _ = load_model(teacher_dir, device)
+    teacher.requires_grad_(False)
+    edm = _edm_of(teacher)
+    sigmas = student_sigmas(params, edm)
+    if student_dir is None:
+        student = copy.deepcopy(teacher)
+    else:
+        student, student_info = load_model(student_dir, device)
+        if [round(s, 6) for s in student_info["student_sigmas"]] != [round(s, 6) for s in sigmas]:
+            raise ParamsError(f"{stage}.student_steps/student_sigmas must match the student being continued "
+                              f"({student_info['student_sigmas']}), got {sigmas}")
+    fake, head = load_critic(critic_dir, teacher)
+    num_classes = teacher.num_classes
     data = load_tensors(prepare_dir / "data.safetensors", required=("train_images", "train_labels"))
-    return RealBatches(data["train_images"], data["train_labels"], batch_size, generator, device)
+    setup = objectives.Setup(
+        teacher=teacher, student=student, fake=fake, head=head, tap=BottleneckTap(fake.unet),
+        real=RealBatches(data["train_images"], data["train_labels"], params.batch_size, generator, device),
+        conditions=lambda n: torch.randint(num_classes, (n,), generator=generator).to(device),
+        noise_levels=lambda n: karras_grid_sigmas(n, edm, params.t_min, params.t_max, generator).to(device),
+        student_sigmas=sigmas, params=params, generator=generator, device=device, sigma_data=edm.sigma_data,
+        trajectories=trajectory_batches(trajectories_dir, params.batch_size, generator, device))
+
+    inputs = [d for d in (teacher_dir, prepare_dir, student_dir, critic_dir, trajectories_dir) if d is not None]
+    hasher = Hasher()
+    key = fingerprint(stage, params.model_dump(mode="json"), train_generator, [hasher.tree(d) for d in inputs])
+    checkpoint = Checkpointer(CHECKPOINTS / stage, params.checkpoint_every, key, logs=out / "live")
+    last = fit(setup, params, out, stage, train_generator, autocast, checkpoint)
+
+    if train_generator:
+        save_model(student.eval(), out / "student", role="student", student_sigmas=sigmas,
+                   objective=params.objective)
+    save_model(fake.eval(), out / "critic", role="critic")
+    head.save(out / "critic")
+    return last
 
 
 def load_critic(critic_dir: Path | None, teacher: EDMDenoiser) -> tuple[EDMDenoiser, GanHead]:
@@ -35,52 +126,15 @@ def load_critic(critic_dir: Path | None, teacher: EDMDenoiser) -> tuple[EDMDenoi
     return fake.to(device), head.to(device)
 
 
-def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: torch.Generator,
-        device: torch.device, stage: str, student_dir: Path | None = None, critic_dir: Path | None = None,
-        train_generator: bool = True) -> dict[str, float]:
-    """Train (critic and optionally student) per `params` and write student/, critic/ and live/ under `out`."""
-    teacher, _ = load_model(teacher_dir, device)
-    teacher.requires_grad_(False)
-    if student_dir is None:
-        student = copy.deepcopy(teacher)
-    else:
-        student, student_info = load_model(student_dir, device)
-        if student_info["student_sigmas"] != list(params.student_sigmas):
-            raise ParamsError(f"{stage}.student_sigmas must match the student being continued "
-                              f"({student_info['student_sigmas']}), got {list(params.student_sigmas)}")
-    fake, head = load_critic(critic_dir, teacher)
-    setup = objectives.Setup(
-        teacher=teacher, student=student, fake=fake, head=head, tap=BottleneckTap(fake.unet),
-        real=real_batches(prepare_dir, params.batch_size, generator, device),
-        params=params, edm=_edm_of(teacher), generator=generator, device=device)
-    objective = objectives.build(params.objective, setup)
-
-    critic_modules = objective.critic_modules()
-    phases = [Phase("critic", critic_modules, adamw(critic_modules, params), objective.critic_loss,
-                    updates=params.ttur if train_generator else 1, grad_clip=params.grad_clip,
-                    warmup_steps=params.warmup_steps)]
-    ema = None
-    if train_generator:
-        student.requires_grad_(True)
-        ema = ema_for(student, params.ema_decay)
-        phases.append(Phase("generator", student, adamw(student, params), objective.generator_loss,
-                            grad_clip=params.grad_clip, warmup_steps=params.warmup_steps))
-    else:
-        student.requires_grad_(False)
-    print(f"[{stage}] objective={params.objective} steps={params.steps} batch={params.batch_size} "
-          f"lr={params.lr} ttur={phases[0].updates} student_sigmas={params.student_sigmas}", flush=True)
-
-    last = train(phases, params.steps, out / "live", desc=stage,
-                 after_step=(lambda step: ema.step(student.parameters())) if ema else None,
-                 log_every=params.log_every)
-
-    if ema is not None:
-        ema.copy_to(student.parameters())
-        save_model(student.eval(), out / "student", role="student", student_sigmas=list(params.student_sigmas),
-                   objective=params.objective)
-    save_model(fake.eval(), out / "critic", role="critic")
-    head.save(out / "critic")
-    return last
+def trajectory_batches(folder: Path | None, batch_size: int, generator, device):
+    """Minibatches of the teacher's ODE solves: noise, cond (labels), images, states and the sigmas."""
+    if folder is None:
+        return None
+    traj = load_trajectories(folder, with_states=True)
+    batches = Minibatches({"noise": traj["noise"], "cond": traj["labels"], "images": traj["images"],
+                           "states": traj["states"]}, batch_size, generator, device)
+    sigmas = torch.tensor(traj["index"]["sigmas"], dtype=torch.float32, device=device)
+    return lambda: {**batches(), "sigmas": sigmas}
 
 
 def _edm_of(denoiser: EDMDenoiser):

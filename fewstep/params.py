@@ -61,6 +61,7 @@ class TeacherParams(Section):
     p_std: float = Field(1.2, gt=0)
     channels: list[int] | None = None  # None: chosen from the resolution
     layers_per_block: int = Field(1, gt=0)
+    checkpoint_every: int = Field(200, ge=0)  # training steps between resumable checkpoints; 0 = none
     edm: EDMParams = EDMParams()
 
     @field_validator("channels")
@@ -99,36 +100,78 @@ class OptimParams(Section):
         return v
 
 
-class CriticParams(OptimParams):
-    steps: int = Field(100, gt=0)
-    batch_size: int = Field(64, gt=0)
+
+
+# --- one params subsection per objective (fewstep/objectives/<name>.py) ---------------------------------
+
+
+class DMD2Params(Section):
+    ttur: int = Field(3, gt=0)  # fake-score updates per generator update
     gan: GanParams = GanParams()
 
 
-class DistillParams(OptimParams):
-    objective: Literal["dmd2"] = "dmd2"
+class DMDParams(Section):
+    regression_weight: float = Field(0.25, ge=0)  # DMD1's lambda_reg on the teacher's ODE pairs
+
+
+class SiDParams(Section):
+    alpha: float = Field(1.2, ge=0)  # SiD's alpha; 1.2 is the paper's choice
+    ttur: int = Field(1, gt=0)
+
+
+class ConsistencyParams(Section):
+    huber_c: float | None = Field(None, gt=0)  # pseudo-Huber c; null = 0.00054 * sqrt(dimension) (iCT)
+
+
+class TrainLoopParams(OptimParams):
+    """Knobs of the one trainer, shared by every objective."""
     steps: int = Field(400, gt=0)
     batch_size: int = Field(64, gt=0)
-    ttur: int = Field(5, gt=0)  # fake-score updates per generator update
-    student_sigmas: list[float] = [80.0]  # conditioning noise levels, one per student step
-    real_guidance: float = Field(1.0, ge=0)  # CFG on the real score (1 = none)
+    grad_accum: int = Field(1, gt=0)  # micro-batches per optimizer update (effective batch = batch_size * grad_accum)
     ema_decay: float = Field(0.99, ge=0, lt=1)
+    checkpoint_every: int = Field(50, ge=0)  # training steps between resumable checkpoints; 0 = none
+    log_every: int = Field(10, gt=0)
+
+
+class CriticParams(TrainLoopParams):
+    steps: int = Field(100, gt=0)
+    gan: GanParams = GanParams()
+
+
+class DistillParams(TrainLoopParams):
+    objective: Literal["dmd2", "dmd", "sid", "consistency"] = "dmd2"
+    student_steps: int = 1
+    student_sigmas: list[float] | None = None  # conditioning noise levels; null = spread over the Karras grid
+    backward_simulation: bool = True  # multi-step: the student's input at step k comes from its own steps < k
+    real_guidance: float = Field(1.0, ge=0)  # CFG on the real (teacher) score; 1 = none
     t_min: float = Field(0.02, ge=0, lt=1)  # DM timestep range as fractions of the Karras grid
     t_max: float = Field(0.98, gt=0, le=1)
-    gan: GanParams = GanParams()
-    log_every: int = Field(10, gt=0)
+    dmd2: DMD2Params = DMD2Params()
+    dmd: DMDParams = DMDParams()
+    sid: SiDParams = SiDParams()
+    consistency: ConsistencyParams = ConsistencyParams()
+
+    @field_validator("student_steps")
+    @classmethod
+    def _steps(cls, v):
+        if v not in (1, 2, 4):
+            raise ValueError(f"must be 1, 2 or 4, got {v}")
+        return v
 
     @field_validator("student_sigmas")
     @classmethod
     def _sigmas(cls, v):
-        if not v or any(s <= 0 for s in v) or any(a <= b for a, b in zip(v, v[1:])):
+        if v is not None and (not v or any(s <= 0 for s in v) or any(a <= b for a, b in zip(v, v[1:]))):
             raise ValueError(f"must be a non-empty, strictly decreasing list of positive noise levels, got {v}")
         return v
 
     @model_validator(mode="after")
-    def _t_range(self):
+    def _consistent(self):
         if self.t_min >= self.t_max:
             raise ValueError(f"t_min must be < t_max, got {self.t_min} >= {self.t_max}")
+        if self.student_sigmas is not None and len(self.student_sigmas) != self.student_steps:
+            raise ValueError(f"student_sigmas must have student_steps ({self.student_steps}) entries, "
+                             f"got {len(self.student_sigmas)}")
         return self
 
 
@@ -138,6 +181,7 @@ class FinetuneParams(DistillParams):
 
 
 class EvaluateParams(Section):
+    seeds: int = Field(3, gt=0)  # sampling seeds; FID and friends are averaged over them
     batch_size: int = Field(250, gt=0)
     latency_batch: int = Field(250, gt=0)
     latency_repeats: int = Field(3, gt=0)

@@ -29,10 +29,15 @@ def device_for(params: Params) -> torch.device:
 
 def autocast(params: Params, device: torch.device):
     """Mixed precision on GPU per run.precision; a no-op on CPU (fp32 there keeps runs bit-reproducible)."""
+    return autocast_factory(params, device)()
+
+
+def autocast_factory(params: Params, device: torch.device):
+    """A callable returning a fresh autocast context (what the trainer wraps each loss closure in)."""
     if device.type == "cpu" or params.run.precision == "fp32":
-        return contextlib.nullcontext()
+        return contextlib.nullcontext
     dtype = torch.bfloat16 if params.run.precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def seeded(seed: int, salt: str) -> torch.Generator:

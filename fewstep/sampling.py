@@ -36,19 +36,32 @@ def heun_sample(denoiser: EDMDenoiser, noise: torch.Tensor, labels: torch.Tensor
     return x
 
 
-def student_sample(student: EDMDenoiser, noise: torch.Tensor, labels: torch.Tensor, sigmas: list[float],
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Few-step generation: denoise at each conditioning sigma, re-noise to the next one.
+def randn(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
+    """Gaussian noise drawn on the generator's (CPU) device, then moved: the same numbers on any device."""
+    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
 
-    Gradients flow when called outside no_grad (the distillation generator step uses this).
+
+def student_sample(student, noise: torch.Tensor, cond, sigmas: list[float],
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Few-step generation: denoise at each conditioning sigma, re-noise the estimate to the next one.
+
+    `cond` is whatever the denoiser conditions on (class labels here, prompt embeddings for SD).
+    Gradients flow when called outside no_grad.
     """
     x = noise * sigmas[0]
     for k, sigma in enumerate(sigmas):
-        x0 = student(x, sigma, labels)
+        x0 = student(x, sigma, cond)
         if k + 1 < len(sigmas):
-            fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            x = x0 + sigmas[k + 1] * fresh
+            x = x0 + sigmas[k + 1] * randn(x0.shape, generator, x0.device, x0.dtype)
     return x0
+
+
+def student_sigmas_for(info: dict, steps: int) -> list[float]:
+    """A k-step student evaluated with fewer steps uses an evenly spaced subset of its own noise levels."""
+    sigmas = list(info["student_sigmas"])
+    if len(sigmas) % steps:
+        raise ValueError(f"a {len(sigmas)}-step student cannot sample with {steps} steps (use a divisor)")
+    return sigmas[:: len(sigmas) // steps]
 
 
 def sample_model(denoiser: EDMDenoiser, info: dict, noise: torch.Tensor, labels: torch.Tensor,
@@ -56,9 +69,7 @@ def sample_model(denoiser: EDMDenoiser, info: dict, noise: torch.Tensor, labels:
     """Sample any saved fewstep model: Heun for a teacher, its own noise levels for a student."""
     if info["role"] == "teacher":
         return heun_sample(denoiser, noise, labels, steps or info.get("sampling_steps", 18))
-    sigmas = list(info["student_sigmas"])
-    if steps is not None and steps != len(sigmas):
-        sigmas = karras_sigmas(denoiser, steps)[:-1].tolist()
+    sigmas = student_sigmas_for(info, steps or len(info["student_sigmas"]))
     with torch.no_grad():
         return student_sample(denoiser, noise, labels, sigmas, generator)
 

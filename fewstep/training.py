@@ -27,7 +27,8 @@ class Phase:
     loss: Callable[[], dict[str, torch.Tensor]] # returns {"loss": total, ...parts to log}
     updates: int = 1                            # optimizer updates per training step (TTUR)
     grad_clip: float | None = None
-    warmup_steps: int = 0
+    warmup_steps: int = 0                       # linear LR warm-up over this many optimizer updates
+    accumulate: int = 1                         # loss closures (micro-batches) per optimizer update
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = field(default=None, init=False)
 
     def __post_init__(self):
@@ -55,66 +56,121 @@ def frozen(*modules: nn.Module):
                 p.requires_grad_(f)
 
 
-def _update(phase: Phase, step: int) -> dict[str, float]:
+def _update(phase: Phase, step: int, autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:
     phase.module.train()
     phase.optimizer.zero_grad(set_to_none=True)
-    parts = phase.loss()
-    loss = parts["loss"]
-    if not torch.isfinite(loss):
-        raise TrainingDiverged(f"{phase.name} loss is {loss.item()} at step {step}")
-    loss.backward()
+    logged: dict[str, float] = {}
+    for _ in range(phase.accumulate):
+        with autocast():
+            parts = phase.loss()
+        loss = parts["loss"].float()
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"{phase.name} loss is {loss.item()} at step {step}")
+        (loss / phase.accumulate).backward()
+        for k, v in parts.items():
+            logged[f"{phase.name}/{k}"] = logged.get(f"{phase.name}/{k}", 0.0) + float(v.detach()) / phase.accumulate
     if phase.grad_clip:
         torch.nn.utils.clip_grad_norm_(phase.module.parameters(), phase.grad_clip)
     phase.optimizer.step()
     phase.scheduler.step()
-    return {f"{phase.name}/{k}": float(v.detach()) for k, v in parts.items()}
+    return logged
 
 
 def train(phases: list[Phase], steps: int, live_dir: Path, desc: str,
-          after_step: Callable[[int], None] | None = None, log_every: int = 10) -> dict[str, float]:
+          after_step: Callable[[int], None] | None = None, log_every: int = 10,
+          autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+          checkpoint=None) -> dict[str, float]:
     """Run `steps` training steps; each step runs every phase `updates` times in order.
 
     Losses (averaged over `log_every` steps) go to dvclive under `live_dir` for `dvc plots`.
+    With a `fewstep.checkpoint.Checkpointer`, every phase's module, optimizer and LR schedule are
+    checkpointed with whatever else the caller tracked, and a rerun resumes where the last one stopped.
     Returns the last logged averages.
     """
     from dvclive import Live
 
-    live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
-    sums: dict[str, float] = {}
-    count, last = 0, {}
-    bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
+    window = _LossWindow()
+    start = 0
+    if checkpoint is not None:
+        for phase in phases:
+            checkpoint.track(**{f"{phase.name}.module": phase.module, f"{phase.name}.optimizer": phase.optimizer,
+                                f"{phase.name}.scheduler": phase.scheduler})
+        checkpoint.track(loss_window=window)
+        start = checkpoint.restore()
+    live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None, resume=start > 0)
+    last: dict[str, float] = {}
+    bar = tqdm(range(start, steps), desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0,
+               initial=start, total=steps)
     for step in bar:
         for phase in phases:
             for _ in range(phase.updates):
-                for key, value in _update(phase, step).items():
-                    sums[key] = sums.get(key, 0.0) + value / phase.updates
-        count += 1
+                window.add(_update(phase, step, autocast), phase.updates)
+        window.count += 1
         if after_step is not None:
             after_step(step)
-        if count == log_every or step == steps - 1:
-            last = {k: v / count for k, v in sums.items()}
+        if (step + 1) % log_every == 0 or step == steps - 1:
+            last = window.flush()
+            live.step = step + 1
             for key, value in last.items():
                 live.log_metric(key, value)
-            live.step = step + 1
-            live.next_step()
+            live.make_summary()
             bar.set_postfix({k.split("/")[-1] if len(last) < 3 else k: f"{v:.3g}" for k, v in last.items()})
-            sums, count = {}, 0
+        if checkpoint is not None and checkpoint.due(step, steps):
+            checkpoint.save(step)
     live.end()
+    if checkpoint is not None:
+        checkpoint.finish()
     return last
 
 
-class RealBatches:
-    """Random minibatches of real (image, label) pairs from a seeded generator (deterministic order)."""
+class _LossWindow:
+    """Loss sums since the last log line (checkpointed, so a resumed run logs the same averages)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, float], updates: int) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value / updates
+
+    def flush(self) -> dict[str, float]:
+        means = {k: v / self.count for k, v in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return means
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.count = dict(state["sums"]), state["count"]
+
+
+class Minibatches:
+    """Random minibatches of aligned tensors from a seeded generator (deterministic order, resumable:
+    the order lives in the generator's state)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int, generator: torch.Generator,
+                 device: torch.device):
+        self.tensors = {k: v.to(device) for k, v in tensors.items()}
+        self.size = len(next(iter(tensors.values())))
+        self.batch_size, self.generator, self.device = batch_size, generator, device
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        idx = torch.randint(self.size, (self.batch_size,), generator=self.generator).to(self.device)
+        return {k: v[idx] for k, v in self.tensors.items()}
+
+
+class RealBatches(Minibatches):
+    """Real (image, label) minibatches."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
                  device: torch.device):
-        self.images, self.labels = images.to(device), labels.to(device)
-        self.batch_size, self.generator = batch_size, generator
+        super().__init__({"images": images, "labels": labels}, batch_size, generator, device)
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(len(self.labels), (self.batch_size,), generator=self.generator)
-        idx = idx.to(self.images.device)
-        return self.images[idx], self.labels[idx]
+        batch = super().__call__()
+        return batch["images"], batch["labels"]
 
 
 def edm_weighted_mse(pred: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:

@@ -7,15 +7,15 @@ from fewstep.io import atomic_output
 
 
 def main(params, args, device):
-    c = params.critic
-    # The critic learns the *initial student's* distribution: it samples like the distill stage will.
-    settings = params.distill.model_copy(update={
-        "steps": c.steps, "batch_size": c.batch_size, "lr": c.lr, "betas": c.betas, "weight_decay": c.weight_decay,
-        "grad_clip": c.grad_clip, "warmup_steps": c.warmup_steps, "gan": c.gan})
+    c, d = params.critic, params.distill
+    # The critic learns the *initial student's* distribution: it samples like the distill stage will,
+    # with critic's own optimizer settings and GAN weights.
+    loop = {k: getattr(c, k) for k in type(c).model_fields if k != "gan"}
+    settings = d.model_copy(update={**loop, "dmd2": d.dmd2.model_copy(update={"gan": c.gan})})
     with atomic_output(args.out) as out:
         distill.run(settings, teacher_dir=args.teacher, prepare_dir=args.prepare, out=out,
                     generator=runtime.seeded(params.seed, "critic"), device=device, stage="critic",
-                    train_generator=False)
+                    train_generator=False, autocast=runtime.autocast_factory(params, device))
     print(f"[critic] fake score + GAN head -> {args.out / 'critic'}", flush=True)
 
 

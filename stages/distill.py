@@ -8,8 +8,9 @@ from fewstep.io import atomic_output
 def main(params, args, device):
     with atomic_output(args.out) as out:
         distill.run(params.distill, teacher_dir=args.teacher, prepare_dir=args.prepare, out=out,
-                    critic_dir=args.critic, generator=runtime.seeded(params.seed, "distill"),
-                    device=device, stage="distill")
+                    critic_dir=args.critic, trajectories_dir=args.trajectories,
+                    generator=runtime.seeded(params.seed, "distill"), device=device, stage="distill",
+                    autocast=runtime.autocast_factory(params, device))
     print(f"[distill] student -> {args.out / 'student'}", flush=True)
 
 
@@ -17,6 +18,7 @@ def configure(ap):
     ap.add_argument("--teacher", type=Path, required=True)
     ap.add_argument("--prepare", type=Path, required=True)
     ap.add_argument("--critic", type=Path, required=True, help="the critic stage's critic/ directory")
+    ap.add_argument("--trajectories", type=Path, required=True, help="the trajectories stage's output")
     ap.add_argument("--out", type=Path, required=True)
 
 

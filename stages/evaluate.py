@@ -10,19 +10,27 @@ from fewstep.grid import save_grid
 from fewstep.io import atomic_output, load_tensors, read_json, write_json
 from fewstep.metrics import Evaluator, latency_ms
 from fewstep.models import Featurizer, load_model
-from fewstep.sampling import heun_sample, student_sample
-
-
-def load_trajectories(folder: Path) -> dict[str, torch.Tensor]:
-    index = read_json(folder / "index.json")
-    shards = [load_tensors(folder / s["file"], required=("noise", "labels", "images")) for s in index["shards"]]
-    return {k: torch.cat([s[k] for s in shards]) for k in ("noise", "labels", "images")} | {"index": index}
+from fewstep.data import load_trajectories
+from fewstep.sampling import heun_sample, student_sample, student_sigmas_for
 
 
 @torch.no_grad()
 def batched(fn, noise, labels, batch_size, device, desc):
     pairs = list(zip(noise.split(batch_size), labels.split(batch_size)))
     return torch.cat([fn(n.to(device), y.to(device)).cpu() for n, y in tqdm(pairs, desc=desc, unit="batch")])
+
+
+def student_step_counts(num_steps: int) -> list[int]:
+    """A k-step student is also scored with each smaller step count that divides k (subsets of its sigmas)."""
+    return [k for k in (1, 2, 4, 8) if k <= num_steps and num_steps % k == 0]
+
+
+def mean_over_seeds(runs: list[dict[str, float]]) -> dict[str, float]:
+    out = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
+    fids = torch.tensor([r["fid"] for r in runs], dtype=torch.float64)
+    out["fid_std"] = float(fids.std()) if len(runs) > 1 else 0.0
+    out["fid_per_seed"] = [r["fid"] for r in runs]
+    return out
 
 
 def main(params, args, device):
@@ -32,41 +40,60 @@ def main(params, args, device):
     teacher, _ = load_model(args.teacher, device)
     student, student_info = load_model(args.student, device)
     traj = load_trajectories(args.trajectories)
-    noise, labels, steps = traj["noise"], traj["labels"], traj["index"]["sampling_steps"]
-    sigmas = student_info["student_sigmas"]
-    gen = runtime.seeded(params.seed, "evaluate")
+    labels, steps = traj["labels"], traj["index"]["sampling_steps"]
+    num_steps = len(student_info["student_sigmas"])
 
-    # Same noise and labels as the teacher's trajectories: teacher and student are compared pairwise.
-    run_student = lambda n, y: student_sample(student, n, y, sigmas, gen)
-    run_teacher = lambda n, y: heun_sample(teacher, n, y, steps)
-    run_teacher_1 = lambda n, y: heun_sample(teacher, n, y, 1)
-    samples = {
-        "teacher": traj["images"],
-        "teacher_1nfe": batched(run_teacher_1, noise, labels, p.batch_size, device, "teacher 1 NFE"),
-        "student": batched(run_student, noise, labels, p.batch_size, device, "student"),
-    }
-    nfes = {"teacher": traj["index"]["nfe"], "teacher_1nfe": 1, "student": len(sigmas)}
+    def student_at(k, seed_index):
+        sigmas, gen = student_sigmas_for(student_info, k), runtime.seeded(params.seed, f"evaluate/student/{seed_index}")
+        return lambda n, y: student_sample(student, n, y, sigmas, gen)
+
+    samplers = {"teacher": lambda i: (lambda n, y: heun_sample(teacher, n, y, steps)),
+                "teacher_1nfe": lambda i: (lambda n, y: heun_sample(teacher, n, y, 1))}
+    nfes = {"teacher": traj["index"]["nfe"], "teacher_1nfe": 1}
+    for k in student_step_counts(num_steps):
+        samplers[f"student@{k}"] = lambda i, k=k: student_at(k, i)
+        nfes[f"student@{k}"] = k
+
+    # Seed 0 reuses the trajectories' noise and teacher images (teacher and student compared pairwise);
+    # every further seed draws fresh noise for all models alike.
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in samplers}
+    first: dict[str, torch.Tensor] = {}
+    for i in range(p.seeds):
+        noise = traj["noise"] if i == 0 else torch.randn(traj["noise"].shape,
+                                                          generator=runtime.seeded(params.seed, f"evaluate/{i}"))
+        for name, make in samplers.items():
+            if i == 0 and name == "teacher":
+                images = traj["images"]
+            else:
+                images = batched(make(i), noise, labels, p.batch_size, device, f"{name} seed {i}")
+            runs[name].append(evaluator.score(images, labels))
+            first.setdefault(name, images)
 
     # Latency: same batch size, same process, same device for every model.
-    bench_noise, bench_labels = noise[:p.latency_batch].to(device), labels[:p.latency_batch].to(device)
-    timers = {"teacher": run_teacher, "teacher_1nfe": run_teacher_1, "student": run_student}
+    bench_noise, bench_labels = traj["noise"][:p.latency_batch].to(device), labels[:p.latency_batch].to(device)
     metrics = {}
-    for name, images in samples.items():
+    for name, make in samplers.items():
+        generate = make(0)
         with torch.no_grad():
-            latency = latency_ms(lambda: timers[name](bench_noise, bench_labels), len(bench_noise), p.latency_repeats)
-        metrics[name] = {**evaluator.score(images, labels), "nfe": nfes[name], "latency_ms": latency}
-        print(f"[evaluate] {name:13s} " + " ".join(f"{k}={v:.4g}" for k, v in metrics[name].items()), flush=True)
+            latency = latency_ms(lambda: generate(bench_noise, bench_labels), len(bench_noise), p.latency_repeats)
+        metrics[name] = {**mean_over_seeds(runs[name]), "nfe": nfes[name], "latency_ms": latency}
+        print(f"[evaluate] {name:13s} " + " ".join(f"{k}={v:.4g}" for k, v in metrics[name].items()
+                                                    if not isinstance(v, list)), flush=True)
+    full = f"student@{num_steps}"
     metrics["data_floor"] = {"fid": evaluator.fid_of(data["train_images"])}
-    metrics["speedup"] = metrics["teacher"]["latency_ms"] / metrics["student"]["latency_ms"]
+    metrics["speedup"] = metrics["teacher"]["latency_ms"] / metrics[full]["latency_ms"]
+    metrics["student_steps"] = num_steps
+    metrics["seeds"] = p.seeds
     metrics["num_samples"] = len(labels)
     metrics["num_reference"] = len(data["test_images"])
-    print(f"[evaluate] data floor FID {metrics['data_floor']['fid']:.3f}, speedup {metrics['speedup']:.1f}x", flush=True)
+    print(f"[evaluate] data floor FID {metrics['data_floor']['fid']:.3f}, speedup {metrics['speedup']:.1f}x "
+          f"({full} vs teacher), FIDs averaged over {p.seeds} sampling seeds", flush=True)
 
     n = min(p.grid_size ** 2, len(labels))
     with atomic_output(args.samples) as out:
         out.mkdir()
-        for name in ("teacher", "student"):
-            save_grid(samples[name][:n], out / f"{name}.png", nrow=p.grid_size)
+        for name in ("teacher", *(f"student@{k}" for k in student_step_counts(num_steps))):
+            save_grid(first[name][:n], out / f"{name.replace('@', '_')}.png", nrow=p.grid_size)
     with atomic_output(args.metrics) as out:
         write_json(metrics, out)
     print(f"[evaluate] metrics -> {args.metrics}, grids -> {args.samples}", flush=True)

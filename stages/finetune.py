@@ -10,7 +10,8 @@ def main(params, args, device):
     with atomic_output(args.out) as out:
         distill.run(params.finetune, teacher_dir=args.teacher, prepare_dir=args.prepare, out=out,
                     student_dir=args.distilled / "student", critic_dir=args.distilled / "critic",
-                    generator=runtime.seeded(params.seed, "finetune"), device=device, stage="finetune")
+                    trajectories_dir=args.trajectories, generator=runtime.seeded(params.seed, "finetune"),
+                    device=device, stage="finetune", autocast=runtime.autocast_factory(params, device))
     print(f"[finetune] student -> {args.out / 'student'}", flush=True)
 
 
@@ -18,6 +19,7 @@ def configure(ap):
     ap.add_argument("--teacher", type=Path, required=True)
     ap.add_argument("--prepare", type=Path, required=True)
     ap.add_argument("--distilled", type=Path, required=True, help="the distill stage's output directory")
+    ap.add_argument("--trajectories", type=Path, required=True, help="the trajectories stage's output")
     ap.add_argument("--out", type=Path, required=True)
 
 

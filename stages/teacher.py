@@ -4,6 +4,8 @@ from pathlib import Path
 import torch
 
 from fewstep import runtime
+from fewstep.cache import Hasher
+from fewstep.checkpoint import CHECKPOINTS, Checkpointer, GeneratorState, fingerprint
 from fewstep.io import atomic_output, load_tensors, read_json
 from fewstep.models import EDMDenoiser, build_unet, make_scheduler, save_model
 from fewstep.training import Phase, RealBatches, edm_weighted_mse, ema_for, lognormal_sigmas, train
@@ -34,8 +36,11 @@ def main(params, args, device):
     ema = ema_for(model, p.ema_decay)
     optimizer = torch.optim.Adam(model.parameters(), lr=p.lr)
     with atomic_output(args.out) as out:
+        key = fingerprint("teacher", params.seed, p.model_dump(mode="json"), Hasher().tree(args.prepare))
+        checkpoint = Checkpointer(CHECKPOINTS / "teacher", p.checkpoint_every, key, logs=out / "live")
+        checkpoint.track(ema=ema, generator_rng=GeneratorState(gen))
         train([Phase("teacher", model, optimizer, denoising_loss)], p.steps, out / "live", desc="teacher",
-              after_step=lambda step: ema.step(model.parameters()))
+              after_step=lambda step: ema.step(model.parameters()), checkpoint=checkpoint)
         ema.copy_to(model.parameters())
         save_model(model.eval(), out / "model", role="teacher", sampling_steps=18)
     print(f"[teacher] EMA weights -> {args.out / 'model'}", flush=True)

@@ -17,8 +17,8 @@ TINY = {
     "teacher": {"steps": 8, "batch_size": 16},
     "trajectories": {"num_samples": 40, "sampling_steps": 3, "batch_size": 16, "shard_size": 25},
     "critic": {"steps": 2, "batch_size": 8},
-    "distill": {"steps": 3, "batch_size": 8, "ttur": 2, "log_every": 2},
-    "finetune": {"steps": 2, "batch_size": 8, "ttur": 1},
+    "distill": {"steps": 3, "batch_size": 8, "dmd2": {"ttur": 2}, "log_every": 2},
+    "finetune": {"steps": 2, "batch_size": 8, "dmd2": {"ttur": 1}},
     "evaluate": {"batch_size": 20, "latency_batch": 8, "latency_repeats": 1, "grid_size": 4},
 }
 

@@ -13,8 +13,10 @@ STAGE_ARGS = {
     "teacher": ["--prepare", "prepare", "--out", "teacher"],
     "trajectories": ["--teacher", "teacher/model", "--out", "trajectories"],
     "critic": ["--teacher", "teacher/model", "--prepare", "prepare", "--out", "critic"],
-    "distill": ["--teacher", "teacher/model", "--prepare", "prepare", "--critic", "critic/critic", "--out", "distill"],
-    "finetune": ["--teacher", "teacher/model", "--prepare", "prepare", "--distilled", "distill", "--out", "finetune"],
+    "distill": ["--teacher", "teacher/model", "--prepare", "prepare", "--critic", "critic/critic",
+                "--trajectories", "trajectories", "--out", "distill"],
+    "finetune": ["--teacher", "teacher/model", "--prepare", "prepare", "--distilled", "distill",
+                 "--trajectories", "trajectories", "--out", "finetune"],
     "evaluate": ["--prepare", "prepare", "--teacher", "teacher/model", "--trajectories", "trajectories",
                  "--student", "finetune/student", "--samples", "evaluate/samples", "--metrics", "evaluate/metrics.json"],
 }
@@ -83,13 +85,15 @@ def test_critic_distill_finetune_outputs(workdir):
 
 def test_evaluate_metrics_shape(workdir):
     metrics = json.loads((workdir / "evaluate/metrics.json").read_text())
-    for model in ("teacher", "student"):
-        assert set(metrics[model]) >= {"fid", "precision", "recall", "cond_accuracy", "nfe", "latency_ms"}
+    for model in ("teacher", "teacher_1nfe", "student@1"):
+        assert set(metrics[model]) >= {"fid", "fid_std", "precision", "recall", "cond_accuracy", "nfe", "latency_ms"}
         assert metrics[model]["fid"] >= 0 and 0 <= metrics[model]["precision"] <= 1
-    assert metrics["teacher"]["nfe"] == 5 and metrics["student"]["nfe"] == 1
-    assert metrics["speedup"] == pytest.approx(metrics["teacher"]["latency_ms"] / metrics["student"]["latency_ms"])
+        assert len(metrics[model]["fid_per_seed"]) == metrics["seeds"] == 3
+        assert metrics[model]["fid"] == pytest.approx(sum(metrics[model]["fid_per_seed"]) / 3)
+    assert metrics["teacher"]["nfe"] == 5 and metrics["student@1"]["nfe"] == 1 and metrics["student_steps"] == 1
+    assert metrics["speedup"] == pytest.approx(metrics["teacher"]["latency_ms"] / metrics["student@1"]["latency_ms"])
     assert metrics["data_floor"]["fid"] >= 0
-    for name in ("teacher.png", "student.png"):
+    for name in ("teacher.png", "student_1.png"):
         assert (workdir / "evaluate/samples" / name).stat().st_size > 100
 
 

@@ -1,18 +1,24 @@
-"""Distillation objectives, one module each, chosen by `distill.objective`.
+"""Distillation objectives, one module each, chosen by `distill.objective` (params in `distill.<name>`).
 
-| name   | class        | paper                                   |
-|--------|--------------|-----------------------------------------|
-| dmd2   | `DMD2`       | Yin et al. 2024, Improved DMD (DMD2)    |
+| name          | class         | paper                                                        |
+|---------------|---------------|--------------------------------------------------------------|
+| `dmd2`        | `DMD2`        | Yin et al. 2024, Improved Distribution Matching Distillation |
+| `dmd`         | `DMD`         | Yin et al. 2023, One-step Diffusion with DMD                 |
+| `sid`         | `SiD`         | Zhou et al. 2024, Score identity Distillation                |
+| `consistency` | `Consistency` | Song et al. 2023 / LCM / iCT, consistency distillation       |
 
-Every objective takes a `Setup` and exposes two loss closures — `generator_loss()` and `critic_loss()` —
-each returning {"loss": total, ...parts to log}. The trainer (fewstep.training.train) runs them.
+Every objective takes a `Setup` and implements `generator_loss()` and `critic_loss()` (each returns
+{"loss": total, ...parts to log}) plus `critic_updates`; fewstep.training.train runs them.
 """
 from __future__ import annotations
 
 from .base import Objective, Setup
+from .consistency import Consistency
+from .dmd import DMD
 from .dmd2 import DMD2
+from .sid import SiD
 
-OBJECTIVES: dict[str, type[Objective]] = {"dmd2": DMD2}
+OBJECTIVES: dict[str, type[Objective]] = {"dmd2": DMD2, "dmd": DMD, "sid": SiD, "consistency": Consistency}
 
 
 def build(name: str, setup: Setup) -> Objective:

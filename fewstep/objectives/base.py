@@ -1,64 +1,124 @@
-"""What every objective is given, and the two loss closures it must provide."""
+"""What every objective is given (`Setup`), the shared helpers, and the small interface it implements."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from ..models import BottleneckTap, EDMDenoiser, GanHead
-from ..sampling import student_sample
-from ..training import RealBatches, karras_grid_sigmas
+from ..sampling import randn, student_sample
+from ..training import edm_weighted_mse, frozen
+
+Cond = Any  # what the denoisers condition on: class labels for digits, prompt embeddings for SD
 
 
 @dataclass
 class Setup:
-    teacher: EDMDenoiser         # real score, frozen
-    student: EDMDenoiser         # the generator being trained
-    fake: EDMDenoiser            # fake score (critic), trained online on student samples
-    head: GanHead                # GAN discriminator head on the fake score's bottleneck
-    tap: BottleneckTap           # hands the fake score's mid-block features to the head
-    real: RealBatches            # real (image, label) minibatches for the GAN
-    params: object               # the distill/finetune/critic params section
-    edm: object                  # teacher.edm params (noise range)
-    generator: torch.Generator   # every random draw of the objective comes from here
+    """Denoisers follow one contract: `d(x, sigma, cond) -> x0 estimate` with VE noise levels
+    (x_noisy = x0 + sigma * eps), `d.guided(x, sigma, cond, scale)` for CFG, and `d.unet` (a diffusers UNet)."""
+    teacher: nn.Module                             # real score, frozen
+    student: nn.Module                             # the generator being trained
+    fake: nn.Module                                # fake score (critic), trained online on student samples
+    head: nn.Module                                # GAN discriminator head on the fake score's bottleneck
+    tap: Any                                       # BottleneckTap: the fake score's mid-block features
+    real: Callable[[], tuple[torch.Tensor, Cond]]  # real (x0, cond) minibatches
+    conditions: Callable[[int], Cond]              # n random conditions for generated samples
+    noise_levels: Callable[[int], torch.Tensor]    # n noise levels for the DM / fake-score losses
+    student_sigmas: list[float]                    # the student's conditioning noise levels, one per step
+    params: Any                                    # the distill/finetune section (with the objective's subsection)
+    generator: torch.Generator                     # every random draw of the objective comes from here
     device: torch.device
+    sigma_data: float = 0.5
+    trajectories: Callable[[], dict[str, torch.Tensor]] | None = None  # teacher ODE minibatches (dmd, consistency)
 
 
 class Objective:
+    """One distillation method. The trainer runs `critic_loss` `critic_updates` times, then
+    `generator_loss` once, per training step; each returns {"loss": total, ...parts to log}."""
+
     def __init__(self, setup: Setup):
         self.s = setup
+        self.p = setup.params
+
+    @property
+    def critic_updates(self) -> int:
+        return 1
 
     # --- shared helpers ---------------------------------------------------------------------------
     def randn(self, shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.s.generator, device=self.s.device)
+        return randn(shape, self.s.generator, self.s.device)
 
-    def random_labels(self, n: int) -> torch.Tensor:
-        return torch.randint(self.s.teacher.num_classes, (n,), generator=self.s.generator, device=self.s.device)
+    def sample_shape(self, n: int) -> tuple[int, ...]:
+        config = self.s.student.unet.config
+        return (n, config.in_channels, config.sample_size, config.sample_size)
 
-    def noise_levels(self, n: int) -> torch.Tensor:
-        p = self.s.params
-        return karras_grid_sigmas(n, self.s.edm, p.t_min, p.t_max, self.s.generator, self.s.device)
+    def student_input(self, k: int) -> tuple[torch.Tensor, Cond]:
+        """The noisy input the student sees at its k-th step, and its conditions.
 
-    def generate(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Student samples for fresh noise and random labels (with gradients if enabled)."""
-        labels = self.random_labels(n)
-        shape = (n, self.s.student.unet.config.in_channels, *([self.s.student.unet.config.sample_size] * 2))
-        return student_sample(self.s.student, self.randn(shape), labels, self.s.params.student_sigmas,
-                              self.s.generator), labels
+        Step 0 is pure noise. A later step needs an estimate to re-noise: with backward simulation it is
+        the student's own output after steps 0..k-1 (what it will see at inference); without, a noised
+        real image (DMD2's train/test mismatch baseline).
+        """
+        sigmas, n = self.s.student_sigmas, self.p.batch_size
+        if k == 0:
+            cond = self.s.conditions(n)
+            return self.randn(self.sample_shape(n)) * sigmas[0], cond
+        if self.p.backward_simulation:
+            cond = self.s.conditions(n)
+            with torch.no_grad():
+                x0 = student_sample(self.s.student, self.randn(self.sample_shape(n)), cond, sigmas[:k], self.s.generator)
+        else:
+            x0, cond = self.s.real()
+        return x0 + sigmas[k] * self.randn(x0.shape), cond
 
-    def critic_logits(self, images: torch.Tensor, labels: torch.Tensor, sigma: torch.Tensor):
-        """Noise images to sigma, run the fake score; return (its x0 prediction, GAN logits)."""
-        noisy = images + sigma.view(-1, 1, 1, 1) * self.randn(images.shape)
-        pred = self.s.fake(noisy, sigma, labels)
-        return pred, self.s.head(self.s.tap.features)
+    def generate(self) -> tuple[torch.Tensor, Cond]:
+        """Student samples (with gradients when enabled) from a random one of its steps."""
+        k = int(torch.randint(len(self.s.student_sigmas), (1,), generator=self.s.generator))
+        x, cond = self.student_input(k)
+        return self.s.student(x, self.s.student_sigmas[k], cond), cond
+
+    def trajectory_batch(self) -> dict[str, torch.Tensor]:
+        """Teacher ODE minibatch: noise, cond, images, states (B, N+1, ...) and the N+1 sigmas."""
+        if self.s.trajectories is None:
+            raise ValueError(f"distill.objective {self.p.objective!r} needs the trajectories stage's outputs")
+        return self.s.trajectories()
+
+    def noised(self, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return x0 + sigma.view(-1, *[1] * (x0.dim() - 1)) * self.randn(x0.shape)
+
+    def fake_score_loss(self) -> torch.Tensor:
+        """The fake score learns the student's current distribution: EDM-weighted denoising of
+        detached student samples (afterwards `tap.features` holds this forward's bottleneck)."""
+        with torch.no_grad():
+            x, cond = self.generate()
+        sigma = self.s.noise_levels(len(x))
+        pred = self.s.fake(self.noised(x, sigma), sigma, cond)
+        return edm_weighted_mse(pred, x, sigma, self.s.sigma_data)
+
+    def distribution_matching(self, x: torch.Tensor, cond, keep_graph_in_fake: bool = False) -> torch.Tensor:
+        """DMD's KL gradient (x̂_fake − x̂_real) / mean|x − x̂_real| at a random noise level, applied to the
+        student sample x through ½‖x − sg(x − grad)‖². With keep_graph_in_fake the fake forward keeps its
+        graph (x → bottleneck) so a GAN head can reuse it; the fake score's weights never get gradients."""
+        sigma = self.s.noise_levels(len(x))
+        noisy = self.noised(x.detach() if not keep_graph_in_fake else x, sigma)
+        with frozen(self.s.fake, self.s.head):
+            with torch.no_grad():
+                pred_real = self.s.teacher.guided(noisy, sigma, cond, self.p.real_guidance)
+            with torch.set_grad_enabled(keep_graph_in_fake):
+                pred_fake = self.s.fake(noisy, sigma, cond)
+        weight = (x.detach() - pred_real).abs().mean(dim=tuple(range(1, x.dim())), keepdim=True).clamp_min(1e-8)
+        grad = (pred_fake.detach() - pred_real) / weight
+        return 0.5 * F.mse_loss(x, (x - grad).detach())
 
     # --- the interface ----------------------------------------------------------------------------
     def generator_loss(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def critic_loss(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        denoise = self.fake_score_loss()
+        return {"denoise": denoise, "loss": denoise}
 
     def critic_modules(self) -> nn.Module:
-        return nn.ModuleList([self.s.fake, self.s.head])
+        return self.s.fake
