@@ -139,3 +139,40 @@ def write_prompt_dataset(folder: Path, prompts: list[str] = PROMPTS, size: int =
                            features=Features({"caption": Value("string"), "image": ImageFeature()}))
     ds.save_to_disk(str(folder))
     return folder
+
+
+def tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A CLIP model directory (CLIPModel + CLIPProcessor) with random weights, for the CLIP score."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                              image_size=16, patch_size=4, projection_dim=32)
+    config = CLIPConfig(text_config=_text_config(projection_dim=32).to_dict(), vision_config=vision.to_dict(),
+                        projection_dim=32)
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    tokenizer = _load_tokenizer(write_tokenizer(folder.parent / f".{folder.name}-tok"))
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def tiny_featurizer(path: Path, seed: int = 0) -> Path:
+    """A TorchScript image featurizer (images in [-1, 1] -> 16 features), the FID's feature network."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=2), torch.nn.SiLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten())
+    torch.jit.script(net).save(str(path))
+    return path
+
+
+def write_image_folder(folder: Path, count: int = 12, size: int = 24) -> Path:
+    """Reference images for the FID: flat colour fields as PNG."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        pixels = np.broadcast_to(rng.integers(0, 256, 3, dtype=np.uint8), (size, size, 3)).copy()
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return folder

@@ -29,6 +29,37 @@ def denoiser(unet, teacher_path: Path, negative: SDCond | None, device, precisio
     return SDDenoiser(unet, schedule(teacher_path), negative, autocast_dtype=AUTOCAST[precision]).to(device)
 
 
+class LoraDenoiser(SDDenoiser):
+    """A student trained through LoRA adapters (peft, via diffusers' `add_adapter`): its parameters, as
+    the trainer's optimizer, EMA, gradient clipping and requires_grad_ see them, are the adapters only,
+    so the base UNet stays frozen. `merged_unet` folds the adapters in for saving."""
+
+    def parameters(self, recurse: bool = True):
+        return (p for name, p in self.unet.named_parameters() if "lora_" in name)
+
+    def requires_grad_(self, requires_grad: bool = True):
+        for p in self.parameters():
+            p.requires_grad_(requires_grad)
+        return self
+
+    def merged_unet(self):
+        import copy
+
+        unet = copy.deepcopy(self.unet)
+        unet.fuse_lora()
+        unet.unload_lora()
+        return unet
+
+
+def with_lora(model: SDDenoiser, rank: int, alpha: float | None, target_modules: list[str]) -> LoraDenoiser:
+    from peft import LoraConfig
+
+    model.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                                      target_modules=list(target_modules)))
+    model.__class__ = LoraDenoiser  # same state, LoRA-only parameters
+    return model
+
+
 def teacher_denoiser(teacher_path: Path, negative: SDCond, device, precision: str = "fp32") -> SDDenoiser:
     """The frozen real score. On GPU with bf16/fp16 its weights are stored in that dtype (half the memory)."""
     dtype = AUTOCAST[precision] if torch.device(device).type != "cpu" and AUTOCAST[precision] else torch.float32
@@ -38,7 +69,8 @@ def teacher_denoiser(teacher_path: Path, negative: SDCond, device, precision: st
 
 def save(model: SDDenoiser, path: Path, role: str, **info) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    model.unet.save_pretrained(path / "unet")
+    unet = model.merged_unet() if isinstance(model, LoraDenoiser) else model.unet
+    unet.save_pretrained(path / "unet")
     write_json({"role": role, **info}, path / "fewstep.json")
 
 

@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..params import GanParams, OptimParams, RunParams, Section
+from ..params import (ConsistencyParams, DMD2Params, DMDParams, GanParams, RunParams, Section, SiDParams,
+                      TrainLoopParams)
 from ..params import load as _load
 
 
@@ -55,35 +56,34 @@ class LoraParams(Section):
     target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-class TrainParams(OptimParams):
-    """What critic, distill and finetune share: batch, optimizer, DMD2 noise range and guidance."""
+class SDLoopParams(TrainLoopParams):
+    """The one trainer's knobs (fewstep.params.TrainLoopParams) with SD-sized defaults."""
 
     batch_size: int = Field(4, gt=0)
-    t_min: int = Field(20, ge=0, le=999)   # DM / critic timesteps ~ U[t_min, t_max] of the 1000 DDPM steps
-    t_max: int = Field(980, ge=1, le=999)
-    gan: GanParams = GanParams(generator_weight=5e-3, critic_weight=1e-2)
-    log_every: int = Field(10, gt=0)
-
-    @model_validator(mode="after")
-    def _t_range(self):
-        if self.t_min >= self.t_max:
-            raise ValueError(f"t_min must be < t_max, got {self.t_min} >= {self.t_max}")
-        return self
+    lr: float = Field(5e-7, gt=0)            # DMD2's SDXL learning rate
+    betas: tuple[float, float] = (0.9, 0.999)  # DMD2 reference AdamW
+    ema_decay: float = Field(0.0, ge=0, lt=1)  # DMD2's reference keeps no EMA
+    checkpoint_every: int = Field(100, ge=0)
 
 
-class CriticParams(TrainParams):
+class CriticParams(SDLoopParams):
     steps: int = Field(50, gt=0)
+    gan: GanParams = GanParams(generator_weight=5e-3, critic_weight=1e-2)
 
 
-class DistillParams(TrainParams):
-    objective: Literal["dmd2"] = "dmd2"
+class DistillParams(SDLoopParams):
+    objective: Literal["dmd2", "dmd", "sid", "consistency"] = "dmd2"
     steps: int = Field(200, gt=0)
-    lr: float = Field(5e-7, gt=0)
-    ttur: int = Field(5, gt=0)                      # fake-score updates per generator update
     student_timesteps: list[int] = [999, 749, 499, 249]  # DDPM timesteps the student is conditioned on
-    real_guidance: float = Field(8.0, ge=0)         # CFG on the real score
-    ema_decay: float = Field(0.0, ge=0, lt=1)       # 0: no EMA (DMD2's reference keeps none)
+    backward_simulation: bool = True          # step k's input comes from the student's own steps < k
+    real_guidance: float = Field(8.0, ge=0)   # CFG on the real score (DMD2: 8 for SDXL, 1.75 for SD1.5)
+    t_min: int = Field(20, ge=0, le=999)      # DM / fake-score timesteps ~ U{t_min..t_max} of the DDPM steps
+    t_max: int = Field(980, ge=1, le=999)
     lora: LoraParams = LoraParams()
+    dmd2: DMD2Params = DMD2Params(ttur=5, gan=GanParams(generator_weight=5e-3, critic_weight=1e-2))
+    dmd: DMDParams = DMDParams()
+    sid: SiDParams = SiDParams()
+    consistency: ConsistencyParams = ConsistencyParams()
 
     @field_validator("student_timesteps")
     @classmethod
@@ -91,6 +91,12 @@ class DistillParams(TrainParams):
         if not v or any(not 0 <= t <= 999 for t in v) or any(a <= b for a, b in zip(v, v[1:])):
             raise ValueError(f"must be a non-empty, strictly decreasing list of timesteps in [0, 999], got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _t_range(self):
+        if self.t_min >= self.t_max:
+            raise ValueError(f"t_min must be < t_max, got {self.t_min} >= {self.t_max}")
+        return self
 
 
 class FinetuneParams(DistillParams):
