@@ -176,3 +176,83 @@ def write_image_folder(folder: Path, count: int = 12, size: int = 24) -> Path:
         pixels = np.broadcast_to(rng.integers(0, 256, 3, dtype=np.uint8), (size, size, 3)).copy()
         Image.fromarray(pixels).save(folder / f"{i:03d}.png")
     return folder
+
+
+# --- a temporary git + DVC project holding pipelines/<name> with a tiny teacher ------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Every SD stage's real code path in seconds; one thread, since parallel test jobs share the cores.
+SD_TINY = {
+    "run": {"device": "cpu", "precision": "fp32", "num_threads": 1, "gradient_checkpointing": False},
+    "prompts": {"eval_count": 2},
+    "encode": {"batch_size": 8, "shard_size": 4, "dtype": "fp32"},
+    "trajectories": {"num_samples": 6, "eval_per_prompt": 2, "sampling_steps": 3, "batch_size": 4, "shard_size": 4},
+    "critic": {"steps": 2, "batch_size": 2, "log_every": 1},
+    "distill": {"steps": 2, "batch_size": 2, "log_every": 1, "warmup_steps": 0, "dmd2": {"ttur": 1}},
+    "finetune": {"steps": 2, "batch_size": 2, "log_every": 1, "dmd2": {"ttur": 1}},
+    "evaluate": {"batch_size": 4, "latency_batch": 2, "latency_repeats": 1, "grid_size": 2},
+}
+
+
+def sd_params(name: str, **sections) -> dict:
+    """pipelines/<name>/params.yaml shrunk by SD_TINY, then per-section overrides (nested dicts merge)."""
+    import yaml
+
+    from conftest import _merge
+
+    params = yaml.safe_load((ROOT / "pipelines" / name / "params.yaml").read_text())
+    return _merge(_merge(params, yaml.safe_load(yaml.safe_dump(SD_TINY))), sections)
+
+
+def make_sd_project(folder: Path, name: str, params: dict, teacher: Path, prompts: Path) -> Path:
+    """A fresh git + DVC repo with the library, stage scripts, flows and pipelines/<name>; the teacher
+    is copied to models/<its name> and the prompt source to data/<its name>, as a user would lay them out."""
+    import shutil
+
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for item in ("fewstep", "stages", "flows"):
+        shutil.copytree(ROOT / item, folder / item, ignore=ignore)
+    for item in (".gitignore", ".dvcignore", "prefect.yaml"):
+        shutil.copy(ROOT / item, folder / item)
+    (folder / "pipelines").mkdir()
+    shutil.copytree(ROOT / "pipelines" / name, folder / "pipelines" / name,
+                    ignore=shutil.ignore_patterns("dvc.lock", ".gitignore", "encode", "trajectories", "critic",
+                                                  "distill", "finetune", "export", "evaluate"))
+    (folder / "models").mkdir()
+    shutil.copytree(teacher, folder / "models" / teacher.name)
+    (folder / "data").mkdir()
+    copy = shutil.copytree if prompts.is_dir() else shutil.copy
+    copy(prompts, folder / "data" / prompts.name)
+    params = {**params, "teacher": {**params["teacher"], "path": f"models/{teacher.name}"},
+              "prompts": {**params["prompts"], "source": f"data/{prompts.name}"}}
+    (folder / "pipelines" / name / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
+                ["git", "config", "user.name", "test"], ["dvc", "init", "-q"],
+                ["dvc", "config", "core.analytics", "false"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        run(cmd, folder)
+    return folder
+
+
+def project_env(project: Path) -> dict:
+    """The test environment with the project itself first on the import path, so its stages run the
+    project's copy of fewstep whatever checkout the venv's editable install points at."""
+    import os
+
+    from conftest import env
+
+    e = env()
+    e["PYTHONPATH"] = os.pathsep.join([str(project), *filter(None, [e.get("PYTHONPATH")])])
+    return e
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True):
+    import subprocess
+
+    proc = subprocess.run(cmd, cwd=cwd, env=project_env(cwd), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
