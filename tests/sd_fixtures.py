@@ -256,3 +256,14 @@ def run(cmd: list[str], cwd: Path, check: bool = True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def teacher_scheduler_config(path: Path) -> dict:
+    return json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())
+
+
+def with_time_ids(negative, cond):
+    """The negative-prompt conditioning as `guided` builds it: the sample's own SDXL time ids."""
+    from fewstep.sd.denoiser import SDCond
+
+    return SDCond(negative.embeds, negative.pooled, cond.time_ids)
