@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 PROMPTS = ["a red square", "a blue circle", "a green triangle on white", "two yellow dots",
@@ -267,3 +268,25 @@ def with_time_ids(negative, cond):
     from fewstep.sd.denoiser import SDCond
 
     return SDCond(negative.embeds, negative.pooled, cond.time_ids)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """Built once: tiny SDXL and SD1.5 teachers, prompt sources, a CLIP model, an FID featurizer."""
+    import torch
+
+    torch.set_num_threads(1)  # in-process generation below; parallel test jobs share the cores
+    root = tmp_path_factory.mktemp("sd-assets")
+    return {"sdxl": tiny_sdxl(root / "tiny-sdxl"), "sd15": tiny_sd15(root / "tiny-sd15"),
+            "dataset": write_prompt_dataset(root / "prompts-with-images"),
+            "text": write_prompt_file(root / "prompts.txt"), "clip": tiny_clip(root / "clip"),
+            "featurizer": tiny_featurizer(root / "featurizer.pt"),
+            "reference": write_image_folder(root / "reference")}
+
+
+def sdxl_project(tmp_path: Path, assets: dict) -> Path:
+    """The SDXL pipeline on a prompt dataset with images, CLIP score and FID configured."""
+    params = sd_params("sdxl", prompts={"text_column": "caption", "image_column": "image"},
+                       evaluate={"clip_path": str(assets["clip"]),
+                                 "fid": {"featurizer": str(assets["featurizer"]), "reference": str(assets["reference"])}})
+    return make_sd_project(tmp_path / "project", "sdxl", params, assets["sdxl"], assets["dataset"])

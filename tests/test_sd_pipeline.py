@@ -6,35 +6,13 @@ import time
 import pytest
 import yaml
 
-import sd_fixtures as sd
-from sd_fixtures import make_sd_project, run, sd_params
+from sd_fixtures import assets, make_sd_project, run, sd_params, sdxl_project  # noqa: F401 (assets: fixture)
 
 STAGES = ["encode", "trajectories", "critic", "distill", "finetune", "export", "evaluate"]
 
 
 def ran(output: str) -> list[str]:
     return [s.split(":")[-1] for s in re.findall(r"Running stage '([^']+)'", output)]
-
-
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    """Built once: tiny SDXL and SD1.5 teachers, prompt sources, a CLIP model, an FID featurizer."""
-    import torch
-
-    torch.set_num_threads(1)  # in-process generation below; parallel test jobs share the cores
-    root = tmp_path_factory.mktemp("sd-assets")
-    return {"sdxl": sd.tiny_sdxl(root / "tiny-sdxl"), "sd15": sd.tiny_sd15(root / "tiny-sd15"),
-            "dataset": sd.write_prompt_dataset(root / "prompts-with-images"),
-            "text": sd.write_prompt_file(root / "prompts.txt"), "clip": sd.tiny_clip(root / "clip"),
-            "featurizer": sd.tiny_featurizer(root / "featurizer.pt"),
-            "reference": sd.write_image_folder(root / "reference")}
-
-
-def sdxl_project(tmp_path, assets):
-    params = sd_params("sdxl", prompts={"text_column": "caption", "image_column": "image"},
-                       evaluate={"clip_path": str(assets["clip"]),
-                                 "fid": {"featurizer": str(assets["featurizer"]), "reference": str(assets["reference"])}})
-    return make_sd_project(tmp_path / "project", "sdxl", params, assets["sdxl"], assets["dataset"])
 
 
 @pytest.mark.slow
