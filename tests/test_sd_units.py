@@ -1,5 +1,6 @@
 """SD building blocks on tiny random-weight models: the VE denoiser, the exported schedulers, teacher and
 prompt checks, params, LoRA students, and the encode cache's promise (no text encoder / VAE encoder later)."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -189,32 +190,51 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+def _stage(folder, name, *args, trap=False, launcher=(sys.executable,)):
+    cmd = [*launcher, *(["-c", FORBID] if trap else []), str(ROOT / f"stages/sd/{name}.py"), "--params", "params.yaml",
+           *args]
+    proc = subprocess.run(cmd, cwd=folder, env=sd.project_env(ROOT), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def prepared(teachers, tmp_path_factory):
+    """encode and trajectories run normally; the critic already runs with the trap set."""
+    folder = tmp_path_factory.mktemp("sd-prepared")
+    params = sd.sd_params("sdxl", teacher={"path": str(teachers["sdxl"])},
+                          prompts={"source": str(sd.write_prompt_dataset(folder / "ds")), "text_column": "caption",
+                                   "image_column": "image"})
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    _stage(folder, "encode", "--out", "encode")
+    _stage(folder, "trajectories", "--encode", "encode", "--out", "trajectories")
+    _stage(folder, "critic", "--encode", "encode", "--trajectories", "trajectories", "--out", "critic", trap=True)
+    return folder
+
+
 @pytest.mark.slow
-def test_training_stages_never_instantiate_text_encoders_or_the_vae(teachers, tmp_path):
+def test_training_stages_never_instantiate_text_encoders_or_the_vae(prepared):
     """encode caches everything; critic, distill and finetune run with the text encoders' and the VAE's
     constructors booby-trapped."""
-    params = sd.sd_params("sdxl", teacher={"path": str(teachers["sdxl"])},
-                          prompts={"source": str(sd.write_prompt_dataset(tmp_path / "ds")), "text_column": "caption",
-                                   "image_column": "image"})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-
-    def stage(name, *args, trap=False):
-        cmd = [sys.executable, *(["-c", FORBID] if trap else []), str(ROOT / f"stages/sd/{name}.py"),
-               "--params", "params.yaml", *args]
-        proc = subprocess.run(cmd, cwd=tmp_path, env=sd.project_env(ROOT), capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc
-
-    stage("encode", "--out", "encode")
-    stage("trajectories", "--encode", "encode", "--out", "trajectories")
-    stage("critic", "--encode", "encode", "--trajectories", "trajectories", "--out", "critic", trap=True)
-    out = stage("distill", "--encode", "encode", "--trajectories", "trajectories", "--critic", "critic/critic",
-                "--out", "distill", trap=True)
+    out = _stage(prepared, "distill", "--encode", "encode", "--trajectories", "trajectories", "--critic",
+                 "critic/critic", "--out", "distill", trap=True)
     assert "real data: cached images" in out.stdout
-    stage("finetune", "--encode", "encode", "--trajectories", "trajectories", "--distilled", "distill",
-          "--out", "finetune", trap=True)
-    assert (tmp_path / "finetune/student/unet/config.json").is_file()
-    # and the trap does catch a stage that would load them
+    _stage(prepared, "finetune", "--encode", "encode", "--trajectories", "trajectories", "--distilled", "distill",
+           "--out", "finetune", trap=True)
+    assert (prepared / "finetune/student/unet/config.json").is_file()
+    # and the trap does catch a stage that loads them
     proc = subprocess.run([sys.executable, "-c", FORBID, str(ROOT / "stages/sd/encode.py"), "--params", "params.yaml",
-                           "--out", "encode2"], cwd=tmp_path, env=sd.project_env(ROOT), capture_output=True, text=True)
+                           "--out", "encode2"], cwd=prepared, env=sd.project_env(ROOT), capture_output=True, text=True)
     assert proc.returncode != 0 and "instantiated after the encode stage" in proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_average_gradients_and_rank0_writes(prepared):
+    """Data parallel on CPU (gloo): both ranks end with identical trained weights; one output."""
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
+    out = _stage(prepared, "distill", "--encode", "encode", "--trajectories", "trajectories", "--critic",
+                 "critic/critic", "--out", "distill-2ranks", launcher=torchrun)
+    digests = dict(re.findall(r"rank (\d)/2: trained weights digest (\w+)", out.stdout))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], out.stdout[-2000:]
+    assert (prepared / "distill-2ranks/student/unet/config.json").is_file()
+    assert not list(prepared.glob(".distill-2ranks.*"))  # no leftovers from rank 1

@@ -57,13 +57,21 @@ def with_lora(model: SDDenoiser, rank: int, alpha: float | None, target_modules:
     model.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
                                       target_modules=list(target_modules)))
     model.__class__ = LoraDenoiser  # same state, LoRA-only parameters
+    for p in model.parameters():
+        p.data = p.data.float()  # the optimizer keeps fp32 adapters even over a bf16 base
     return model
+
+
+def frozen_dtype(device, precision: str) -> torch.dtype:
+    """Weights nobody trains (the teacher, a LoRA student's base) are stored in the autocast dtype on GPU."""
+    dtype = AUTOCAST[precision]
+    return dtype if dtype is not None and torch.device(device).type != "cpu" else torch.float32
 
 
 def teacher_denoiser(teacher_path: Path, negative: SDCond, device, precision: str = "fp32") -> SDDenoiser:
     """The frozen real score. On GPU with bf16/fp16 its weights are stored in that dtype (half the memory)."""
-    dtype = AUTOCAST[precision] if torch.device(device).type != "cpu" and AUTOCAST[precision] else torch.float32
-    model = denoiser(teachers.load_unet(teacher_path, dtype), teacher_path, negative, device, precision)
+    model = denoiser(teachers.load_unet(teacher_path, frozen_dtype(device, precision)), teacher_path, negative, device,
+                     precision)
     return model.requires_grad_(False).eval()
 
 
@@ -75,14 +83,14 @@ def save(model: SDDenoiser, path: Path, role: str, **info) -> None:
 
 
 def load(path: Path, teacher_path: Path, negative: SDCond | None, device, precision: str = "fp32",
-         checkpointing: bool = False) -> tuple[SDDenoiser, dict]:
+         checkpointing: bool = False, dtype: torch.dtype = torch.float32) -> tuple[SDDenoiser, dict]:
     from diffusers import UNet2DConditionModel
 
     for part in ("fewstep.json", "unet/config.json"):
         if not (path / part).is_file():
             raise ArtifactError(f"{path}: not a fewstep SD model directory (missing {part})")
     try:
-        unet = UNet2DConditionModel.from_pretrained(path / "unet")
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ArtifactError(f"{path / 'unet'}: cannot load the UNet ({str(exc).splitlines()[0]})") from None
     return denoiser(unet, teacher_path, negative, device, precision, checkpointing), read_json(path / "fewstep.json")

@@ -17,6 +17,7 @@ from ..params import load as _load
 
 class SDRunParams(RunParams):
     gradient_checkpointing: bool = False  # trade compute for memory in every trained UNet (GPU runs)
+    launcher: str = "python"  # how critic/distill/finetune start, e.g. "torchrun --standalone --nproc_per_node=8"
 
 
 class TeacherParams(Section):

@@ -3,8 +3,7 @@ student's samples, so distillation starts with an accurate fake score."""
 from pathlib import Path
 
 from fewstep import runtime
-from fewstep.io import atomic_output
-from fewstep.sd import distill
+from fewstep.sd import distill, parallel
 from fewstep.sd.params import SDParams
 
 
@@ -14,7 +13,7 @@ def main(params, args, device):
     # with critic's own optimizer settings and GAN weights.
     loop = {k: getattr(c, k) for k in type(c).model_fields if k != "gan"}
     settings = d.model_copy(update={**loop, "dmd2": d.dmd2.model_copy(update={"gan": c.gan})})
-    with atomic_output(args.out) as out:
+    with parallel.output(args.out) as out:
         distill.run(params, settings, stage="critic", encode_dir=args.encode, trajectories_dir=args.trajectories,
                     out=out, device=device, generator=runtime.seeded(params.seed, "critic"),
                     pipeline=Path(args.params).resolve().parent.name, train_generator=False,

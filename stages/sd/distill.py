@@ -3,13 +3,12 @@ simulation, DMD2 with the GAN head on the critic UNet's mid-block) from the warm
 from pathlib import Path
 
 from fewstep import runtime
-from fewstep.io import atomic_output
-from fewstep.sd import distill
+from fewstep.sd import distill, parallel
 from fewstep.sd.params import SDParams
 
 
 def main(params, args, device):
-    with atomic_output(args.out) as out:
+    with parallel.output(args.out) as out:
         distill.run(params, params.distill, stage="distill", encode_dir=args.encode,
                     trajectories_dir=args.trajectories, out=out, device=device, critic_dir=args.critic,
                     generator=runtime.seeded(params.seed, "distill"), pipeline=Path(args.params).resolve().parent.name,

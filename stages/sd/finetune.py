@@ -3,13 +3,12 @@ low-learning-rate phase with the GAN on real data)."""
 from pathlib import Path
 
 from fewstep import runtime
-from fewstep.io import atomic_output
-from fewstep.sd import distill
+from fewstep.sd import distill, parallel
 from fewstep.sd.params import SDParams
 
 
 def main(params, args, device):
-    with atomic_output(args.out) as out:
+    with parallel.output(args.out) as out:
         distill.run(params, params.finetune, stage="finetune", encode_dir=args.encode,
                     trajectories_dir=args.trajectories, out=out, device=device,
                     student_dir=args.distilled / "student", critic_dir=args.distilled / "critic",
