@@ -1,0 +1,146 @@
+"""Ablation table: objectives, student step counts, backward simulation and learning rates compared at
+one training budget, each variant scored by the evaluate stage (FIDs averaged over its sampling seeds).
+
+    python bench/ablation.py [--variants bench/ablation.yaml] [--only NAME ...] [--jobs 1]
+                             [--set run.device=cuda ...] [--table-only]
+
+Every variant is params.yaml plus the overrides listed in bench/ablation.yaml. It reuses this
+workspace's prepare/teacher/trajectories outputs (run `dvc repro trajectories` first) and runs the
+critic -> distill -> finetune -> evaluate commands of dvc.yaml in bench/.ablation/<variant>/.
+This is what `dvc exp run --queue -S key=value ...` + `dvc exp run --run-all` does (see README), minus
+DVC itself, so it also runs where only torch is installed (a GPU box). Results:
+bench/results/ablation.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / ".ablation"
+RESULTS = ROOT / "bench" / "results"
+SHARED = ("prepare", "teacher", "trajectories")  # upstream outputs no variant changes
+STAGES = ("critic", "distill", "finetune", "evaluate")
+
+
+def set_dotted(params: dict, dotted: str, value) -> None:
+    node = params
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def parse_sets(items: list[str]) -> dict:
+    return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
+
+
+def run_variant(name: str, overrides: dict, base_sets: dict) -> dict:
+    """Run the downstream stages of one variant; returns its metrics and stage times."""
+    folder = WORK / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for shared in SHARED:
+        link = folder / shared
+        if not link.exists():
+            link.symlink_to(ROOT / shared)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in {**base_sets, **overrides}.items():
+        set_dotted(params, dotted, value)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    seconds = {}
+    for stage in STAGES:
+        cmd = stages[stage]["cmd"].replace("python stages/", f"{sys.executable} {ROOT}/stages/", 1)
+        start = time.perf_counter()
+        with open(folder / f"{stage}.log", "w") as log:
+            proc = subprocess.run(cmd, shell=True, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+        seconds[stage] = round(time.perf_counter() - start, 1)
+        if proc.returncode != 0:
+            tail = (folder / f"{stage}.log").read_text().strip().splitlines()[-1:]
+            print(f"[ablation] {name}: {stage} failed: {tail}", flush=True)
+            return {"variant": name, "overrides": overrides, "failed": stage, "seconds": seconds}
+    metrics = json.loads((folder / "evaluate" / "metrics.json").read_text())
+    print(f"[ablation] {name}: done in {sum(seconds.values()):.0f} s", flush=True)
+    return {"variant": name, "overrides": overrides, "params": params["distill"], "metrics": metrics,
+            "seconds": seconds}
+
+
+def table(rows: list[dict], sets: dict, command: str) -> str:
+    done = [r for r in rows if "metrics" in r]
+    lines = [f"Made by `{command}`" + (f" (global overrides {sets})" if sets else "") + ".",
+             "FID: mean ± std over the evaluate stage's sampling seeds; lower is better. Train s: distill + "
+             "finetune wall seconds.", "",
+             "| variant | objective | steps | backward sim | lr | model | FID | precision | recall | NFE | "
+             "ms/img | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if done:
+        t = done[0]["metrics"]["teacher"]
+        lines.append(f"| teacher | — | — | — | — | teacher | {t['fid']:.3f} ± {t['fid_std']:.3f} | "
+                     f"{t['precision']:.3f} | {t['recall']:.3f} | {t['nfe']} | {t['latency_ms']:.3f} | — |")
+    for r in done:
+        d, m = r["params"], r["metrics"]
+        train_s = r["seconds"]["distill"] + r["seconds"]["finetune"]
+        for key in sorted(k for k in m if k.startswith("student@")):
+            s = m[key]
+            lines.append(f"| {r['variant']} | {d['objective']} | {d['student_steps']} | "
+                         f"{'on' if d['backward_simulation'] else 'off'} | {d['lr']:g} | {key} | "
+                         f"{s['fid']:.3f} ± {s['fid_std']:.3f} | {s['precision']:.3f} | {s['recall']:.3f} | "
+                         f"{s['nfe']} | {s['latency_ms']:.3f} | {train_s:.0f} |")
+    for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['variant']} | failed in {r['failed']} | | | | | | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def save(path: Path, command: str, sets: dict, rows: list[dict], order: list[str]) -> None:
+    rows = sorted(rows, key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"command": command, "sets": sets, "rows": rows}, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", type=Path, default=ROOT / "bench" / "ablation.yaml")
+    ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
+    ap.add_argument("--jobs", type=int, default=1, help="variants run at once")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
+    ap.add_argument("--table-only", action="store_true", help="rebuild the table from results/ablation.json")
+    ap.add_argument("--name", default="ablation", help="results file stem under bench/results/")
+    args = ap.parse_args()
+
+    sets = parse_sets(args.set)
+    out_json = RESULTS / f"{args.name}.json"
+    command = "python bench/ablation.py " + " ".join(sys.argv[1:])
+    if args.table_only:
+        stored = json.loads(out_json.read_text())
+        rows, command, sets = stored["rows"], stored["command"], stored["sets"]
+    else:
+        missing = [s for s in SHARED if not (ROOT / s).exists()]
+        if missing:
+            sys.exit(f"bench/ablation.py: missing upstream outputs {missing}; run `dvc repro trajectories` first")
+        variants = yaml.safe_load(args.variants.read_text())
+        chosen = {k: v or {} for k, v in variants.items() if args.only is None or k in args.only}
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(run_variant, name, overrides, sets) for name, overrides in chosen.items()]
+            rows = []
+            for future in as_completed(futures):  # saved as they finish: a cut-off run keeps what it has
+                rows.append(future.result())
+                save(out_json, command, sets, rows, order=list(chosen))
+    save(out_json, command, sets, rows, order=[r["variant"] for r in rows] if args.table_only else list(chosen))
+    rows = json.loads(out_json.read_text())["rows"]
+    markdown = table(rows, sets, command)
+    (RESULTS / f"{args.name}.md").write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
