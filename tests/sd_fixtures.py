@@ -159,11 +159,12 @@ def tiny_clip(folder: Path, seed: int = 0) -> Path:
 
 
 def tiny_featurizer(path: Path, seed: int = 0) -> Path:
-    """A TorchScript image featurizer (images in [-1, 1] -> 16 features), the FID's feature network."""
+    """An image featurizer (images in [-1, 1] -> 16 features) saved with torch.export, the FID's feature network."""
     torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=2), torch.nn.SiLU(), torch.nn.AdaptiveAvgPool2d(1),
                               torch.nn.Flatten())
-    torch.jit.script(net).save(str(path))
+    program = torch.export.export(net, (torch.zeros(2, 3, 16, 16),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(path))
     return path
 
 
@@ -280,7 +281,7 @@ def assets(tmp_path_factory):
     return {"sdxl": tiny_sdxl(root / "tiny-sdxl"), "sd15": tiny_sd15(root / "tiny-sd15"),
             "dataset": write_prompt_dataset(root / "prompts-with-images"),
             "text": write_prompt_file(root / "prompts.txt"), "clip": tiny_clip(root / "clip"),
-            "featurizer": tiny_featurizer(root / "featurizer.pt"),
+            "featurizer": tiny_featurizer(root / "featurizer.pt2"),
             "reference": write_image_folder(root / "reference")}
 
 

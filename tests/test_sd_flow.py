@@ -31,6 +31,9 @@ def test_served_sd_deployment_run_completes(name, tmp_path, prefect_server, asse
         proc = subprocess.run([prefect, "deployment", "run", f"distill/{name}", "--watch"], env=e,
                               capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0 and "Completed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+        artifact = subprocess.run([prefect, "artifact", "inspect", "evaluation"], env=e, capture_output=True, text=True)
+        expected = "clip_score" if name == "sdxl" else "clip_score: skipped"
+        assert "| student |" in artifact.stdout and expected in artifact.stdout, artifact.stdout[-2000:]
     finally:
         server.terminate()
         server.wait(timeout=30)

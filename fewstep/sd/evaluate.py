@@ -51,12 +51,12 @@ def clip_score(clip_path: str, images: torch.Tensor, prompts: list[str], batch_s
 
 
 class _Featurizer(nn.Module):
-    """A TorchScript featurizer (float images in [-1, 1] -> (N, D)) with the `num_features` torchmetrics asks for."""
+    """A saved feature network (float images in [-1, 1] -> (N, D)) with the `num_features` torchmetrics asks for."""
 
     def __init__(self, net: nn.Module, resolution: int):
         super().__init__()
         self.net = net
-        with torch.no_grad():
+        with torch.no_grad():  # torchmetrics sizes its statistics from this
             self.num_features = int(net(torch.zeros(1, 3, resolution, resolution)).shape[-1])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -64,16 +64,19 @@ class _Featurizer(nn.Module):
 
 
 def load_featurizer(path: str, resolution: int) -> nn.Module:
+    """A torch.export program (.pt2, batch dimension dynamic), a TorchScript module, or a fewstep featurizer
+    directory (e.g. the digits pipeline's prepare/featurizer)."""
     from ..models import Featurizer
 
     p = Path(path)
     if p.is_dir() and (p / "featurizer.json").is_file():
-        return Featurizer.load(p)  # a fewstep featurizer (e.g. the digits pipeline's prepare/featurizer)
+        return Featurizer.load(p)
     try:
-        return _Featurizer(torch.jit.load(str(p), map_location="cpu").eval(), resolution)
+        net = torch.export.load(str(p)).module() if p.suffix == ".pt2" else torch.jit.load(str(p), map_location="cpu")
+        return _Featurizer(net, resolution)
     except (RuntimeError, ValueError, OSError) as exc:
-        raise ArtifactError(f"evaluate.fid.featurizer: {path} is neither a TorchScript module nor a fewstep "
-                            f"featurizer directory ({str(exc).splitlines()[0]})") from None
+        raise ArtifactError(f"evaluate.fid.featurizer: {path} is not a torch.export program (.pt2), a TorchScript "
+                            f"module or a fewstep featurizer directory ({str(exc).splitlines()[0]})") from None
 
 
 def reference_images(folder: str, resolution: int) -> torch.Tensor:

@@ -106,7 +106,7 @@ class FinetuneParams(DistillParams):
 
 
 class FidParams(Section):
-    featurizer: str | None = None  # a TorchScript module (images in [-1, 1] -> features) or a fewstep featurizer dir
+    featurizer: str | None = None  # torch.export .pt2 / TorchScript (images in [-1, 1] -> features) or a fewstep featurizer dir
     reference: str | None = None   # a folder of reference images (searched recursively)
 
 
