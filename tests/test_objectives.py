@@ -1,0 +1,181 @@
+"""Objectives on a 2-D Gaussian mixture with an analytic teacher score, and their invariants on tiny
+real UNets: update isolation, finite losses, backward simulation."""
+import contextlib
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewstep import distill, objectives
+from fewstep.training import Phase, _update, adamw
+from toy import moment_error, student_points, toy_setup
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny MLP ops gain nothing from threads and stall badly on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("objective", ["dmd2", "dmd", "sid"])
+def test_distribution_matching_moves_generator_to_the_mixture(objective, tmp_path):
+    setup = toy_setup(objective)
+    before = moment_error(student_points(setup))
+    warm = setup.params.model_copy(update={"steps": 100})
+    distill.fit(setup, warm, tmp_path / "critic", "critic", train_generator=False)  # fake score warm start
+    distill.fit(setup, setup.params.model_copy(update={"steps": 300}), tmp_path / "distill", "distill")
+    after = moment_error(student_points(setup))
+    assert after < 0.35 * before, (objective, before, after)
+
+
+def test_consistency_distillation_moves_generator_to_the_mixture(tmp_path):
+    setup = toy_setup("consistency")
+    before = moment_error(student_points(setup))
+    distill.fit(setup, setup.params.model_copy(update={"steps": 300}), tmp_path / "distill", "distill")
+    after = moment_error(student_points(setup))
+    assert after < 0.35 * before, (before, after)
+
+
+# --- invariants on tiny real UNets (the digits pipeline's models) ------------------------------------
+
+
+def tiny_unet_setup(objective: str, **params) -> objectives.Setup:
+    from types import SimpleNamespace
+
+    from fewstep.models import BottleneckTap, EDMDenoiser, GanHead, build_unet, make_scheduler
+    from fewstep.params import DistillParams
+    from fewstep.training import karras_grid_sigmas
+
+    edm = SimpleNamespace(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, rho=7.0)
+    torch.manual_seed(0)
+    teacher = EDMDenoiser(build_unet(8, 1, 10, widths=[16, 32], layers_per_block=1), make_scheduler(edm), 10)
+    student, fake = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    head = GanHead(32)
+    gen = torch.Generator().manual_seed(0)
+    p = DistillParams.model_validate({"objective": objective, "batch_size": 4, **params})
+    sigmas = torch.tensor([80.0, 10.0, 1.0, 0.0])
+    states = torch.randn(16, 4, 1, 8, 8)
+
+    def trajectories():
+        idx = torch.randint(16, (4,), generator=gen)
+        return {"noise": torch.randn(4, 1, 8, 8), "cond": idx % 10, "images": states[idx, -1],
+                "states": states[idx], "sigmas": sigmas}
+
+    return objectives.Setup(
+        teacher=teacher.requires_grad_(False), student=student, fake=fake, head=head, tap=BottleneckTap(fake.unet),
+        real=lambda: (torch.randn(4, 1, 8, 8, generator=gen).clamp(-1, 1), torch.arange(4)),
+        conditions=lambda n: torch.randint(10, (n,), generator=gen),
+        noise_levels=lambda n: karras_grid_sigmas(n, edm, p.t_min, p.t_max, gen),
+        student_sigmas=distill.student_sigmas(p, edm), params=p, generator=gen, device=torch.device("cpu"),
+        trajectories=trajectories)
+
+
+def _snapshot(module):
+    return [t.detach().clone() for t in module.parameters()]
+
+
+def _unchanged(module, snapshot):
+    return all(torch.equal(a, b) for a, b in zip(module.parameters(), snapshot))
+
+
+@pytest.mark.parametrize("objective", sorted(objectives.OBJECTIVES))
+def test_updates_touch_only_their_own_networks_and_losses_are_finite(objective):
+    setup = tiny_unet_setup(objective, student_steps=2)
+    obj = objectives.build(objective, setup)
+    critic_net = obj.critic_modules()
+    student_before, critic_before = _snapshot(setup.student), _snapshot(critic_net)
+    teacher_before = _snapshot(setup.teacher)
+
+    setup.student.requires_grad_(True)
+    generator_phase = Phase("generator", setup.student, adamw(setup.student, setup.params), obj.generator_loss)
+    logged = _update(generator_phase, 0, contextlib.nullcontext)
+    assert all(torch.isfinite(torch.tensor(v)) for v in logged.values()), logged
+    assert not _unchanged(setup.student, student_before)
+    assert _unchanged(critic_net, critic_before), "a generator step changed the critic"
+    assert all(t.grad is None for t in critic_net.parameters()), "a generator step left gradients in the critic"
+
+    student_after = _snapshot(setup.student)
+    critic_phase = Phase("critic", critic_net, adamw(critic_net, setup.params), obj.critic_loss)
+    logged = _update(critic_phase, 0, contextlib.nullcontext)
+    assert all(torch.isfinite(torch.tensor(v)) for v in logged.values()), logged
+    assert not _unchanged(critic_net, critic_before)
+    assert _unchanged(setup.student, student_after), "a critic step changed the student"
+    assert _unchanged(setup.teacher, teacher_before)
+
+
+def test_dmd2_losses_include_the_gan_terms():
+    setup = tiny_unet_setup("dmd2")
+    obj = objectives.build("dmd2", setup)
+    assert {"dm", "gan", "loss"} <= set(obj.generator_loss())
+    assert {"denoise", "gan", "loss"} <= set(obj.critic_loss())
+    assert obj.critic_updates == setup.params.dmd2.ttur
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a denoiser and records every call's input and output."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, []
+
+    @property
+    def unet(self):
+        return self.inner.unet
+
+    def forward(self, x, sigma, cond):
+        out = self.inner(x, sigma, cond)
+        self.calls.append((x.detach().clone(), float(torch.as_tensor(sigma).reshape(-1)[0]), out.detach().clone()))
+        return out
+
+
+def no_noise(monkeypatch):
+    """Zero every noise draw: a re-noised estimate then equals the estimate itself."""
+    import fewstep.objectives.base
+    import fewstep.sampling
+
+    zeros = lambda shape, *args, **kwargs: torch.zeros(shape)
+    monkeypatch.setattr(fewstep.sampling, "randn", zeros)
+    monkeypatch.setattr(fewstep.objectives.base, "randn", zeros)
+
+
+def test_backward_simulation_feeds_the_student_its_own_earlier_outputs(monkeypatch):
+    setup = tiny_unet_setup("dmd2", student_steps=4)
+    setup.student = Recorder(setup.student)
+    obj = objectives.build("dmd2", setup)
+    no_noise(monkeypatch)  # x_k must then equal the student's own output at step k-1
+    x3, _ = obj.student_input(3)
+    sigmas = setup.student_sigmas
+    assert [sigma for _, sigma, _ in setup.student.calls] == pytest.approx(sigmas[:3])
+    for (x_in, _, _), (_, _, previous) in zip(setup.student.calls[1:], setup.student.calls):
+        assert torch.equal(x_in, previous)  # each simulated step starts from the one before
+    assert torch.equal(x3, setup.student.calls[-1][2])
+    assert not torch.equal(x3, torch.zeros_like(x3))
+
+
+def test_without_backward_simulation_the_student_sees_noised_real_data(monkeypatch):
+    setup = tiny_unet_setup("dmd2", student_steps=4, backward_simulation=False)
+    setup.student = Recorder(setup.student)
+    real_batches = []
+    real = setup.real
+    setup.real = lambda: real_batches.append(real()) or real_batches[-1]
+    obj = objectives.build("dmd2", setup)
+    no_noise(monkeypatch)
+    x3, cond = obj.student_input(3)
+    assert setup.student.calls == []  # the student never ran
+    assert torch.equal(x3, real_batches[0][0]) and torch.equal(cond, real_batches[0][1])
+
+
+def test_default_student_sigmas_spread_over_the_karras_grid():
+    from types import SimpleNamespace
+
+    from fewstep.params import DistillParams
+
+    edm = SimpleNamespace(sigma_min=0.002, sigma_max=80.0, rho=7.0)
+    assert distill.student_sigmas(DistillParams(student_steps=1), edm) == [80.0]
+    four = distill.student_sigmas(DistillParams(student_steps=4), edm)
+    assert four[0] == 80.0 and all(a > b for a, b in zip(four, four[1:])) and four[-1] > 0.002
+    assert distill.student_sigmas(DistillParams(student_steps=2, student_sigmas=[50.0, 5.0]), edm) == [50.0, 5.0]
