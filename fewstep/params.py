@@ -258,23 +258,25 @@ def _known_keys_hint(model: type[BaseModel], loc: tuple) -> str:
     return f" (valid keys: {', '.join(model.model_fields)})"
 
 
-def validate(raw: Any) -> Params:
+def validate(raw: Any, schema: type[BaseModel] = Params) -> BaseModel:
+    """Validate a params mapping against `schema` (the default pipeline's `Params`, or another
+    pipeline's, e.g. fewstep.sd.params.SDParams)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ParamsError(f"params must be a mapping of stage sections, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         line = _one_line(err)
         if err["type"] == "extra_forbidden":
-            line += _known_keys_hint(Params, err["loc"])
+            line += _known_keys_hint(schema, err["loc"])
         more = len(exc.errors()) - 1
         raise ParamsError(line + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")) from None
 
 
-def load(path: str | Path = "params.yaml") -> Params:
+def load(path: str | Path = "params.yaml", schema: type[BaseModel] = Params) -> BaseModel:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
@@ -285,6 +287,6 @@ def load(path: str | Path = "params.yaml") -> Params:
         where = f" at line {mark.line + 1}" if mark else ""
         raise ParamsError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     try:
-        return validate(raw)
+        return validate(raw, schema)
     except ParamsError as exc:
         raise ParamsError(f"{path}: {exc}") from None

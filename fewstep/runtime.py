@@ -48,15 +48,16 @@ def seeded(seed: int, salt: str) -> torch.Generator:
 
 
 def run(stage: str, main: Callable[[Params, argparse.Namespace, torch.device], None],
-        configure: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Parse the stage's arguments, validate params, run `main`, and turn user errors into one line."""
+        configure: Callable[[argparse.ArgumentParser], None], schema: type = Params) -> None:
+    """Parse the stage's arguments, validate params against `schema`, run `main`, and turn user errors
+    into one line."""
     parser = argparse.ArgumentParser(prog=f"stages/{stage}.py")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     configure(parser)
     args = parser.parse_args()
     started = time.perf_counter()
     try:
-        params = load(args.params)
+        params = load(args.params, schema)
         if params.run.num_threads:
             torch.set_num_threads(params.run.num_threads)
         torch.manual_seed(params.seed)

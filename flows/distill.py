@@ -118,13 +118,17 @@ def run_stage(stage: str, target: str, outs: list[str], key: str, force: bool = 
 
 
 def _metrics_artifact(metrics_file: Path, grids: list[Path]) -> None:
+    """The evaluation as markdown: one row per model (every entry with an NFE), the metrics it has."""
     metrics = json.loads(metrics_file.read_text())
-    keys = ["fid", "precision", "recall", "cond_accuracy", "nfe", "latency_ms"]
+    models = {name: m for name, m in metrics.items() if isinstance(m, dict) and "nfe" in m}
+    order = ["fid", "clip_score", "precision", "recall", "cond_accuracy", "nfe", "latency_ms"]
+    keys = [k for k in order if any(k in m for m in models.values())]
     rows = [f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.4g}" for k in keys) + " |"
-            for name, m in metrics.items() if isinstance(m, dict) and "fid" in m and "nfe" in m]
+            for name, m in models.items()]
     table = "\n".join([f"| model | {' | '.join(keys)} |", "|---" * (len(keys) + 1) + "|", *rows])
-    extra = f"\n\ndata floor FID: {metrics.get('data_floor', {}).get('fid', float('nan')):.4g}; " \
-            f"speedup: {metrics.get('speedup', float('nan')):.1f}x\n"
+    notes = [f"data floor FID: {metrics['data_floor']['fid']:.4g}"] if "data_floor" in metrics else []
+    notes += [f"speedup: {metrics.get('speedup', float('nan')):.1f}x", *metrics.get("skipped", [])]
+    extra = "\n\n" + "; ".join(notes) + "\n"
     images = "".join(f"\n\n**{g.stem}**\n\n![{g.stem}](data:image/png;base64,{base64.b64encode(g.read_bytes()).decode()})"
                      for g in grids if g.is_file())
     create_markdown_artifact(key="evaluation", markdown=table + extra + images, description="fewstep evaluation")

@@ -1,6 +1,6 @@
 """Serve the `distill` deployments from this machine (no work pool needed):
 
-    python flows/serve.py            # then: prefect deployment run distill/digits
+    python flows/serve.py            # then: prefect deployment run distill/digits  (or distill/sdxl, distill/sd15)
 """
 from prefect import serve
 
@@ -12,4 +12,6 @@ if __name__ == "__main__":
                               description="the embedded default pipeline (dvc.yaml at the repo root)"),
         distill.to_deployment(name="sdxl", parameters={"pipeline": "sdxl"},
                               description="the SDXL pipeline (pipelines/sdxl/dvc.yaml)"),
+        distill.to_deployment(name="sd15", parameters={"pipeline": "sd15"},
+                              description="the SD1.5 pipeline (pipelines/sd15/dvc.yaml)"),
     )

@@ -1,0 +1,143 @@
+"""critic / distill / finetune for SD teachers: build SD denoisers from the teacher directory and the
+encode cache, hand them to the model-agnostic fewstep.distill.fit (any objective of the registry), and
+save the student and critic. Only UNets are loaded here — never a text encoder, never the VAE."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+import xxhash
+
+from .. import objectives
+from ..cache import Hasher
+from ..checkpoint import CHECKPOINTS, Checkpointer, fingerprint
+from ..distill import fit
+from ..models import BottleneckTap, GanHead
+from ..params import ParamsError
+from ..training import Minibatches
+from . import models, parallel, teacher as teachers
+from .denoiser import SDDenoiser
+from .store import CondSampler, Encoded, RealSampler, load_trajectories
+
+
+def noise_levels(model: SDDenoiser, t_min: int, t_max: int, generator: torch.Generator, device) -> Callable:
+    """DMD2's noise levels for SD: integer timesteps t ~ U{t_min..t_max}, as VE sigmas."""
+    sigmas = model.log_sigmas.exp().float()
+    return lambda n: sigmas[torch.randint(t_min, t_max + 1, (n,), generator=generator)].to(device)
+
+
+def real_data(train: Encoded, trajectories: dict, batch_size: int, generator, device) -> RealSampler:
+    """The GAN's real latents: cached real images when the prompt source has them, else the teacher's
+    own ODE samples (the best stand-in for the data distribution a text-only source allows)."""
+    if train.latents is not None:
+        return RealSampler(train.latents, train.cond, batch_size, generator, device)
+    return RealSampler(trajectories["latents"], train.cond[trajectories["prompt_index"]], batch_size, generator, device)
+
+
+def trajectory_batches(trajectories: dict, train: Encoded, batch_size: int, generator, device) -> Callable:
+    """Teacher ODE minibatches in the objectives' format: noise, cond, images, states (if kept), sigmas."""
+    columns = {"noise": trajectories["noise"], "images": trajectories["latents"],
+               "prompt_index": trajectories["prompt_index"]}
+    if "states" in trajectories:
+        columns["states"] = trajectories["states"]
+    batches = Minibatches(columns, batch_size, generator, device)
+    sigmas = torch.tensor(trajectories["index"]["sigmas"], dtype=torch.float32, device=device)
+
+    def batch():
+        b = batches()
+        return {**b, "cond": train.cond[b.pop("prompt_index").cpu()].to(device), "sigmas": sigmas}
+    return batch
+
+
+def load_student(path: Path, student_dir: Path | None, settings, negative, latent_size: int, device, run_p,
+                 lora: bool, stage: str) -> SDDenoiser:
+    """The student: the teacher's UNet or a previous stage's student, optionally under LoRA adapters."""
+    # a LoRA student's base is frozen: stored like the teacher (bf16 on GPU); a full student trains in fp32
+    dtype = models.frozen_dtype(device, run_p.precision) if lora else torch.float32
+    ckpt = run_p.gradient_checkpointing
+    if student_dir is None:
+        student = models.denoiser(teachers.load_unet(path, dtype), path, negative, device, run_p.precision, ckpt)
+    else:
+        student, info = models.load(student_dir, path, negative, device, run_p.precision, ckpt, dtype)
+        if info["student_timesteps"] != list(settings.student_timesteps):
+            raise ParamsError(f"{stage}.student_timesteps must match the student being continued "
+                              f"({info['student_timesteps']}), got {list(settings.student_timesteps)}")
+    # the student samples at the cached latent size (which may differ from the UNet's native one)
+    student.unet.register_to_config(sample_size=latent_size)
+    if lora:
+        student = models.with_lora(student, settings.lora.rank, settings.lora.alpha, settings.lora.target_modules)
+    return student
+
+
+def load_critic(path: Path, critic_dir: Path | None, negative, device, run_p) -> tuple[SDDenoiser, GanHead]:
+    """The fake score and GAN head: from a previous stage, or the teacher's UNet and a fresh head."""
+    ckpt = run_p.gradient_checkpointing
+    if critic_dir is None:
+        fake = models.denoiser(teachers.load_unet(path), path, negative, device, run_p.precision, ckpt)
+        return fake, GanHead(fake.unet.config.block_out_channels[-1]).to(device)
+    fake, _ = models.load(critic_dir, path, negative, device, run_p.precision, ckpt)
+    return fake, GanHead.load(critic_dir).to(device)
+
+
+def _digest(model: SDDenoiser) -> str:
+    """xxh3 of the UNet's weight bytes: equal on every rank when gradients were averaged."""
+    return xxhash.xxh3_64_hexdigest(b"".join(w.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+                                             for w in model.unet.state_dict().values()))
+
+
+def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Path, out: Path, device: torch.device,
+        generator: torch.Generator, pipeline: str, student_dir: Path | None = None, critic_dir: Path | None = None,
+        train_generator: bool = True,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, float]:
+    """Train per `settings` (a DistillParams-shaped section) and write student/ (if trained), critic/, live/.
+    Under torchrun every rank trains on its own noise and prompts with averaged gradients; rank 0 saves."""
+    t, run_p = params.teacher, params.run
+    device = parallel.init(device)
+    rank, ranks = parallel.world()
+    if ranks > 1:
+        generator.manual_seed(generator.initial_seed() + rank)  # each rank its own noise and prompts
+    path = teachers.resolve(t.path, t.family)
+    train = Encoded.load(encode_dir, "train")
+    traj = load_trajectories(trajectories_dir, "train", with_states=settings.objective == "consistency")
+
+    # --- the four networks ---------------------------------------------------------------------------
+    teacher = models.teacher_denoiser(path, train.negative, device, run_p.precision)
+    lora = bool(settings.lora.rank) and train_generator
+    student = load_student(path, student_dir, settings, train.negative, train.index["latent_shape"][1], device, run_p,
+                           lora, stage)
+    fake, head = load_critic(path, critic_dir, train.negative, device, run_p)
+    parallel.synchronize(*([student] if train_generator else []), fake, head)
+
+    # --- the objective's view of them ------------------------------------------------------------------
+    sigmas = [teacher.sigma_of(s) for s in settings.student_timesteps]
+    setup = objectives.Setup(
+        teacher=teacher, student=student, fake=fake, head=head, tap=BottleneckTap(fake.unet),
+        real=real_data(train, traj, settings.batch_size, generator, device),
+        conditions=CondSampler(train, generator, device),
+        noise_levels=noise_levels(teacher, settings.t_min, settings.t_max, generator, device),
+        student_sigmas=sigmas, params=settings, generator=generator, device=device, sigma_data=1.0,
+        trajectories=trajectory_batches(traj, train, settings.batch_size, generator, device))
+    print(f"[{stage}] {t.family} student timesteps {list(settings.student_timesteps)} "
+          f"(sigmas {[round(s, 4) for s in sigmas]}), lora rank {settings.lora.rank if lora else 'off (full UNet)'}, "
+          f"real data: {'cached images' if train.latents is not None else 'teacher samples'}", flush=True)
+
+    # --- train (resumable), then save on rank 0 --------------------------------------------------------
+    inputs = [d for d in (path, encode_dir, trajectories_dir, student_dir, critic_dir) if d is not None]
+    key = fingerprint(stage, settings.model_dump(mode="json"), train_generator, [Hasher().tree(d) for d in inputs])
+    # one checkpoint folder per pipeline, stage and rank: pipelines/sdxl's distill never resumes another's
+    checkpoint = Checkpointer(CHECKPOINTS / f"{pipeline}-{stage}{f'-rank{rank}' if rank else ''}",
+                              settings.checkpoint_every, key, logs=out / "live")
+    last = fit(setup, settings, out, stage, train_generator, autocast, checkpoint)
+    if ranks > 1:
+        print(f"[{stage}] rank {rank}/{ranks}: trained weights digest "
+              f"{_digest(student if train_generator else fake)}", flush=True)
+    parallel.finish()
+    if rank == 0:
+        if train_generator:
+            models.save(student.eval(), out / "student", role="student", objective=settings.objective,
+                        student_timesteps=list(settings.student_timesteps), teacher=str(t.path))
+        models.save(fake.eval(), out / "critic", role="critic")
+        head.save(out / "critic")
+    return last

@@ -1,0 +1,108 @@
+"""Optional image metrics of the SD evaluate stage, each from a local model the user points at:
+CLIP score (torchmetrics, a CLIP directory) and FID (torchmetrics, a featurizer + reference images).
+A metric whose inputs are not configured is skipped with a notice saying what would enable it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..io import ArtifactError
+from .prompts import image_tensor
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def uint8(images: torch.Tensor) -> torch.Tensor:
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class _ClipFeatures(nn.Module):
+    """transformers 5 returns output objects from get_*_features (the projected embedding in
+    pooler_output); torchmetrics' CLIP score expects the tensor."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, *args, **kwargs):
+        out = self.model.get_image_features(*args, **kwargs)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_text_features(self, *args, **kwargs):
+        out = self.model.get_text_features(*args, **kwargs)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def clip_score(clip_path: str, images: torch.Tensor, prompts: list[str], batch_size: int) -> float:
+    """torchmetrics CLIPScore (100 * cosine of CLIP image and text embeddings) from a local CLIP directory."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    if not Path(clip_path).is_dir():
+        raise ArtifactError(f"evaluate.clip_path: {clip_path} is not a local CLIP model directory")
+    metric = CLIPScore(model_name_or_path=lambda: (_ClipFeatures(CLIPModel.from_pretrained(clip_path)),
+                                                   CLIPProcessor.from_pretrained(clip_path)))
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            metric.update(uint8(images[start:start + batch_size]), prompts[start:start + batch_size])
+    return float(metric.compute())
+
+
+class _Featurizer(nn.Module):
+    """A saved feature network (float images in [-1, 1] -> (N, D)) with the `num_features` torchmetrics asks for."""
+
+    def __init__(self, net: nn.Module, resolution: int):
+        super().__init__()
+        self.net = net
+        with torch.no_grad():  # torchmetrics sizes its statistics from this
+            self.num_features = int(net(torch.zeros(1, 3, resolution, resolution)).shape[-1])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images.float())
+
+
+def load_featurizer(path: str, resolution: int) -> nn.Module:
+    """A torch.export program (.pt2, batch dimension dynamic), a TorchScript module, or a fewstep featurizer
+    directory (e.g. the digits pipeline's prepare/featurizer)."""
+    from ..models import Featurizer
+
+    p = Path(path)
+    if p.is_dir() and (p / "featurizer.json").is_file():
+        return Featurizer.load(p)
+    try:
+        net = torch.export.load(str(p)).module() if p.suffix == ".pt2" else torch.jit.load(str(p), map_location="cpu")
+        return _Featurizer(net, resolution)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ArtifactError(f"evaluate.fid.featurizer: {path} is not a torch.export program (.pt2), a TorchScript "
+                            f"module or a fewstep featurizer directory ({str(exc).splitlines()[0]})") from None
+
+
+def reference_images(folder: str, resolution: int) -> torch.Tensor:
+    from PIL import Image
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if Path(folder).is_dir() else []
+    if len(files) < 2:
+        raise ArtifactError(f"evaluate.fid.reference: {folder} holds {len(files)} images; FID needs at least 2")
+    return image_tensor([Image.open(f) for f in files], resolution)
+
+
+class FID:
+    """torchmetrics' Fréchet distance with a custom feature network, real statistics computed once."""
+
+    def __init__(self, featurizer: nn.Module, reference: torch.Tensor, batch_size: int):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self.metric = FrechetInceptionDistance(feature=featurizer, reset_real_features=False)
+        self.batch_size = batch_size
+        with torch.no_grad():
+            for chunk in reference.split(batch_size):
+                self.metric.update(chunk, real=True)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> float:
+        self.metric.reset()
+        for chunk in images.split(self.batch_size):
+            self.metric.update(chunk, real=False)
+        return float(self.metric.compute())

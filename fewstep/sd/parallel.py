@@ -1,0 +1,72 @@
+"""Data parallelism for the SD training stages under `torchrun` (run.launcher in params.yaml).
+
+Every rank loads the same weights, draws its own noise and prompts, and averages gradients with the others
+before each optimizer step. The averaging is a post-accumulate-grad hook per trained parameter (one
+all-reduce as its gradient is complete) rather than a DistributedDataParallel wrapper: objectives call a
+network several times per loss (DMD2's critic runs the fake score on student and real samples, DMD's
+generator runs the student twice) and freeze networks mid-loss, which DDP's reducer does not allow, while
+the hook sees exactly the gradient each parameter ends up with. Rank 0 alone writes the stage's outputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..io import atomic_output
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) for a plain `python` launch."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init(device: torch.device) -> torch.device:
+    """Join the process group (NCCL on GPU, gloo on CPU); each rank gets its own GPU."""
+    rank, size = world()
+    if size == 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _average(param: torch.Tensor) -> None:
+    dist.all_reduce(param.grad)
+    param.grad.div_(dist.get_world_size())
+
+
+def synchronize(*modules: nn.Module) -> None:
+    """Start every rank from rank 0's weights and average the gradients of every trainable parameter."""
+    if not dist.is_initialized():
+        return
+    for module in modules:
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+        for param in module.parameters():
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(_average)
+
+
+def finish() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def output(path: Path):
+    """Rank 0: the stage's atomic output. Other ranks: a scratch directory that is thrown away."""
+    if world()[0] == 0:
+        with atomic_output(path) as out:
+            yield out
+        return
+    with tempfile.TemporaryDirectory(prefix=f"rank{world()[0]}-") as scratch:
+        yield Path(scratch) / Path(path).name

@@ -1,0 +1,105 @@
+"""evaluate: the student against the teacher on the held-out prompts, same noise: NFE and per-image
+latency always (both in latent space, same batch, same process); CLIP score when evaluate.clip_path is
+set and FID when evaluate.fid.featurizer and evaluate.fid.reference are set (otherwise the metrics say
+what was skipped and why); decoded sample grids."""
+from pathlib import Path
+
+import torch
+
+from fewstep import runtime
+from fewstep.grid import save_grid
+from fewstep.io import atomic_output, write_json
+from fewstep.metrics import latency_ms
+from fewstep.sampling import heun_sample, student_sample
+from fewstep.sd import encode, evaluate, models, teacher as teachers
+from fewstep.sd.store import Encoded, load_trajectories
+
+
+@torch.no_grad()
+def batched(fn, noise, cond, batch_size, device):
+    return torch.cat([fn(noise[i:i + batch_size].to(device), cond[i:i + batch_size].to(device)).cpu()
+                      for i in range(0, len(noise), batch_size)])
+
+
+def image_metrics(p, images: dict, prompts: list[str], resolution: int) -> tuple[dict, list[str]]:
+    """{model: {metric: value}} for the optional metrics, and a notice for each one skipped."""
+    scores, skipped = {name: {} for name in images}, []
+    if p.clip_path:
+        for name, x in images.items():
+            scores[name]["clip_score"] = evaluate.clip_score(p.clip_path, x, prompts, p.batch_size)
+    else:
+        skipped.append("clip_score: skipped (set evaluate.clip_path to a local CLIP model directory)")
+    if p.fid.featurizer and p.fid.reference:
+        fid = evaluate.FID(evaluate.load_featurizer(p.fid.featurizer, resolution),
+                           evaluate.reference_images(p.fid.reference, resolution), p.batch_size)
+        for name, x in images.items():
+            scores[name]["fid"] = fid(x)
+    else:
+        skipped.append("fid: skipped (set evaluate.fid.featurizer to a feature network and evaluate.fid.reference "
+                       "to a folder of reference images)")
+    return scores, skipped
+
+
+def main(params, args, device):
+    p = params.evaluate
+    path = teachers.resolve(params.teacher.path, params.teacher.family)
+    held_out = Encoded.load(args.encode, "eval")
+    traj = load_trajectories(args.trajectories, "eval")
+    cond = held_out.cond[traj["prompt_index"]]
+    prompts = [held_out.texts[i] for i in traj["prompt_index"].tolist()]
+    teacher = models.teacher_denoiser(path, held_out.negative, device, params.run.precision)
+    student, info = models.load(args.student, path, held_out.negative, device, params.run.precision)
+    student.requires_grad_(False).eval()
+    sigmas = [teacher.sigma_of(t) for t in info["student_timesteps"]]
+    steps, guidance = traj["index"]["sampling_steps"], traj["index"]["guidance"]
+    gen = runtime.seeded(params.seed, "evaluate")
+
+    # Same noise and prompts as the teacher's held-out trajectories: teacher and student compared pairwise.
+    run_student = lambda n, c: student_sample(student, n, c, sigmas, gen)
+    run_teacher = lambda n, c: heun_sample(teacher, n, c, steps, guidance)
+    latents = {"teacher": traj["latents"], "student": batched(run_student, traj["noise"], cond, p.batch_size, device)}
+    metrics = {"teacher": {"nfe": traj["index"]["nfe"], "steps": steps, "guidance": guidance},
+               "student": {"nfe": len(sigmas), "steps": len(sigmas), "timesteps": info["student_timesteps"]}}
+
+    # Latency: same batch, same device, same process, latent space (text encoding and decoding excluded).
+    n = min(p.latency_batch, len(cond))
+    bench = (traj["noise"][:n].to(device), cond[:n].to(device))
+    for name, fn in (("teacher", run_teacher), ("student", run_student)):
+        with torch.no_grad():
+            metrics[name]["latency_ms"] = latency_ms(lambda: fn(*bench), n, p.latency_repeats)
+    metrics["speedup"] = metrics["teacher"]["latency_ms"] / metrics["student"]["latency_ms"]
+
+    vae = teachers.load_vae(path)
+    del vae.encoder  # decoding only: the encoder's work was cached by the encode stage
+    images = {name: encode.to_images(vae, x, p.batch_size, device) for name, x in latents.items()}
+    scores, skipped = image_metrics(p, images, prompts, held_out.index["resolution"])
+    for name in images:
+        metrics[name].update(scores[name])
+        print(f"[evaluate] {name:8s} " + " ".join(f"{k}={v:.4g}" for k, v in metrics[name].items()
+                                                   if isinstance(v, (int, float))), flush=True)
+    for line in skipped:
+        print(f"[evaluate] {line}", flush=True)
+    metrics.update(skipped=skipped, num_samples=len(cond), num_prompts=len(held_out.texts))
+    print(f"[evaluate] speedup {metrics['speedup']:.1f}x ({metrics['teacher']['nfe']} -> {len(sigmas)} UNet "
+          f"evaluations per image)", flush=True)
+
+    grid = min(p.grid_size ** 2, len(cond))
+    with atomic_output(args.samples) as out:
+        out.mkdir()
+        for name, x in images.items():
+            save_grid(x[:grid], out / f"{name}.png", nrow=min(p.grid_size, grid))
+        write_json({"prompts": prompts[:grid]}, out / "prompts.json")
+    with atomic_output(args.metrics) as out:
+        write_json(metrics, out)
+    print(f"[evaluate] metrics -> {args.metrics}, grids -> {args.samples}", flush=True)
+
+
+def configure(ap):
+    for name in ("encode", "trajectories", "student", "samples", "metrics"):
+        ap.add_argument(f"--{name}", type=Path, required=True)
+
+
+if __name__ == "__main__":
+    from fewstep.sd.params import SDParams
+
+    runtime.run("evaluate", main, configure, schema=SDParams)

@@ -1,0 +1,31 @@
+"""export: the deliverable — the teacher's diffusers pipeline with the student UNet and a scheduler that
+replays the student's timesteps; `StableDiffusionXLPipeline.from_pretrained(out)` (or
+StableDiffusionPipeline for SD1.5) loads it and generates with num_inference_steps = the student's steps,
+guidance_scale = 0."""
+from pathlib import Path
+
+from fewstep import runtime
+from fewstep.io import ArtifactError, atomic_output, read_json
+from fewstep.sd import export, teacher as teachers
+from fewstep.sd.params import SDParams
+
+
+def main(params, args, device):
+    path = teachers.resolve(params.teacher.path, params.teacher.family)
+    info = read_json(args.student / "fewstep.json")
+    if info.get("role") != "student":
+        raise ArtifactError(f"{args.student}: not a student model directory (role {info.get('role')!r})")
+    unet = teachers.load_unet(args.student)
+    with atomic_output(args.out) as out:
+        export.export(path, params.teacher.family, unet, info["student_timesteps"], out)
+    print(f"[export] {params.teacher.family} pipeline, {len(info['student_timesteps'])} steps at "
+          f"{info['student_timesteps']} -> {args.out}", flush=True)
+
+
+def configure(ap):
+    ap.add_argument("--student", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+
+
+if __name__ == "__main__":
+    runtime.run("export", main, configure, schema=SDParams)

@@ -1,0 +1,80 @@
+"""The SDXL and SD1.5 pipelines end to end on tiny random-weight teachers, through DVC (slow, run in CI)."""
+import json
+import re
+import time
+
+import pytest
+import yaml
+
+from sd_fixtures import assets, make_sd_project, run, sd_params, sdxl_project  # noqa: F401 (assets: fixture)
+
+STAGES = ["encode", "trajectories", "critic", "distill", "finetune", "export", "evaluate"]
+
+
+def ran(output: str) -> list[str]:
+    return [s.split(":")[-1] for s in re.findall(r"Running stage '([^']+)'", output)]
+
+
+@pytest.mark.slow
+def test_sdxl_pipeline_cached_rerun_param_edit_and_export(tmp_path, assets):
+    import torch
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
+    project = sdxl_project(tmp_path, assets)
+    started = time.perf_counter()
+    first = run(["dvc", "repro", "pipelines/sdxl/dvc.yaml"], project)
+    print(f"tiny sdxl pipeline: {time.perf_counter() - started:.1f} s")
+    assert ran(first.stdout) == STAGES or sorted(ran(first.stdout)) == sorted(STAGES)
+    assert "real images: yes" in first.stdout + first.stderr
+
+    again = run(["dvc", "repro", "pipelines/sdxl/dvc.yaml"], project)
+    assert ran(again.stdout) == []
+
+    params_file = project / "pipelines/sdxl/params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["distill"]["lr"] = 1e-6
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    edited = run(["dvc", "repro", "pipelines/sdxl/dvc.yaml"], project)
+    assert ran(edited.stdout)[0] == "distill"
+    assert sorted(ran(edited.stdout)) == ["distill", "evaluate", "export", "finetune"]
+
+    metrics = json.loads((project / "pipelines/sdxl/evaluate/metrics.json").read_text())
+    for name in ("teacher", "student"):
+        assert {"nfe", "latency_ms", "clip_score", "fid"} <= set(metrics[name]), metrics[name]
+    assert metrics["student"]["nfe"] == 4 and metrics["teacher"]["nfe"] == (2 * 3 - 1) * 2
+    assert metrics["skipped"] == []
+    assert (project / "pipelines/sdxl/evaluate/samples/student.png").is_file()
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
+    values = plots["distill generator losses"][0]["content"]["data"]["values"]
+    assert values and all("step" in row for row in values)
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(project / "pipelines/sdxl/export")
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.timesteps.tolist() == [999, 749, 499, 249]
+    images = pipe(["a red square", "a blue circle"], num_inference_steps=4, guidance_scale=0.0, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+
+@pytest.mark.slow
+def test_sd15_pipeline_text_prompts_one_step(tmp_path, assets):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    project = make_sd_project(tmp_path / "project", "sd15", sd_params("sd15"), assets["sd15"], assets["text"])
+    first = run(["dvc", "repro", "pipelines/sd15/dvc.yaml"], project)
+    assert sorted(ran(first.stdout)) == sorted(STAGES)
+    assert "real data: teacher samples" in first.stdout + first.stderr
+    assert ran(run(["dvc", "repro", "pipelines/sd15/dvc.yaml"], project).stdout) == []
+
+    metrics = json.loads((project / "pipelines/sd15/evaluate/metrics.json").read_text())
+    assert metrics["student"]["nfe"] == 1 and "latency_ms" in metrics["student"]
+    assert any(line.startswith("clip_score: skipped") for line in metrics["skipped"])
+    assert any(line.startswith("fid: skipped") for line in metrics["skipped"])
+
+    pipe = StableDiffusionPipeline.from_pretrained(project / "pipelines/sd15/export")
+    pipe.scheduler.set_timesteps(1)
+    assert pipe.scheduler.timesteps.tolist() == [999]
+    images = pipe("a red square", num_inference_steps=1, guidance_scale=0.0, output_type="pt").images
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()

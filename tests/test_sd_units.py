@@ -1,0 +1,240 @@
+"""SD building blocks on tiny random-weight models: the VE denoiser, the exported schedulers, teacher and
+prompt checks, params, LoRA students, and the encode cache's promise (no text encoder / VAE encoder later)."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import sd_fixtures as sd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("sd-teachers")
+    return {"sdxl": sd.tiny_sdxl(root / "tiny-sdxl"), "sd15": sd.tiny_sd15(root / "tiny-sd15"), "root": root}
+
+
+def _denoiser(path, negative=None):
+    from fewstep.sd import models, teacher
+
+    return models.denoiser(teacher.load_unet(path), path, negative, "cpu")
+
+
+def _cond(path, prompts, family="sdxl"):
+    from fewstep.sd import encode, teacher
+
+    pipe = teacher.load_text_pipeline(path, family)
+    cond = encode.encode_texts(pipe, prompts, family, 8, torch.device("cpu"))
+    if family == "sdxl":
+        cond.time_ids = torch.tensor([encode.sdxl_time_ids(16)]).expand(len(prompts), -1)
+    return cond, encode.encode_negative(pipe, "", family, torch.device("cpu"))
+
+
+def test_denoiser_is_the_vp_model_in_ve_coordinates(teachers):
+    """x0 from D(x; sigma) equals the DDPM formula (x_t - sqrt(1 - abar) eps) / sqrt(abar) at x_t = x / sqrt(sigma^2 + 1)."""
+    from fewstep.sd.denoiser import alphas_cumprod
+
+    path = teachers["sdxl"]
+    model = _denoiser(path)
+    cond, _ = _cond(path, ["a red square", "two dots"])
+    abar = alphas_cumprod(sd.teacher_scheduler_config(path)).float()
+    x0 = torch.randn(2, 4, 8, 8)
+    for t in (999, 500, 20):
+        sigma = model.sigma_of(t)
+        assert model.timestep(torch.tensor([sigma])).item() == t  # integer timesteps map back exactly
+        x_t = torch.sqrt(abar[t]) * x0 + torch.sqrt(1 - abar[t]) * torch.randn_like(x0)
+        with torch.no_grad():
+            eps = model.unet(x_t, torch.tensor([t, t]), **cond.unet_kwargs(torch.float32)).sample
+            ours = model(x_t * (sigma**2 + 1) ** 0.5, sigma, cond)
+        ddpm = (x_t - torch.sqrt(1 - abar[t]) * eps) / torch.sqrt(abar[t])
+        torch.testing.assert_close(ours, ddpm, atol=1e-4, rtol=1e-4)
+
+
+def test_guidance_is_one_batched_cfg_against_the_cached_negative(teachers):
+    path = teachers["sdxl"]
+    cond, negative = _cond(path, ["a red square"])
+    model = _denoiser(path, negative)
+    x, sigma = torch.randn(1, 4, 8, 8), model.sigma_of(600)
+    with torch.no_grad():
+        pos, neg = model(x, sigma, cond), model(x, sigma, sd.with_time_ids(negative, cond))
+        torch.testing.assert_close(model.guided(x, sigma, cond, 1.0), pos)
+        torch.testing.assert_close(model.guided(x, sigma, cond, 8.0), neg + 8.0 * (pos - neg), atol=1e-4, rtol=1e-4)
+
+
+def test_student_schedulers_replay_the_student_timesteps(teachers):
+    from diffusers import EulerDiscreteScheduler, LCMScheduler
+
+    from fewstep.params import ParamsError
+    from fewstep.sd.export import student_scheduler
+
+    config = sd.teacher_scheduler_config(teachers["sdxl"])
+    four = student_scheduler(config, [999, 749, 499, 249])
+    assert isinstance(four, LCMScheduler) and four.timesteps.tolist() == [999, 749, 499, 249]
+    one = student_scheduler(config, [399])  # DMD2's one-step SDXL conditioning
+    assert isinstance(one, EulerDiscreteScheduler) and one.timesteps.tolist() == [399.0]
+    with pytest.raises(ParamsError, match=r"distill.student_timesteps \[999, 500\] cannot be replayed"):
+        student_scheduler(config, [999, 500])
+
+
+def test_exported_one_step_pipeline_replays_the_student_exactly(teachers, tmp_path):
+    """Same noise, same prompt: StableDiffusionXLPipeline(num_inference_steps=1) == fewstep's student_sample."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from fewstep.sampling import student_sample
+    from fewstep.sd import export, teacher
+
+    path = teachers["sdxl"]
+    export.export(path, "sdxl", teacher.load_unet(path), [399], tmp_path / "out")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "out")
+    model = _denoiser(path)
+    cond, _ = _cond(path, ["a red square"])
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = student_sample(model, noise, cond, [model.sigma_of(399)])
+    theirs = pipe("a red square", num_inference_steps=1, guidance_scale=0.0, latents=noise.clone(),
+                  output_type="latent").images
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_teacher_and_prompt_errors_are_one_clear_line(teachers, tmp_path):
+    from fewstep.data import DataError
+    from fewstep.io import ArtifactError
+    from fewstep.sd import prompts, teacher
+
+    with pytest.raises(ArtifactError, match=r"teacher.path: .*nowhere does not exist \(expected a local diffusers SDXL"):
+        teacher.resolve(str(tmp_path / "nowhere"), "sdxl")
+    with pytest.raises(ArtifactError, match=r"holds a StableDiffusionPipeline, not an SDXL pipeline .*set teacher.family: sd15"):
+        teacher.resolve(str(teachers["sd15"]), "sdxl")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ArtifactError, match="is not a diffusers pipeline directory \\(no model_index.json\\)"):
+        teacher.resolve(str(tmp_path / "plain"), "sdxl")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(DataError, match="has no prompts \\(the file is empty"):
+        prompts.load_prompts(str(tmp_path / "empty.txt"))
+    dataset = sd.write_prompt_dataset(tmp_path / "ds")
+    with pytest.raises(DataError, match=r"prompts.text_column: .* has no column 'text' \(columns: \['caption', 'image'\]\)"):
+        prompts.load_prompts(str(dataset), "text")
+
+
+def test_encode_stage_reports_a_missing_teacher_in_one_line(tmp_path):
+    params = sd.sd_params("sdxl")
+    params["teacher"]["path"] = str(tmp_path / "missing-sdxl")
+    params["prompts"]["source"] = str(sd.write_prompt_file(tmp_path / "prompts.txt"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run([sys.executable, str(ROOT / "stages/sd/encode.py"), "--params", "params.yaml",
+                           "--out", "encode"], cwd=tmp_path, env=sd.project_env(ROOT), capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"[encode] error: teacher.path: {tmp_path / 'missing-sdxl'} does not exist (expected a local diffusers SDXL "
+        f"pipeline directory)"]
+
+
+def test_sd_params_unknown_key_and_bad_timesteps():
+    from fewstep.params import ParamsError, validate
+    from fewstep.sd.params import SDParams
+
+    base = {"teacher": {"path": "t"}, "prompts": {"source": "p"}}
+    with pytest.raises(ParamsError, match=r"^distill.lr_rate is not a known key \(valid keys: .*student_timesteps"):
+        validate({**base, "distill": {"lr_rate": 1}}, SDParams)
+    with pytest.raises(ParamsError, match=r"^distill.student_timesteps must be a non-empty, strictly decreasing"):
+        validate({**base, "distill": {"student_timesteps": [249, 999]}}, SDParams)
+    with pytest.raises(ParamsError, match=r"^teacher.path is required"):
+        validate({"prompts": {"source": "p"}, "teacher": {}}, SDParams)
+
+
+def test_lora_student_trains_adapters_only_and_saves_merged(teachers, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from fewstep.sd import models
+
+    path = teachers["sdxl"]
+    student = models.with_lora(_denoiser(path), rank=4, alpha=None, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    trainable = list(student.parameters())
+    assert trainable and len(trainable) < len(list(student.unet.named_parameters()))
+    student.requires_grad_(True)
+    assert sum(p.requires_grad for p in student.unet.parameters()) == len(trainable)
+    for name, p in student.unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)  # away from LoRA's zero init, so merging changes the weights
+    models.save(student, tmp_path / "student", role="student", student_timesteps=[999])
+    merged = UNet2DConditionModel.from_pretrained(tmp_path / "student" / "unet")
+    assert not any("lora" in name for name in merged.state_dict())
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    cond, _ = _cond(path, ["x"])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x, t, **cond.unet_kwargs(torch.float32)).sample,
+                                   student.unet(x, t, **cond.unet_kwargs(torch.float32)).sample, atol=1e-4, rtol=1e-4)
+
+
+FORBID = """
+import runpy, sys
+import diffusers, transformers
+from diffusers.models.autoencoders.vae import Encoder
+
+def forbid(name):
+    def init(self, *args, **kwargs):
+        raise AssertionError(f"{name} instantiated after the encode stage")
+    return init
+
+for cls in (transformers.CLIPTextModel, transformers.CLIPTextModelWithProjection, diffusers.AutoencoderKL, Encoder):
+    cls.__init__ = forbid(cls.__name__)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _stage(folder, name, *args, trap=False, launcher=(sys.executable,)):
+    cmd = [*launcher, *(["-c", FORBID] if trap else []), str(ROOT / f"stages/sd/{name}.py"), "--params", "params.yaml",
+           *args]
+    proc = subprocess.run(cmd, cwd=folder, env=sd.project_env(ROOT), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def prepared(teachers, tmp_path_factory):
+    """encode and trajectories run normally; the critic already runs with the trap set."""
+    folder = tmp_path_factory.mktemp("sd-prepared")
+    params = sd.sd_params("sdxl", teacher={"path": str(teachers["sdxl"])},
+                          prompts={"source": str(sd.write_prompt_dataset(folder / "ds")), "text_column": "caption",
+                                   "image_column": "image"})
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    _stage(folder, "encode", "--out", "encode")
+    _stage(folder, "trajectories", "--encode", "encode", "--out", "trajectories")
+    _stage(folder, "critic", "--encode", "encode", "--trajectories", "trajectories", "--out", "critic", trap=True)
+    return folder
+
+
+@pytest.mark.slow
+def test_training_stages_never_instantiate_text_encoders_or_the_vae(prepared):
+    """encode caches everything; critic, distill and finetune run with the text encoders' and the VAE's
+    constructors booby-trapped."""
+    out = _stage(prepared, "distill", "--encode", "encode", "--trajectories", "trajectories", "--critic",
+                 "critic/critic", "--out", "distill", trap=True)
+    assert "real data: cached images" in out.stdout
+    _stage(prepared, "finetune", "--encode", "encode", "--trajectories", "trajectories", "--distilled", "distill",
+           "--out", "finetune", trap=True)
+    assert (prepared / "finetune/student/unet/config.json").is_file()
+    # and the trap does catch a stage that loads them
+    proc = subprocess.run([sys.executable, "-c", FORBID, str(ROOT / "stages/sd/encode.py"), "--params", "params.yaml",
+                           "--out", "encode2"], cwd=prepared, env=sd.project_env(ROOT), capture_output=True, text=True)
+    assert proc.returncode != 0 and "instantiated after the encode stage" in proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_average_gradients_and_rank0_writes(prepared):
+    """Data parallel on CPU (gloo): both ranks end with identical trained weights; one output."""
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
+    out = _stage(prepared, "distill", "--encode", "encode", "--trajectories", "trajectories", "--critic",
+                 "critic/critic", "--out", "distill-2ranks", launcher=torchrun)
+    digests = dict(re.findall(r"rank (\d)/2: trained weights digest (\w+)", out.stdout))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], out.stdout[-2000:]
+    assert (prepared / "distill-2ranks/student/unet/config.json").is_file()
+    assert not list(prepared.glob(".distill-2ranks.*"))  # no leftovers from rank 1
