@@ -117,8 +117,9 @@ def _unet_weights(unet_dir: Path) -> list[Path]:
     if single.is_file():
         files = [single]
     elif index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
             raise ArtifactError(f"{index}: 'weight_map' must map tensor names to shard files")
         files = [unet_dir / name for name in sorted(set(weight_map.values()))]
     else:
