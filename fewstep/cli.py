@@ -6,29 +6,53 @@ import sys
 from pathlib import Path
 
 
+class UsageError(ValueError):
+    """A bad command-line argument, phrased as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (`fewstep sample: error: ...`) instead of usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def sample(args) -> None:
     import torch
+    from PIL import Image
 
     from .grid import save_grid
+    from .io import atomic_output
     from .models import load_model
     from .sampling import nfe, sample_model
 
-    model, info = load_model(args.model, args.device)
+    if args.out.suffix.lower() not in Image.registered_extensions():
+        raise UsageError(f"--out must name an image file (e.g. grid.png), got {str(args.out)!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA device is available (use cpu)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device must be a torch device such as cpu or cuda, got {args.device!r}") from None
+    model, info = load_model(args.model, device)
     if info["role"] not in ("teacher", "student"):
-        raise SystemExit(f"fewstep sample: {args.model} is a {info['role']}, not a teacher or student model")
+        raise UsageError(f"--model {args.model} is a {info['role']}, not a teacher or student model")
+    if args.label is not None and not 0 <= args.label < model.num_classes:
+        raise UsageError(f"--label must be in [0, {model.num_classes - 1}] for {args.model}, got {args.label}")
     gen = torch.Generator().manual_seed(args.seed)
     c, size = model.unet.config.in_channels, model.unet.config.sample_size
     n = args.rows * args.rows
     labels = torch.arange(n) % model.num_classes if args.label is None else torch.full((n,), args.label)
     noise = torch.randn((n, c, size, size), generator=gen)
-    images = sample_model(model, info, noise.to(args.device), labels.to(args.device), args.steps, gen)
-    save_grid(images, args.out, nrow=args.rows)
+    images = sample_model(model, info, noise.to(device), labels.to(device), args.steps, gen)
+    with atomic_output(args.out) as out:
+        save_grid(images, out, nrow=args.rows)
     print(f"{info['role']} {args.model}: {n} samples, {nfe(info, args.steps)} NFE -> {args.out}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="fewstep", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="fewstep", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     s = sub.add_parser("sample", help="write a grid of samples from a saved teacher or student")
     s.add_argument("--model", type=Path, required=True, help="a model directory, e.g. finetune/student")
     s.add_argument("--steps", type=int, default=None,
@@ -39,14 +63,18 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
+    for name in ("steps", "rows"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            s.error(f"--{name} must be >= 1, got {value}")
+    if args.seed < 0:
+        s.error(f"--seed must be >= 0, got {args.seed}")
     from .io import ArtifactError
 
     try:
         sample(args)
-    except ArtifactError as exc:
-        print(f"fewstep: error: {exc}", file=sys.stderr)
+    except (ArtifactError, UsageError) as exc:
+        print(f"fewstep sample: error: {exc}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .io import ArtifactError, load_tensors, read_json
+
 
 class DataError(ValueError):
     """A data source the user pointed at cannot be used, phrased as one line."""
@@ -43,11 +45,21 @@ def _from_hf(ds, image_column: str, label_column: str, source: str):
         raise DataError(f"{source}: the dataset is empty")
     feature = ds.features[label_column]
     labels = np.asarray(ds[label_column], dtype=np.int64)
+    if labels.min() < 0:
+        raise DataError(f"{source}: column {label_column!r} holds a negative label ({labels.min()}); "
+                        f"every image needs a class")
     if isinstance(feature, ClassLabel):
         names = list(feature.names)
     else:
         names = [str(i) for i in range(int(labels.max()) + 1)]
-    pil_images = ds[image_column]
+    if labels.max() >= len(names):
+        raise DataError(f"{source}: column {label_column!r} holds label {labels.max()}, but there are only "
+                        f"{len(names)} class names")
+    present = np.unique(labels)
+    if len(present) < 2:
+        raise DataError(f"{source}: every image has the same label ({int(present[0])}); "
+                        f"a class-conditional model needs at least 2 classes")
+    pil_images = _decode_images(ds, image_column, source)
     mode = "L" if all(im.mode in ("L", "1", "I", "I;16") for im in pil_images) else "RGB"
     sizes = {im.size for im in pil_images}
     if len(sizes) > 1:
@@ -60,12 +72,43 @@ def _from_hf(ds, image_column: str, label_column: str, source: str):
     return images, labels, names
 
 
+def _decode_images(ds, column: str, source: str) -> list:
+    """PIL images of `column`, decoded here so that an unreadable one is named (file or row) in one line."""
+    import io
+
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    if not isinstance(ds.features[column], ImageFeature):
+        return list(ds[column])
+    images = []
+    for i, row in enumerate(ds.cast_column(column, ImageFeature(decode=False))[column]):
+        where = row.get("path") or f"row {i}"
+        try:
+            image = Image.open(io.BytesIO(row["bytes"]) if row.get("bytes") else row["path"])
+            image.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            if Path(source).is_dir() and Path(where).is_relative_to(Path(source).resolve()):
+                where = Path(where).relative_to(Path(source).resolve()).as_posix()
+            raise DataError(f"{source}: {where} is not a readable image ({type(exc).__name__})") from None
+        images.append(image)
+    return images
+
+
 def _image_folder(path: Path, image_column: str, label_column: str):
     from datasets import load_dataset
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
     subdirs = [p for p in path.iterdir() if p.is_dir()]
     if not subdirs:
         raise DataError(f"{path}: an image folder needs one sub-folder per class, found none")
+    extensions = {e.lower() for e in ImageFolder.EXTENSIONS}
+    classes = sorted(d.name for d in subdirs if any(f.suffix.lower() in extensions for f in d.rglob("*") if f.is_file()))
+    if not classes:
+        raise DataError(f"{path}: its {len(subdirs)} class sub-folder(s) hold no images (.png, .jpg, ...)")
+    if len(classes) < 2:
+        raise DataError(f"{path}: only one class sub-folder holds images ({classes[0]}); "
+                        f"a class-conditional model needs at least 2 classes")
     ds = load_dataset("imagefolder", data_dir=str(path), split="train")
     return _from_hf(ds, "image", "label", str(path))
 
@@ -93,6 +136,9 @@ def load_source(source: str, image_column: str = "image", label_column: str = "l
         raise DataError(f"data.source: {source!r} is neither 'digits' nor an existing path")
     if not path.is_dir():
         raise DataError(f"data.source: {source} must be a directory (image folder or save_to_disk dataset)")
+    import datasets
+
+    datasets.disable_progress_bars()  # a stage's stderr is for its own progress and its one error line
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         return _saved_dataset(path, image_column, label_column)
     return _image_folder(path, image_column, label_column)
@@ -118,11 +164,27 @@ def split(data: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Data
     return pick(train), pick(test)
 
 
-def load_trajectories(folder: Path, with_states: bool = False) -> dict:
-    """The trajectories stage's shards concatenated: noise, labels, images (and states), plus its index."""
-    from .io import load_tensors, read_json
-
-    index = read_json(Path(folder) / "index.json")
-    keys = ("noise", "labels", "images") + (("states",) if with_states else ())
-    shards = [load_tensors(Path(folder) / s["file"], required=keys) for s in index["shards"]]
-    return {k: torch.cat([s[k] for s in shards]) for k in keys} | {"index": index}
+def load_prepared(prepare_dir: str | Path, splits: tuple[str, ...] = ("train",)) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The prepare stage's info.json and its `<split>_images` / `<split>_labels` tensors, checked against
+    each other: images float (N, channels, resolution, resolution), labels int64 (N,) in [0, classes)."""
+    prepare_dir = Path(prepare_dir)
+    info_file, data_file = prepare_dir / "info.json", prepare_dir / "data.safetensors"
+    info = read_json(info_file)
+    for key, kind in (("resolution", int), ("channels", int), ("class_names", list)):
+        if not isinstance(info, dict) or not isinstance(info.get(key), kind):
+            got = info.get(key) if isinstance(info, dict) else info
+            raise ArtifactError(f"{info_file}: {key!r} must be a {kind.__name__}, got {got!r}")
+    c, r, k = info["channels"], info["resolution"], len(info["class_names"])
+    tensors = load_tensors(data_file, required=tuple(f"{s}_{t}" for s in splits for t in ("images", "labels")))
+    for split_name in splits:
+        images, labels = tensors[f"{split_name}_images"], tensors[f"{split_name}_labels"]
+        if images.ndim != 4 or tuple(images.shape[1:]) != (c, r, r) or not images.is_floating_point():
+            raise ArtifactError(f"{data_file}: {split_name}_images is {str(images.dtype).removeprefix('torch.')} "
+                                f"{list(images.shape)}, expected float [N, {c}, {r}, {r}] as {info_file} says")
+        if tuple(labels.shape) != (len(images),) or labels.dtype != torch.int64:
+            raise ArtifactError(f"{data_file}: {split_name}_labels is {str(labels.dtype).removeprefix('torch.')} "
+                                f"{list(labels.shape)}, expected int64 [{len(images)}] (one per image)")
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= k):
+            raise ArtifactError(f"{data_file}: {split_name}_labels range over [{int(labels.min())}, {int(labels.max())}], "
+                                f"expected [0, {k - 1}] for the {k} classes in {info_file}")
+    return info, tensors

@@ -19,8 +19,8 @@ import torch
 from . import objectives
 from .cache import Hasher
 from .checkpoint import CHECKPOINTS, Checkpointer, GeneratorState, fingerprint
-from .data import load_trajectories
-from .io import load_tensors
+from .data import load_prepared
+from .io import load_trajectories
 from .models import BottleneckTap, EDMDenoiser, GanHead, load_model, save_model
 from .params import ParamsError
 from .training import Minibatches, Phase, RealBatches, adamw, ema_for, karras_grid_sigmas, train
@@ -91,7 +91,7 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
                               f"({student_info['student_sigmas']}), got {sigmas}")
     fake, head = load_critic(critic_dir, teacher)
     num_classes = teacher.num_classes
-    data = load_tensors(prepare_dir / "data.safetensors", required=("train_images", "train_labels"))
+    _, data = load_prepared(prepare_dir)
     setup = objectives.Setup(
         teacher=teacher, student=student, fake=fake, head=head, tap=BottleneckTap(fake.unet),
         real=RealBatches(data["train_images"], data["train_labels"], params.batch_size, generator, device),
@@ -130,7 +130,7 @@ def trajectory_batches(folder: Path | None, batch_size: int, generator, device):
     """Minibatches of the teacher's ODE solves: noise, cond (labels), images, states and the sigmas."""
     if folder is None:
         return None
-    traj = load_trajectories(folder, with_states=True)
+    traj = load_trajectories(folder, keys=("noise", "labels", "images", "states"))
     batches = Minibatches({"noise": traj["noise"], "cond": traj["labels"], "images": traj["images"],
                            "states": traj["states"]}, batch_size, generator, device)
     sigmas = torch.tensor(traj["index"]["sigmas"], dtype=torch.float32, device=device)

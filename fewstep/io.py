@@ -9,12 +9,17 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 
 class ArtifactError(RuntimeError):
     """A missing or unreadable input artifact, phrased as one line naming the file."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (library errors can run to many lines)."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 @contextlib.contextmanager
@@ -54,11 +59,57 @@ def load_tensors(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, 
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ArtifactError(f"{path}: not a readable safetensors file ({exc})") from None
+        raise ArtifactError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
     missing = [k for k in required if k not in tensors]
     if missing:
         raise ArtifactError(f"{path}: missing tensors {missing}, found {sorted(tensors)}")
     return tensors
+
+
+def tensor_shapes(path: str | Path) -> dict[str, list[int]]:
+    """{name: shape} from a safetensors file's header, without reading the tensors. safetensors checks that
+    the header covers the whole file, so a truncated or garbage file fails here with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file not found (did the upstream stage run?)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
+
+
+def load_trajectories(folder: str | Path, keys: tuple[str, ...] = ("noise", "labels", "images")) -> dict:
+    """The trajectories stage's shards, concatenated, after checking them against index.json: every listed
+    shard holds `count` samples of each of `keys`, the counts add up to num_samples, and no shard file
+    in the folder is left out of the index. Returns {key: tensor} plus "index": the parsed index.json."""
+    folder = Path(folder)
+    index_file = folder / "index.json"
+    index = read_json(index_file)
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not isinstance(shards, list) or not shards or not all(
+            isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("count"), int) for s in shards):
+        raise ArtifactError(f"{index_file}: 'shards' must be a non-empty list of {{file, count}} entries")
+    listed = [s["file"] for s in shards]
+    for name in listed:
+        if Path(name).name != name:
+            raise ArtifactError(f"{index_file}: shard {name!r} must be a file name inside {folder}")
+    unlisted = sorted(p.name for p in folder.glob("shard-*.safetensors") if p.name not in listed)
+    if unlisted:
+        raise ArtifactError(f"{index_file}: does not list {unlisted[0]} (found {len(unlisted)} unlisted shard files)")
+    total = sum(s["count"] for s in shards)
+    if total != index.get("num_samples"):
+        raise ArtifactError(f"{index_file}: shards hold {total} samples, num_samples says {index.get('num_samples')!r}")
+    for s in shards:
+        shapes = tensor_shapes(folder / s["file"])
+        for key in keys:
+            if key not in shapes:
+                raise ArtifactError(f"{folder / s['file']}: missing tensors [{key!r}], found {sorted(shapes)}")
+            if not shapes[key] or shapes[key][0] != s["count"]:
+                raise ArtifactError(f"{folder / s['file']}: {key} holds {(shapes[key] or [0])[0]} samples, "
+                                    f"{index_file} says {s['count']}")
+    parts = [load_tensors(folder / s["file"], required=keys) for s in shards]
+    return {k: torch.cat([p[k] for p in parts]) for k in keys} | {"index": index}
 
 
 def write_json(obj, path: str | Path) -> None:

@@ -6,7 +6,6 @@ import time
 from typing import Callable
 
 import torch
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from .models import Featurizer
 
@@ -20,6 +19,8 @@ class Evaluator:
     """Scores image sets against one fixed held-out real set with one featurizer."""
 
     def __init__(self, featurizer: Featurizer, real_images: torch.Tensor, k: int = 3, batch_size: int = 500):
+        from torchmetrics.image.fid import FrechetInceptionDistance  # seconds to import: only evaluate pays
+
         self.featurizer, self.k, self.batch_size = featurizer.eval(), k, batch_size
         self.fid = FrechetInceptionDistance(feature=featurizer, reset_real_features=False)
         for chunk in real_images.split(batch_size):

@@ -8,13 +8,17 @@ Models are saved as diffusers-style directories:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import EDMEulerScheduler, UNet2DModel
 
-from .io import ArtifactError, load_tensors, read_json, save_tensors, write_json
+from .io import ArtifactError, first_line, load_tensors, read_json, save_tensors, tensor_shapes, write_json
+
+
+if TYPE_CHECKING:  # diffusers costs seconds to import: only stages that build or load a UNet pay for it
+    from diffusers import EDMEulerScheduler, UNet2DModel
 
 
 def unet_channels(resolution: int) -> list[int]:
@@ -28,6 +32,8 @@ def unet_channels(resolution: int) -> list[int]:
 
 def build_unet(resolution: int, channels: int, num_classes: int, widths: list[int] | None = None,
                layers_per_block: int = 2) -> UNet2DModel:
+    from diffusers import UNet2DModel
+
     widths = widths or unet_channels(resolution)
     return UNet2DModel(
         sample_size=resolution,
@@ -73,6 +79,8 @@ class EDMDenoiser(nn.Module):
 
 
 def make_scheduler(edm) -> EDMEulerScheduler:
+    from diffusers import EDMEulerScheduler
+
     return EDMEulerScheduler(sigma_min=edm.sigma_min, sigma_max=edm.sigma_max, sigma_data=edm.sigma_data, rho=edm.rho)
 
 
@@ -83,17 +91,105 @@ def save_model(denoiser: EDMDenoiser, path: Path, role: str, **info) -> None:
     write_json({"role": role, "num_classes": denoiser.num_classes, **info}, path / "fewstep.json")
 
 
+ROLES = ("teacher", "student", "critic")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _check_info(info, file: Path) -> dict:
+    if not isinstance(info, dict) or info.get("role") not in ROLES:
+        role = info.get("role") if isinstance(info, dict) else info
+        raise ArtifactError(f"{file}: 'role' must be one of {', '.join(ROLES)}, got {role!r}")
+    n = info.get("num_classes")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ArtifactError(f"{file}: 'num_classes' must be a positive integer, got {n!r}")
+    sigmas = info.get("student_sigmas")
+    if info["role"] == "student" and (not isinstance(sigmas, list) or not sigmas
+                                      or not all(isinstance(x, (int, float)) and x > 0 for x in sigmas)):
+        raise ArtifactError(f"{file}: a student needs 'student_sigmas', a list of positive noise levels, got {sigmas!r}")
+    return info
+
+
+def _unet_weights(unet_dir: Path) -> list[Path]:
+    """The UNet's safetensors weight files (one file or the shards of an index).
+    Pickled weights (.bin, .pt, ...) are refused by name and never opened."""
+    single = unet_dir / "diffusion_pytorch_model.safetensors"
+    index = unet_dir / "diffusion_pytorch_model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ArtifactError(f"{index}: 'weight_map' must map tensor names to shard files")
+        files = [unet_dir / name for name in sorted(set(weight_map.values()))]
+    else:
+        pickles = sorted(p.name for p in unet_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ArtifactError(f"{unet_dir}: only pickled weights ({', '.join(pickles)}); fewstep loads "
+                                f"safetensors only and never unpickles (convert them to {single.name})")
+        raise ArtifactError(f"{unet_dir}: no weights (missing {single.name})")
+    return files
+
+
+def _check_fit(unet_dir: Path, config: dict, weights: list[Path]) -> None:
+    """The weights' tensor names and shapes against a UNet built from config.json on the meta device
+    (no memory, no init): a config that does not describe its weights is one line, not a load error.
+    Reading each file's header also catches truncated or garbage files."""
+    from diffusers import UNet2DModel
+
+    try:
+        with torch.device("meta"):
+            expected = {k: list(v.shape) for k, v in UNet2DModel.from_config(config).state_dict().items()}
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        raise ArtifactError(f"{unet_dir / 'config.json'}: not a valid UNet2DModel config ({first_line(exc)})") from None
+    found = {}
+    for file in weights:
+        found |= tensor_shapes(file)
+    for key, shape in expected.items():
+        if key in found and found[key] != shape:
+            raise ArtifactError(f"{unet_dir}: weights do not fit config.json ({key} is {found[key]}, "
+                                f"config.json gives {shape})")
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise ArtifactError(f"{unet_dir}: weights do not fit config.json ({what}; "
+                            f"{len(missing)} missing, {len(unexpected)} unexpected tensors)")
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[EDMDenoiser, dict]:
+    """A fewstep model directory (see the module docstring), checked before anything is built: one
+    ArtifactError line for a missing, foreign, truncated, pickled or mismatched model."""
     path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: no such model directory (did the upstream stage run?)")
     for part in ("fewstep.json", "unet/config.json", "scheduler/scheduler_config.json"):
         if not (path / part).is_file():
             raise ArtifactError(f"{path}: not a fewstep model directory (missing {part})")
-    info = read_json(path / "fewstep.json")
+    info = _check_info(read_json(path / "fewstep.json"), path / "fewstep.json")
+    unet_dir = path / "unet"
+    config = read_json(unet_dir / "config.json")
+    kind = config.get("_class_name") if isinstance(config, dict) else None
+    if kind != "UNet2DModel":
+        raise ArtifactError(f"{unet_dir / 'config.json'}: _class_name is {kind!r}, expected 'UNet2DModel'")
+    if config.get("num_class_embeds") != info["num_classes"] + 1:
+        raise ArtifactError(f"{path / 'fewstep.json'}: num_classes {info['num_classes']} does not fit the UNet's "
+                            f"num_class_embeds {config.get('num_class_embeds')!r} (classes + the null label)")
+    weights = _unet_weights(unet_dir)
+
+    from diffusers import EDMEulerScheduler, UNet2DModel
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its warnings would bury the one line we raise
     try:
-        unet = UNet2DModel.from_pretrained(path / "unet")
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ArtifactError(f"{path / 'unet'}: cannot load the UNet ({str(exc).splitlines()[0]})") from None
-    scheduler = EDMEulerScheduler.from_pretrained(path / "scheduler")
+        _check_fit(unet_dir, config, weights)
+        try:  # use_safetensors=True: diffusers never falls back to a pickled .bin
+            unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
+            scheduler = EDMEulerScheduler.from_pretrained(path / "scheduler")
+        except (OSError, ValueError, RuntimeError, TypeError) as exc:
+            raise ArtifactError(f"{path}: cannot load the model ({first_line(exc)})") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     denoiser = EDMDenoiser(unet, scheduler, info["num_classes"]).to(device).eval()
     return denoiser, info
 
@@ -131,7 +227,7 @@ class Featurizer(nn.Module):
 
     @classmethod
     def load(cls, path: Path) -> "Featurizer":
-        model = cls(**read_json(path / "featurizer.json"))
+        model = _from_config(cls, path / "featurizer.json")
         _load_state(model, path / "featurizer.safetensors")
         return model.eval()
 
@@ -160,7 +256,7 @@ class GanHead(nn.Module):
 
     @classmethod
     def load(cls, path: Path) -> "GanHead":
-        head = cls(**read_json(path / "gan_head.json"))
+        head = _from_config(cls, path / "gan_head.json")
         _load_state(head, path / "gan_head.safetensors")
         return head
 
@@ -176,9 +272,25 @@ class BottleneckTap:
         self.features = output
 
 
-def _load_state(model: nn.Module, file: Path) -> None:
-    state = load_tensors(file)
+def _from_config(cls, file: Path):
+    config = read_json(file)
     try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ArtifactError(f"{file}: weights do not fit the model ({str(exc).splitlines()[0]})") from None
+        return cls(**config)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{file}: not a {cls.__name__} config ({first_line(exc)})") from None
+
+
+def _load_state(model: nn.Module, file: Path) -> None:
+    """Load safetensors weights into `model`, naming the first key or shape that does not fit."""
+    state = load_tensors(file)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise ArtifactError(f"{file}: weights do not fit the model ({what}; "
+                            f"{len(missing)} missing, {len(unexpected)} unexpected keys)")
+    for key, tensor in expected.items():
+        if state[key].shape != tensor.shape:
+            raise ArtifactError(f"{file}: weights do not fit the model ({key} has shape {list(state[key].shape)}, "
+                                f"expected {list(tensor.shape)})")
+    model.load_state_dict(state)

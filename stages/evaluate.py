@@ -7,10 +7,10 @@ from tqdm.auto import tqdm
 
 from fewstep import runtime
 from fewstep.grid import save_grid
-from fewstep.io import atomic_output, load_tensors, read_json, write_json
+from fewstep.io import atomic_output, load_trajectories, write_json
+from fewstep.data import load_prepared
 from fewstep.metrics import Evaluator, latency_ms
 from fewstep.models import Featurizer, load_model
-from fewstep.data import load_trajectories
 from fewstep.sampling import heun_sample, student_sample, student_sigmas_for
 
 
@@ -35,7 +35,7 @@ def mean_over_seeds(runs: list[dict[str, float]]) -> dict[str, float]:
 
 def main(params, args, device):
     p = params.evaluate
-    data = load_tensors(args.prepare / "data.safetensors", required=("train_images", "test_images"))
+    _, data = load_prepared(args.prepare, splits=("train", "test"))
     evaluator = Evaluator(Featurizer.load(args.prepare / "featurizer"), data["test_images"], k=p.knn_k)
     teacher, _ = load_model(args.teacher, device)
     student, student_info = load_model(args.student, device)

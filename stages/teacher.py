@@ -6,15 +6,15 @@ import torch
 from fewstep import runtime
 from fewstep.cache import Hasher
 from fewstep.checkpoint import CHECKPOINTS, Checkpointer, GeneratorState, fingerprint
-from fewstep.io import atomic_output, load_tensors, read_json
+from fewstep.data import load_prepared
+from fewstep.io import atomic_output
 from fewstep.models import EDMDenoiser, build_unet, make_scheduler, save_model
 from fewstep.training import Phase, RealBatches, edm_weighted_mse, ema_for, lognormal_sigmas, train
 
 
 def main(params, args, device):
     p = params.teacher
-    info = read_json(args.prepare / "info.json")
-    data = load_tensors(args.prepare / "data.safetensors", required=("train_images", "train_labels"))
+    info, data = load_prepared(args.prepare, splits=("train",))
     num_classes = len(info["class_names"])
     unet = build_unet(info["resolution"], info["channels"], num_classes, p.channels, p.layers_per_block)
     model = EDMDenoiser(unet, make_scheduler(p.edm), num_classes).to(device)

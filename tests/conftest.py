@@ -44,6 +44,8 @@ def tiny_params(**overrides) -> dict:
 def env() -> dict:
     e = dict(os.environ)
     e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
+    # Subprocesses import this checkout's `fewstep`, not whichever one the venv was installed from.
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (e.get("PYTHONPATH"), str(ROOT)) if p)
     e.setdefault("PYTHONHASHSEED", "0")
     return e
 
