@@ -59,7 +59,8 @@ def run_variant(name: str, overrides: dict, base_sets: dict) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     seconds = {}
     for stage in STAGES:
-        cmd = stages[stage]["cmd"].replace("python stages/", f"{sys.executable} {ROOT}/stages/", 1)
+        cmd = stages[stage]["cmd"].replace("${run.launcher}", params["run"]["launcher"])
+        cmd = cmd.replace("python stages/", f"{sys.executable} {ROOT}/stages/", 1)
         start = time.perf_counter()
         with open(folder / f"{stage}.log", "w") as log:
             proc = subprocess.run(cmd, shell=True, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)

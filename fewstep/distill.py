@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from . import objectives
+from . import objectives, parallel
 from .cache import Hasher
 from .checkpoint import CHECKPOINTS, Checkpointer, GeneratorState, fingerprint
 from .data import load_prepared
@@ -77,7 +77,16 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
         device: torch.device, stage: str, student_dir: Path | None = None, critic_dir: Path | None = None,
         trajectories_dir: Path | None = None, train_generator: bool = True,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, float]:
-    """Train per `params` and write student/ (if trained), critic/ and live/ under `out`."""
+    """Train per `params` and write student/ (if trained), critic/ and live/ under `out`.
+    Under torchrun each rank draws its own noise and labels for batch_size / ranks samples, gradients are
+    averaged (the global batch stays `batch_size`)."""
+    device = parallel.init(device)
+    rank, ranks = parallel.world()
+    if ranks > 1:
+        if params.batch_size % ranks:
+            raise ParamsError(f"{stage}.batch_size ({params.batch_size}) must divide over {ranks} processes")
+        generator.manual_seed(generator.initial_seed() + rank)
+        params = params.model_copy(update={"batch_size": params.batch_size // ranks})
     teacher, _ = load_model(teacher_dir, device)
     teacher.requires_grad_(False)
     edm = _edm_of(teacher)
@@ -90,6 +99,7 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
             raise ParamsError(f"{stage}.student_steps/student_sigmas must match the student being continued "
                               f"({student_info['student_sigmas']}), got {sigmas}")
     fake, head = load_critic(critic_dir, teacher)
+    parallel.synchronize(*([student] if train_generator else []), fake, head)
     num_classes = teacher.num_classes
     _, data = load_prepared(prepare_dir)
     setup = objectives.Setup(
@@ -103,7 +113,7 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
     inputs = [d for d in (teacher_dir, prepare_dir, student_dir, critic_dir, trajectories_dir) if d is not None]
     hasher = Hasher()
     key = fingerprint(stage, params.model_dump(mode="json"), train_generator, [hasher.tree(d) for d in inputs])
-    checkpoint = Checkpointer(CHECKPOINTS / stage, params.checkpoint_every, key, logs=out / "live")
+    checkpoint = Checkpointer(CHECKPOINTS / parallel.checkpoint_name(stage), params.checkpoint_every, key, logs=out / "live")
     last = fit(setup, params, out, stage, train_generator, autocast, checkpoint)
 
     if train_generator:
@@ -111,6 +121,7 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
                    objective=params.objective)
     save_model(fake.eval(), out / "critic", role="critic")
     head.save(out / "critic")
+    parallel.finish()
     return last
 
 

@@ -193,6 +193,7 @@ class RunParams(Section):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     num_threads: int = Field(0, ge=0)  # 0: torch's default
+    launcher: str = "python"  # how training stages start; data parallel: "torchrun --standalone --nproc_per_node=8"
 
 
 class Params(Section):

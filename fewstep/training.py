@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import parallel
+
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite."""
@@ -73,7 +75,7 @@ def _update(phase: Phase, step: int, autocast: Callable[[], contextlib.AbstractC
         torch.nn.utils.clip_grad_norm_(phase.module.parameters(), phase.grad_clip)
     phase.optimizer.step()
     phase.scheduler.step()
-    return logged
+    return parallel.mean_across(logged)
 
 
 def train(phases: list[Phase], steps: int, live_dir: Path, desc: str,

@@ -2,8 +2,7 @@
 student's samples, so distillation starts with an accurate fake score."""
 from pathlib import Path
 
-from fewstep import distill, runtime
-from fewstep.io import atomic_output
+from fewstep import distill, parallel, runtime
 
 
 def main(params, args, device):
@@ -12,7 +11,7 @@ def main(params, args, device):
     # with critic's own optimizer settings and GAN weights.
     loop = {k: getattr(c, k) for k in type(c).model_fields if k != "gan"}
     settings = d.model_copy(update={**loop, "dmd2": d.dmd2.model_copy(update={"gan": c.gan})})
-    with atomic_output(args.out) as out:
+    with parallel.output(args.out) as out:  # rank 0 writes; other ranks a scratch dir
         distill.run(settings, teacher_dir=args.teacher, prepare_dir=args.prepare, out=out,
                     generator=runtime.seeded(params.seed, "critic"), device=device, stage="critic",
                     train_generator=False, autocast=runtime.autocast_factory(params, device))

@@ -1,12 +1,11 @@
 """distill: train the few-step student with the chosen objective (distill.objective, default dmd2)."""
 from pathlib import Path
 
-from fewstep import distill, runtime
-from fewstep.io import atomic_output
+from fewstep import distill, parallel, runtime
 
 
 def main(params, args, device):
-    with atomic_output(args.out) as out:
+    with parallel.output(args.out) as out:  # rank 0 writes; other ranks a scratch dir
         distill.run(params.distill, teacher_dir=args.teacher, prepare_dir=args.prepare, out=out,
                     critic_dir=args.critic, trajectories_dir=args.trajectories,
                     generator=runtime.seeded(params.seed, "distill"), device=device, stage="distill",

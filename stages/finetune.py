@@ -2,12 +2,11 @@
 (by default DMD2's low-learning-rate phase with the GAN on real data)."""
 from pathlib import Path
 
-from fewstep import distill, runtime
-from fewstep.io import atomic_output
+from fewstep import distill, parallel, runtime
 
 
 def main(params, args, device):
-    with atomic_output(args.out) as out:
+    with parallel.output(args.out) as out:  # rank 0 writes; other ranks a scratch dir
         distill.run(params.finetune, teacher_dir=args.teacher, prepare_dir=args.prepare, out=out,
                     student_dir=args.distilled / "student", critic_dir=args.distilled / "critic",
                     trajectories_dir=args.trajectories, generator=runtime.seeded(params.seed, "finetune"),

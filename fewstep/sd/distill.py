@@ -17,7 +17,8 @@ from ..distill import fit
 from ..models import BottleneckTap, GanHead
 from ..params import ParamsError
 from ..training import Minibatches
-from . import models, parallel, teacher as teachers
+from .. import parallel
+from . import models, teacher as teachers
 from .denoiser import SDDenoiser
 from .store import CondSampler, Encoded, RealSampler, load_trajectories
 

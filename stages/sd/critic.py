@@ -3,7 +3,8 @@ student's samples, so distillation starts with an accurate fake score."""
 from pathlib import Path
 
 from fewstep import runtime
-from fewstep.sd import distill, parallel
+from fewstep import parallel
+from fewstep.sd import distill
 from fewstep.sd.params import SDParams
 
 

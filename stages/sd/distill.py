@@ -3,7 +3,8 @@ simulation, DMD2 with the GAN head on the critic UNet's mid-block) from the warm
 from pathlib import Path
 
 from fewstep import runtime
-from fewstep.sd import distill, parallel
+from fewstep import parallel
+from fewstep.sd import distill
 from fewstep.sd.params import SDParams
 
 

@@ -3,7 +3,8 @@ low-learning-rate phase with the GAN on real data)."""
 from pathlib import Path
 
 from fewstep import runtime
-from fewstep.sd import distill, parallel
+from fewstep import parallel
+from fewstep.sd import distill
 from fewstep.sd.params import SDParams
 
 

@@ -1,4 +1,4 @@
-"""Data parallelism for the SD training stages under `torchrun` (run.launcher in params.yaml).
+"""Data parallelism for the training stages under `torchrun` (run.launcher in params.yaml).
 
 Every rank loads the same weights, draws its own noise and prompts, and averages gradients with the others
 before each optimizer step. The averaging is a post-accumulate-grad hook per trained parameter (one
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..io import atomic_output
+from .io import atomic_output
 
 
 def world() -> tuple[int, int]:
@@ -53,6 +53,33 @@ def synchronize(*modules: nn.Module) -> None:
         for param in module.parameters():
             if param.requires_grad:
                 param.register_post_accumulate_grad_hook(_average)
+
+
+def checkpoint_name(stage: str) -> str:
+    """Each rank resumes its own random streams: one checkpoint folder per rank when there are several."""
+    rank, size = world()
+    return stage if size == 1 else f"{stage}-rank{rank}of{size}"
+
+
+def mine(batch: torch.Tensor) -> torch.Tensor:
+    """This rank's equal share of a global batch drawn identically on every rank: averaged gradients then
+    equal the one-process gradient of the whole batch."""
+    rank, size = world()
+    if size == 1:
+        return batch
+    if len(batch) % size:
+        raise ValueError(f"a batch of {len(batch)} does not split over {size} processes")
+    return batch.chunk(size)[rank]
+
+
+def mean_across(values: dict[str, float]) -> dict[str, float]:
+    """The mean of each logged value over all ranks (what one process on the whole batch would log)."""
+    if not dist.is_initialized() or not values:
+        return values
+    keys = sorted(values)
+    stacked = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(stacked)
+    return dict(zip(keys, (stacked / dist.get_world_size()).tolist()))
 
 
 def finish() -> None:

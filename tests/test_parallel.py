@@ -1,0 +1,56 @@
+"""torchrun data parallelism on CPU (gloo, 2 processes): the same loss trajectory and weights as one
+process at the same global batch."""
+import shutil
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run, run_stage, tiny_params, write_params
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def losses(folder):
+    rows = (folder / "teacher/live/plots/metrics/teacher/loss.tsv").read_text().split("\n")[1:]
+    return [tuple(map(float, row.split("\t"))) for row in rows if row]
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_one_process_loss_trajectory(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    write_params(base, tiny_params(**{"teacher.steps": 30, "teacher.batch_size": 16, "run.num_threads": 1}))
+    run_stage("prepare", base, "--out", "prepare")
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(base, one)
+    shutil.copytree(base, two)
+    run_stage("teacher", one, "--prepare", "prepare", "--out", "teacher")
+    run([*TORCHRUN, str(ROOT / "stages/teacher.py"), "--params", "params.yaml", "--prepare", "prepare",
+         "--out", "teacher"], two)
+
+    single, double = losses(one), losses(two)
+    assert [step for step, _ in single] == [step for step, _ in double] == [10, 20, 30]
+    for (_, a), (_, b) in zip(single, double):
+        assert b == pytest.approx(a, rel=1e-4)  # averaged gradients of two half batches = the whole batch
+    weights = [load_file(f / "teacher/model/unet/diffusion_pytorch_model.safetensors") for f in (one, two)]
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-4, atol=1e-5)
+    assert not list(two.glob("teacher/**/rank*")), "only rank 0 writes the stage output"
+
+
+@pytest.mark.slow
+def test_two_process_distillation_runs_and_saves_once(tmp_path):
+    write_params(tmp_path, tiny_params(**{"run.num_threads": 1}))
+    for stage, args in (("prepare", ["--out", "prepare"]), ("teacher", ["--prepare", "prepare", "--out", "teacher"]),
+                        ("trajectories", ["--teacher", "teacher/model", "--out", "trajectories"])):
+        run_stage(stage, tmp_path, *args)
+    run([*TORCHRUN, str(ROOT / "stages/critic.py"), "--params", "params.yaml", "--teacher", "teacher/model",
+         "--prepare", "prepare", "--out", "critic"], tmp_path)
+    proc = run([*TORCHRUN, str(ROOT / "stages/distill.py"), "--params", "params.yaml", "--teacher", "teacher/model",
+                "--prepare", "prepare", "--critic", "critic/critic", "--trajectories", "trajectories",
+                "--out", "distill"], tmp_path)
+    assert "batch=4x1" in proc.stdout  # 8 samples per update, 4 on each of the 2 processes
+    assert (tmp_path / "distill/student/unet/diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "distill/live/plots/metrics/generator/dm.tsv").is_file()
