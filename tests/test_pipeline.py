@@ -20,7 +20,7 @@ def test_repro_rerun_and_param_edit(tmp_path):
     first = run(["dvc", "repro"], project)
     assert ran(first.stdout) == ALL_STAGES
     metrics = json.loads((project / "evaluate/metrics.json").read_text())
-    assert {"teacher", "student", "data_floor", "speedup"} <= set(metrics)
+    assert {"teacher", "student@1", "data_floor", "speedup"} <= set(metrics)
 
     again = run(["dvc", "repro"], project)
     assert ran(again.stdout) == []
@@ -38,7 +38,7 @@ def test_repro_rerun_and_param_edit(tmp_path):
                  "finetune generator losses"):
         values = plots[name][0]["content"]["data"]["values"]
         assert values and all("step" in row for row in values), name
-    assert any(key.endswith("student.png") for key in plots)
+    assert any(key.endswith("student_1.png") for key in plots)
 
 
 @pytest.mark.slow
@@ -52,4 +52,4 @@ def test_image_folder_28px_end_to_end(tmp_path):
     assert info["resolution"] == 28 and info["channels"] == 1 and info["class_names"] == ["class_0", "class_1", "class_2"]
     assert info["num_test"] == 9
     metrics = json.loads((project / "evaluate/metrics.json").read_text())
-    assert metrics["student"]["nfe"] == 1
+    assert metrics["student@1"]["nfe"] == 1
