@@ -1,4 +1,9 @@
 import os
+
+# Tests run tiny models, often several processes side by side (clones, ranks, servers): one thread per
+# process avoids OpenMP threads spinning against each other on a 2-core machine (up to 10x slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import shutil
 import subprocess
 import sys
@@ -20,6 +25,21 @@ TINY = {
     "distill": {"steps": 3, "batch_size": 8, "dmd2": {"ttur": 2}, "log_every": 2},
     "finetune": {"steps": 2, "batch_size": 8, "dmd2": {"ttur": 1}},
     "evaluate": {"batch_size": 20, "latency_batch": 8, "latency_repeats": 1, "grid_size": 4},
+}
+
+
+# Each stage script's arguments in a project laid out like dvc.yaml's (for running stages one by one).
+STAGE_ARGS = {
+    "prepare": ["--out", "prepare"],
+    "teacher": ["--prepare", "prepare", "--out", "teacher"],
+    "trajectories": ["--teacher", "teacher/model", "--out", "trajectories"],
+    "critic": ["--teacher", "teacher/model", "--prepare", "prepare", "--out", "critic"],
+    "distill": ["--teacher", "teacher/model", "--prepare", "prepare", "--critic", "critic/critic",
+                "--trajectories", "trajectories", "--out", "distill"],
+    "finetune": ["--teacher", "teacher/model", "--prepare", "prepare", "--distilled", "distill",
+                 "--trajectories", "trajectories", "--out", "finetune"],
+    "evaluate": ["--prepare", "prepare", "--teacher", "teacher/model", "--trajectories", "trajectories",
+                 "--student", "finetune/student", "--samples", "evaluate/samples", "--metrics", "evaluate/metrics.json"],
 }
 
 

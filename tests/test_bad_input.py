@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, run, run_stage, tiny_params, write_image_folder, write_params
+from conftest import ROOT, STAGE_ARGS, run, run_stage, tiny_params, write_image_folder, write_params
 from fewstep.cache import file_digest
 from fewstep.io import ArtifactError, load_trajectories
 from fewstep.params import ParamsError, load, validate
@@ -80,18 +80,10 @@ def test_missing_params_file(tmp_path):
 
 # --- The bad-input table: real stages and CLI on copies of one tiny upstream ------------------------
 
-UPSTREAM = {  # stage -> arguments; built once per module, copied into every case
-    "prepare": ["--out", "prepare"],
-    "teacher": ["--prepare", "prepare", "--out", "teacher"],
-    "trajectories": ["--teacher", "teacher/model", "--out", "trajectories"],
-    "critic": ["--teacher", "teacher/model", "--prepare", "prepare", "--out", "critic"],
-    "distill": ["--teacher", "teacher/model", "--prepare", "prepare", "--critic", "critic/critic",
-                "--trajectories", "trajectories", "--out", "distill"],
-}
+UPSTREAM = {stage: STAGE_ARGS[stage] for stage in ("prepare", "teacher", "trajectories", "critic", "distill")}
 EVALUATE = ["--prepare", "prepare", "--teacher", "teacher/model", "--trajectories", "trajectories",
             "--student", "distill/student", "--samples", "evaluate/samples", "--metrics", "evaluate/metrics.json"]
-FINETUNE = ["--teacher", "teacher/model", "--prepare", "prepare", "--distilled", "distill",
-            "--trajectories", "trajectories", "--out", "finetune"]
+FINETUNE = STAGE_ARGS["finetune"]
 
 # Runs inside every subprocess of this module (PYTHONPATH): records anything that opens a pickle-format
 # weight file or unpickles a global. torch.load's weights-only unpickler is caught by the open.

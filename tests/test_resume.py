@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, env, run_stage, tiny_params, write_params
+from conftest import ROOT, STAGE_ARGS, env, run_stage, tiny_params, write_params
 from fewstep import distill
 from fewstep.cache import Hasher
 from fewstep.checkpoint import Checkpointer
@@ -77,16 +77,7 @@ def test_checkpoint_of_other_params_is_not_resumed(tmp_path, capsys):
 
 RESUMABLE = {"teacher.steps": 40, "teacher.checkpoint_every": 4, "critic.steps": 12, "critic.checkpoint_every": 2,
              "distill.steps": 12, "distill.checkpoint_every": 2, "finetune.steps": 10, "finetune.checkpoint_every": 2}
-ARGS = {
-    "prepare": ["--out", "prepare"],
-    "teacher": ["--prepare", "prepare", "--out", "teacher"],
-    "trajectories": ["--teacher", "teacher/model", "--out", "trajectories"],
-    "critic": ["--teacher", "teacher/model", "--prepare", "prepare", "--out", "critic"],
-    "distill": ["--teacher", "teacher/model", "--prepare", "prepare", "--critic", "critic/critic",
-                "--trajectories", "trajectories", "--out", "distill"],
-    "finetune": ["--teacher", "teacher/model", "--prepare", "prepare", "--distilled", "distill",
-                 "--trajectories", "trajectories", "--out", "finetune"],
-}
+ARGS = {stage: STAGE_ARGS[stage] for stage in ("prepare", "teacher", "trajectories", "critic", "distill", "finetune")}
 
 
 @pytest.fixture(scope="module")

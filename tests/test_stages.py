@@ -5,21 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_stage, tiny_params, write_params
+from conftest import STAGE_ARGS, run_stage, tiny_params, write_params
 from fewstep.models import load_model
 
-STAGE_ARGS = {
-    "prepare": ["--out", "prepare"],
-    "teacher": ["--prepare", "prepare", "--out", "teacher"],
-    "trajectories": ["--teacher", "teacher/model", "--out", "trajectories"],
-    "critic": ["--teacher", "teacher/model", "--prepare", "prepare", "--out", "critic"],
-    "distill": ["--teacher", "teacher/model", "--prepare", "prepare", "--critic", "critic/critic",
-                "--trajectories", "trajectories", "--out", "distill"],
-    "finetune": ["--teacher", "teacher/model", "--prepare", "prepare", "--distilled", "distill",
-                 "--trajectories", "trajectories", "--out", "finetune"],
-    "evaluate": ["--prepare", "prepare", "--teacher", "teacher/model", "--trajectories", "trajectories",
-                 "--student", "finetune/student", "--samples", "evaluate/samples", "--metrics", "evaluate/metrics.json"],
-}
 
 
 LOGS = {}  # stage -> its completed process, from the module's one pipeline run
