@@ -1,7 +1,7 @@
 """Trainer overhead: the distill stage's training loop (fewstep.distill.fit: phases, EMA, dvclive logs,
 tqdm, resumable checkpoints at the configured interval) vs a bare loop doing the same math.
 
-    python bench/overhead.py [--steps 100] [--repeats 2]
+    python bench/overhead.py [--steps 100] [--repeats 2] [--threads 0]
 
 Needs the default pipeline's prepare/teacher/trajectories/critic outputs (`dvc repro critic`). Both
 loops start from the same freshly loaded models and the same seed; runs alternate bare/fit to share
@@ -79,7 +79,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     params = load(ROOT / "params.yaml")
     d = params.distill.model_copy(update={"steps": args.steps})
     bare, framework = [], []
@@ -96,7 +99,7 @@ def main() -> None:
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "overhead.json").write_text(json.dumps(result, indent=1))
-    md = (f"Made by `python bench/overhead.py --steps {args.steps} --repeats {args.repeats}` "
+    md = (f"Made by `python bench/overhead.py --steps {args.steps} --repeats {args.repeats} --threads {args.threads}` "
           f"({torch.get_num_threads()} torch threads).\n\n"
           "| loop | training steps/s (best of repeats) |\n|---|---|\n"
           f"| bare (same math, nothing else) | {best_bare:.3f} |\n"
