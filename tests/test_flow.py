@@ -90,7 +90,7 @@ def test_served_deployment_run_completes_with_metrics_artifact(tmp_path, prefect
         assert proc.returncode == 0 and "Completed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert (project / "evaluate/metrics.json").is_file()
         artifacts = subprocess.run([prefect, "artifact", "inspect", "evaluation"], env=e, capture_output=True, text=True)
-        assert artifacts.returncode == 0 and "| student |" in artifacts.stdout, artifacts.stdout[-2000:]
+        assert artifacts.returncode == 0 and "| student@1 |" in artifacts.stdout, artifacts.stdout[-2000:]
     finally:
         server.terminate()
         server.wait(timeout=30)
