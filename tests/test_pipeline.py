@@ -15,7 +15,7 @@ def ran(output: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_repro_rerun_and_param_edit(tmp_path):
+def test_repro_rerun_param_edit_and_experiments(tmp_path):
     project = make_project(tmp_path / "project", tiny_params())
     first = run(["dvc", "repro"], project)
     assert ran(first.stdout) == ALL_STAGES
@@ -39,6 +39,24 @@ def test_repro_rerun_and_param_edit(tmp_path):
         values = plots[name][0]["content"]["data"]["values"]
         assert values and all("step" in row for row in values), name
     assert any(key.endswith("student_1.png") for key in plots)
+
+    # The README's ablation recipe: queue an objective change, run the queue, read it in `dvc exp show`.
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "results"], project)
+
+    run(["dvc", "exp", "run", "--queue", "-n", "dmd1", "-S", "distill.objective=dmd", "-S", "finetune.objective=dmd"],
+        project)
+    queued = run(["dvc", "exp", "run", "--run-all", "--jobs", "1"], project)
+    # The objective is a param of critic onward: prepare/teacher/trajectories come from the cache.
+    assert ran(queued.stdout) == ["critic", "distill", "finetune", "evaluate"], queued.stdout[-2000:]
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    experiments = [exp for commit in shown for exp in (commit.get("experiments") or [])]
+    (dmd1,) = [exp for exp in experiments if exp.get("name") == "dmd1"]
+    data = dmd1["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["distill"]["objective"] == "dmd"
+    metrics = data["metrics"]["evaluate/metrics.json"]["data"]
+    assert metrics["student@1"]["fid"] > 0 and metrics["teacher"]["nfe"] > 1
 
 
 @pytest.mark.slow
