@@ -113,16 +113,22 @@ def _image_folder(path: Path, image_column: str, label_column: str):
     return _from_hf(ds, "image", "label", str(path))
 
 
-def _saved_dataset(path: Path, image_column: str, label_column: str):
+def read_saved_dataset(path: Path, key: str):
+    """A `datasets` save_to_disk directory as one split ("train" if it has one); `key` names the params
+    key that pointed here, for the error line."""
     from datasets import DatasetDict, load_from_disk
 
     try:
         ds = load_from_disk(str(path))
     except Exception as exc:  # datasets raises several types for a corrupt directory
-        raise DataError(f"{path}: not a readable `datasets` save_to_disk directory ({exc})") from None
+        raise DataError(f"{key}: {path} is not a readable `datasets` save_to_disk directory ({exc})") from None
     if isinstance(ds, DatasetDict):
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    return _from_hf(ds, image_column, label_column, str(path))
+    return ds
+
+
+def _saved_dataset(path: Path, image_column: str, label_column: str):
+    return _from_hf(read_saved_dataset(path, "data.source"), image_column, label_column, str(path))
 
 
 def load_source(source: str, image_column: str = "image", label_column: str = "label"):

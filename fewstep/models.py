@@ -194,12 +194,34 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ED
     return denoiser, info
 
 
+# --- Small modules saved as <stem>.safetensors + <stem>.json (weights + constructor config) ----------
+
+
+class ConfiguredModule(nn.Module):
+    """A module rebuilt from its constructor arguments (`self.config`) plus safetensors weights."""
+
+    file_stem: str
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        save_tensors(self.state_dict(), path / f"{self.file_stem}.safetensors")
+        write_json(self.config, path / f"{self.file_stem}.json")
+
+    @classmethod
+    def load(cls, path: Path):
+        model = _from_config(cls, path / f"{cls.file_stem}.json")
+        _load_state(model, path / f"{cls.file_stem}.safetensors")
+        return model
+
+
 # --- Evaluation featurizer ------------------------------------------------------------------------
 
 
-class Featurizer(nn.Module):
+class Featurizer(ConfiguredModule):
     """A small classifier trained on real data: penultimate features for FID / precision / recall,
     logits for conditioning accuracy. `num_features` lets torchmetrics use it as FID's feature module."""
+
+    file_stem = "featurizer"
 
     def __init__(self, channels: int, num_classes: int, features: int = 128):
         super().__init__()
@@ -220,23 +242,18 @@ class Featurizer(nn.Module):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self(images))
 
-    def save(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        save_tensors(self.state_dict(), path / "featurizer.safetensors")
-        write_json(self.config, path / "featurizer.json")
-
     @classmethod
     def load(cls, path: Path) -> "Featurizer":
-        model = _from_config(cls, path / "featurizer.json")
-        _load_state(model, path / "featurizer.safetensors")
-        return model.eval()
+        return super().load(path).eval()
 
 
 # --- GAN head on the fake-score UNet's bottleneck ---------------------------------------------------
 
 
-class GanHead(nn.Module):
+class GanHead(ConfiguredModule):
     """DMD2's discriminator head: conv 4x4 stride 2 -> GroupNorm -> SiLU -> 1x1 conv logit, averaged."""
+
+    file_stem = "gan_head"
 
     def __init__(self, in_channels: int, width: int = 64):
         super().__init__()
@@ -249,16 +266,6 @@ class GanHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features).mean(dim=(1, 2, 3))
-
-    def save(self, path: Path) -> None:
-        save_tensors(self.state_dict(), path / "gan_head.safetensors")
-        write_json(self.config, path / "gan_head.json")
-
-    @classmethod
-    def load(cls, path: Path) -> "GanHead":
-        head = _from_config(cls, path / "gan_head.json")
-        _load_state(head, path / "gan_head.safetensors")
-        return head
 
 
 class BottleneckTap:

@@ -179,3 +179,20 @@ def test_default_student_sigmas_spread_over_the_karras_grid():
     four = distill.student_sigmas(DistillParams(student_steps=4), edm)
     assert four[0] == 80.0 and all(a > b for a, b in zip(four, four[1:])) and four[-1] > 0.002
     assert distill.student_sigmas(DistillParams(student_steps=2, student_sigmas=[50.0, 5.0]), edm) == [50.0, 5.0]
+
+
+def test_real_guidance_is_null_label_cfg_on_the_teacher_in_the_dm_gradient():
+    setup = tiny_unet_setup("dmd2", real_guidance=2.0)
+    teacher = setup.teacher
+    x, sigma, labels = torch.randn(4, 1, 8, 8), torch.full((4,), 1.5), torch.tensor([0, 3, 5, 9])
+    cond, uncond = teacher(x, sigma, labels), teacher(x, sigma, torch.full_like(labels, teacher.null_label))
+    torch.testing.assert_close(teacher.guided(x, sigma, labels, 2.0), uncond + 2.0 * (cond - uncond),
+                               atol=1e-5, rtol=1e-5)
+    assert torch.equal(teacher.guided(x, sigma, labels, 1.0), cond)
+
+    seen = []
+    guided = teacher.guided
+    teacher.guided = lambda *args: seen.append(args[-1]) or guided(*args)
+    obj = objectives.build("dmd2", setup)
+    obj.distribution_matching(torch.randn(4, 1, 8, 8, requires_grad=True), labels)
+    assert seen == [2.0]  # the real score of the DM gradient is the guided teacher

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import DataError
+from ..data import DataError, read_saved_dataset
 
 
 @dataclass
@@ -32,14 +32,7 @@ def _text_file(path: Path) -> Prompts:
 
 
 def _dataset(path: Path, text_column: str, image_column: str | None) -> Prompts:
-    from datasets import DatasetDict, load_from_disk
-
-    try:
-        ds = load_from_disk(str(path))
-    except Exception as exc:  # datasets raises several types for a corrupt directory
-        raise DataError(f"prompts.source: {path} is not a readable `datasets` save_to_disk directory ({exc})") from None
-    if isinstance(ds, DatasetDict):
-        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    ds = read_saved_dataset(path, "prompts.source")
     for key, column in (("text_column", text_column), ("image_column", image_column)):
         if column is not None and column not in ds.column_names:
             raise DataError(f"prompts.{key}: {path} has no column {column!r} (columns: {ds.column_names})")
