@@ -21,7 +21,8 @@ def losses(folder):
 def test_two_processes_follow_the_one_process_loss_trajectory(tmp_path):
     base = tmp_path / "base"
     base.mkdir()
-    write_params(base, tiny_params(**{"teacher.steps": 30, "teacher.batch_size": 16, "run.num_threads": 1}))
+    params = tiny_params(**{"teacher.steps": 30, "teacher.batch_size": 16, "run.num_threads": 1})
+    write_params(base, params)
     run_stage("prepare", base, "--out", "prepare")
     one, two = tmp_path / "one", tmp_path / "two"
     shutil.copytree(base, one)
@@ -35,8 +36,14 @@ def test_two_processes_follow_the_one_process_loss_trajectory(tmp_path):
     for (_, a), (_, b) in zip(single, double):
         assert b == pytest.approx(a, rel=1e-4)  # averaged gradients of two half batches = the whole batch
     weights = [load_file(f / "teacher/model/unet/diffusion_pytorch_model.safetensors") for f in (one, two)]
+    lr = params["teacher"]["lr"]
     for key in weights[0]:
-        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-4, atol=1e-5)
+        diff = (weights[1][key] - weights[0][key]).abs()
+        # Summation order differs between one batch and two all-reduced halves; Adam divides by sqrt(v), so
+        # for a weight whose gradient is ~0 that rounding can change a step by up to lr. Typical weights must
+        # still agree to float precision, and no weight may be off by more than one Adam step.
+        assert diff.mean() < 1e-6, key
+        assert diff.max() < lr, key
     assert not list(two.glob("teacher/**/rank*")), "only rank 0 writes the stage output"
 
 
