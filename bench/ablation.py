@@ -2,7 +2,7 @@
 one training budget, each variant scored by the evaluate stage (FIDs averaged over its sampling seeds).
 
     python bench/ablation.py [--variants bench/ablation.yaml] [--only NAME ...] [--jobs 1]
-                             [--set run.device=cuda ...] [--table-only]
+                             [--set run.device=cuda ...] [--table-only [--merge NAME ...]]
 
 Every variant is params.yaml plus the overrides listed in bench/ablation.yaml. It reuses this
 workspace's prepare/teacher/trajectories outputs (run `dvc repro trajectories` first) and runs the
@@ -114,7 +114,9 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     ap.add_argument("--jobs", type=int, default=1, help="variants run at once")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
-    ap.add_argument("--table-only", action="store_true", help="rebuild the table from results/ablation.json")
+    ap.add_argument("--table-only", action="store_true", help="rebuild the table from results/<--name>.json")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="NAME",
+                    help="with --table-only: one table from several results/<NAME>.json, saved as <--name>")
     ap.add_argument("--name", default="ablation", help="results file stem under bench/results/")
     args = ap.parse_args()
 
@@ -122,8 +124,10 @@ def main() -> None:
     out_json = RESULTS / f"{args.name}.json"
     command = "python bench/ablation.py " + " ".join(sys.argv[1:])
     if args.table_only:
-        stored = json.loads(out_json.read_text())
-        rows, command, sets = stored["rows"], stored["command"], stored["sets"]
+        stored = [json.loads((RESULTS / f"{name}.json").read_text()) for name in (args.merge or [args.name])]
+        rows = [row for part in stored for row in part["rows"]]
+        command = "`, `".join(part["command"] for part in stored)
+        sets = stored[0]["sets"] if all(part["sets"] == stored[0]["sets"] for part in stored) else {}
     else:
         missing = [s for s in SHARED if not (ROOT / s).exists()]
         if missing:

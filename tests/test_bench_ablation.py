@@ -1,0 +1,38 @@
+"""bench/ablation.py's table: rows of several result files merged into one markdown table."""
+import importlib.util
+import json
+import sys
+
+from conftest import ROOT
+
+
+def load_ablation():
+    spec = importlib.util.spec_from_file_location("ablation", ROOT / "bench" / "ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def result(variant, lr, fids):
+    model = lambda fid: {"fid": fid, "fid_std": 0.01, "precision": 0.8, "recall": 0.9, "nfe": 1, "latency_ms": 1.0}
+    metrics = {"teacher": model(1.4), **{f"student@{k}": model(f) for k, f in fids.items()}}
+    return {"variant": variant, "overrides": {}, "metrics": metrics, "seconds": {"distill": 10, "finetune": 2},
+            "params": {"objective": "dmd2", "student_steps": max(fids), "backward_simulation": True, "lr": lr}}
+
+
+def test_merge_builds_one_table_from_several_runs(tmp_path, monkeypatch):
+    ablation = load_ablation()
+    monkeypatch.setattr(ablation, "RESULTS", tmp_path)
+    (tmp_path / "a.json").write_text(json.dumps({"command": "run a", "sets": {}, "rows": [result("x", 2e-4, {1: 1.5})]}))
+    (tmp_path / "b.json").write_text(json.dumps({"command": "run b", "sets": {}, "rows": [
+        result("y", 1e-4, {1: 2.0, 2: 1.3, 4: 1.2}), {"variant": "z", "overrides": {}, "failed": "distill"}]}))
+    monkeypatch.setattr(sys, "argv", ["ablation.py", "--table-only", "--merge", "a", "b", "--name", "both"])
+    ablation.main()
+
+    table = (tmp_path / "both.md").read_text()
+    assert "`run a`, `run b`" in table
+    rows = [line for line in table.splitlines() if line.startswith("| x ") or line.startswith("| y ")]
+    assert [r.split(" | ")[5] for r in rows] == ["student@1", "student@1", "student@2", "student@4"]
+    assert "| y | dmd2 | 4 | on | 0.0001 | student@4 | 1.200 ± 0.010 |" in table
+    assert "| z | failed in distill |" in table
+    assert [r["variant"] for r in json.loads((tmp_path / "both.json").read_text())["rows"]] == ["x", "y", "z"]
