@@ -33,7 +33,8 @@ def karras_positions(edm, positions: list[float]) -> list[float]:
 
 def student_sigmas(params, edm) -> list[float]:
     """The student's conditioning noise levels: given, or k evenly spaced Karras positions 0, 1/k, ...
-    (the EDM counterpart of DMD2's timesteps 999/749/499/249)."""
+    (evenly spaced like DMD2's timesteps 999/749/499/249; mapped through SD's noise schedule those would
+    be lower, sigma/sigma_data 14.6, 4.1, 1.6, 0.69, which trained worse here: README, ablations)."""
     if params.student_sigmas is not None:
         return [float(s) for s in params.student_sigmas]
     k = params.student_steps
