@@ -3,21 +3,15 @@ precision/recall, conditioning accuracy (featurizer), NFE and per-image latency 
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from fewstep import runtime
+from fewstep.evaluation import batched, seed_noise, student_sampler
 from fewstep.grid import save_grid
 from fewstep.io import atomic_output, load_trajectories, write_json
 from fewstep.data import load_prepared
 from fewstep.metrics import Evaluator, latency_ms
 from fewstep.models import Featurizer, load_model
-from fewstep.sampling import heun_sample, student_sample, student_sigmas_for
-
-
-@torch.no_grad()
-def batched(fn, noise, labels, batch_size, device, desc):
-    pairs = list(zip(noise.split(batch_size), labels.split(batch_size)))
-    return torch.cat([fn(n.to(device), y.to(device)).cpu() for n, y in tqdm(pairs, desc=desc, unit="batch")])
+from fewstep.sampling import heun_sample, student_sigmas_for
 
 
 def student_step_counts(num_steps: int) -> list[int]:
@@ -43,27 +37,21 @@ def main(params, args, device):
     labels, steps = traj["labels"], traj["index"]["sampling_steps"]
     num_steps = len(student_info["student_sigmas"])
 
-    def student_at(k, seed_index):
-        sigmas, gen = student_sigmas_for(student_info, k), runtime.seeded(params.seed, f"evaluate/student/{seed_index}")
-        return lambda n, y: student_sample(student, n, y, sigmas, gen)
-
     samplers = {"teacher": lambda i: (lambda n, y: heun_sample(teacher, n, y, steps)),
                 "teacher_1nfe": lambda i: (lambda n, y: heun_sample(teacher, n, y, 1))}
     nfes = {"teacher": traj["index"]["nfe"], "teacher_1nfe": 1}
     for k in student_step_counts(num_steps):
-        samplers[f"student@{k}"] = lambda i, k=k: student_at(k, i)
+        sigmas = student_sigmas_for(student_info, k)
+        samplers[f"student@{k}"] = lambda i, sigmas=sigmas: student_sampler(student, sigmas, params.seed, i)
         nfes[f"student@{k}"] = k
 
-    # Seed 0 reuses the trajectories' noise and teacher images (teacher and student compared pairwise);
-    # every further seed draws fresh noise for all models alike.
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in samplers}
     first: dict[str, torch.Tensor] = {}
     for i in range(p.seeds):
-        noise = traj["noise"] if i == 0 else torch.randn(traj["noise"].shape,
-                                                          generator=runtime.seeded(params.seed, f"evaluate/{i}"))
+        noise = seed_noise(traj["noise"], params.seed, i)
         for name, make in samplers.items():
             if i == 0 and name == "teacher":
-                images = traj["images"]
+                images = traj["images"]  # seed 0 is the trajectories' noise: their teacher images
             else:
                 images = batched(make(i), noise, labels, p.batch_size, device, f"{name} seed {i}")
             runs[name].append(evaluator.score(images, labels))

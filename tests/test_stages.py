@@ -130,3 +130,18 @@ def test_same_params_same_bytes(workdir, tmp_path):
     for rel in ("prepare/data.safetensors", "prepare/featurizer/featurizer.safetensors",
                 "teacher/model/unet/diffusion_pytorch_model.safetensors"):
         assert (tmp_path / rel).read_bytes() == (workdir / rel).read_bytes(), rel
+
+
+def test_step_subsets_reproduces_evaluate(workdir, tmp_path):
+    """bench/step_subsets.py shares evaluate's noise streams, so the student's own schedule scores the same."""
+    import sys
+    from conftest import ROOT, run
+
+    run([sys.executable, str(ROOT / "bench/step_subsets.py"), "--workspace", str(workdir), "--student",
+         str(workdir / "finetune/student"), "--steps", "0", "--seeds", "3", "--results", str(tmp_path), "--name", "s"],
+        workdir)
+    row, = json.loads((tmp_path / "s.json").read_text())["rows"]
+    metrics = json.loads((workdir / "evaluate/metrics.json").read_text())
+    assert row["fid_per_seed"] == pytest.approx(metrics["student@1"]["fid_per_seed"], rel=1e-5)
+    assert len(set(row["fid_per_seed"])) == 3  # three different noise draws, not one reused
+    assert (tmp_path / "s.md").read_text().count("\n| 0 |") == 1

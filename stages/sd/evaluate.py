@@ -7,18 +7,13 @@ from pathlib import Path
 import torch
 
 from fewstep import runtime
+from fewstep.evaluation import batched
 from fewstep.grid import save_grid
 from fewstep.io import atomic_output, write_json
 from fewstep.metrics import latency_ms
 from fewstep.sampling import heun_sample, student_sample
 from fewstep.sd import encode, evaluate, models, teacher as teachers
 from fewstep.sd.store import Encoded, load_trajectories
-
-
-@torch.no_grad()
-def batched(fn, noise, cond, batch_size, device):
-    return torch.cat([fn(noise[i:i + batch_size].to(device), cond[i:i + batch_size].to(device)).cpu()
-                      for i in range(0, len(noise), batch_size)])
 
 
 def image_metrics(p, images: dict, prompts: list[str], resolution: int) -> tuple[dict, list[str]]:
@@ -57,7 +52,8 @@ def main(params, args, device):
     # Same noise and prompts as the teacher's held-out trajectories: teacher and student compared pairwise.
     run_student = lambda n, c: student_sample(student, n, c, sigmas, gen)
     run_teacher = lambda n, c: heun_sample(teacher, n, c, steps, guidance)
-    latents = {"teacher": traj["latents"], "student": batched(run_student, traj["noise"], cond, p.batch_size, device)}
+    latents = {"teacher": traj["latents"], "student": batched(run_student, traj["noise"], cond, p.batch_size, device,
+                                                                    "student")}
     metrics = {"teacher": {"nfe": traj["index"]["nfe"], "steps": steps, "guidance": guidance},
                "student": {"nfe": len(sigmas), "steps": len(sigmas), "timesteps": info["student_timesteps"]}}
 
