@@ -3,7 +3,9 @@
     python bench/step_subsets.py --student bench/.ablation/dmd2@4-sim-lr5e-5/finetune/student \\
         --steps 0,2 0,1,2 0,2,3 0,1,2,3 [--seeds 2] [--name NAME]
 
-Each --steps entry lists indices into the student's conditioning noise levels (0 = the first, sigma_max).
+Each --steps entry lists indices into the student's conditioning noise levels (0 = the first, sigma_max);
+an entry `t<sigma>` (e.g. `0,1,2,t0.17`) lets the *teacher* take that step at that noise level instead, which
+shows what a last re-noise-and-denoise step can give at best.
 `evaluate` scores only the student's own schedule and its evenly spaced subsets; this scores any subset
 (each step re-noises the previous estimate to the next level, as `student_sample` does),
 with evaluate's data, featurizer and noise streams (seed 0: the trajectories' noise), so the student's
@@ -27,10 +29,42 @@ from fewstep.params import load
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class TeacherAt:
+    """The student, except at the given noise levels, where the teacher denoises (one step each)."""
+
+    def __init__(self, student, teacher, sigmas: set[float]):
+        self.student, self.teacher, self.sigmas = student, teacher, sigmas
+
+    def __call__(self, x, sigma, cond):
+        return (self.teacher if sigma in self.sigmas else self.student)(x, sigma, cond)
+
+
+def parse_steps(spec: str, student_sigmas: list[float]) -> tuple[list[float], set[float]]:
+    """'0,2,t0.17' -> noise levels [80, 2.52, 0.17] and the teacher's {0.17}; exits with one line if malformed."""
+    sigmas, teacher_sigmas = [], set()
+    try:
+        for item in spec.split(","):
+            if item.startswith("t"):
+                sigmas.append(float(item[1:]))
+                teacher_sigmas.add(sigmas[-1])
+            else:
+                if not 0 <= int(item) < len(student_sigmas):
+                    raise ValueError
+                sigmas.append(student_sigmas[int(item)])
+    except ValueError:
+        sigmas = []
+    if not sigmas or sigmas != sorted(set(sigmas), reverse=True):
+        raise SystemExit(f"--steps {spec}: expected decreasing noise levels: indices in 0..{len(student_sigmas) - 1} "
+                         "or t<sigma> for a teacher step")
+    return sigmas, teacher_sigmas
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--student", type=Path, required=True)
-    ap.add_argument("--steps", nargs="+", required=True, help="comma-separated step indices, one subset per entry")
+    ap.add_argument("--steps", nargs="+", required=True,
+                    help="comma-separated step indices (or t<sigma> for a teacher step), one subset per entry")
+    ap.add_argument("--teacher", type=Path, default=None, help="for t<sigma> steps; default: <workspace>/teacher/model")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--name", default="step_subsets")
     ap.add_argument("--workspace", type=Path, default=ROOT, help="holds params.yaml, prepare/ and trajectories/")
@@ -42,17 +76,19 @@ def main() -> None:
     _, data = load_prepared(args.workspace / "prepare", splits=("train", "test"))
     evaluator = Evaluator(Featurizer.load(args.workspace / "prepare" / "featurizer"), data["test_images"])
     student, info = load_model(args.student)
+    teacher = None
     traj = load_trajectories(args.workspace / "trajectories")
     noises = [seed_noise(traj["noise"], seed, i) for i in range(args.seeds)]
     rows = []
     for spec in args.steps:
-        steps = [int(k) for k in spec.split(",")]
-        if not steps or any(not 0 <= k < len(info["student_sigmas"]) for k in steps) or steps != sorted(set(steps)):
-            raise SystemExit(f"--steps {spec}: expected increasing indices in 0..{len(info['student_sigmas']) - 1}")
-        sigmas = [info["student_sigmas"][k] for k in steps]
-        fids = [evaluator.fid_of(batched(student_sampler(student, sigmas, seed, i), noise, traj["labels"], batch_size, "cpu"))
+        sigmas, teacher_sigmas = parse_steps(spec, info["student_sigmas"])
+        model = student
+        if teacher_sigmas:
+            teacher = teacher or load_model(args.teacher or args.workspace / "teacher" / "model")[0]
+            model = TeacherAt(student, teacher, teacher_sigmas)
+        fids = [evaluator.fid_of(batched(student_sampler(model, sigmas, seed, i), noise, traj["labels"], batch_size, "cpu"))
                 for i, noise in enumerate(noises)]
-        rows.append({"steps": steps, "sigmas": sigmas, "fid": sum(fids) / len(fids), "fid_per_seed": fids})
+        rows.append({"steps": spec.split(","), "sigmas": sigmas, "fid": sum(fids) / len(fids), "fid_per_seed": fids})
         print(f"[step_subsets] {spec}: FID {rows[-1]['fid']:.3f} ({' / '.join(f'{f:.3f}' for f in fids)})", flush=True)
 
     command = "python bench/step_subsets.py --student " + str(args.student) + " --steps " + " ".join(args.steps)
@@ -61,7 +97,8 @@ def main() -> None:
     (out / f"{args.name}.json").write_text(json.dumps({"command": command, "student": str(args.student),
                                                         "student_sigmas": info["student_sigmas"], "rows": rows}, indent=1))
     lines = [f"Made by `{command}` (--seeds {args.seeds}); the student's own noise levels: "
-             f"{[round(s, 4) for s in info['student_sigmas']]}.", "",
+             f"{[round(s, 4) for s in info['student_sigmas']]}." + (" `t<sigma>`: the teacher takes that step "
+                                                                   "(one denoiser call)." if teacher else ""), "",
              "| steps | noise levels | FID (mean) | per seed |", "|---|---|---|---|"]
     lines += [f"| {','.join(map(str, r['steps']))} | {', '.join(f'{s:.3g}' for s in r['sigmas'])} | {r['fid']:.3f} | "
               f"{' / '.join(f'{f:.3f}' for f in r['fid_per_seed'])} |" for r in rows]
