@@ -13,12 +13,13 @@ from .sampling import student_sample
 
 
 @torch.no_grad()
-def batched(fn: Callable, noise: torch.Tensor, cond: torch.Tensor, batch_size: int, device,
+def batched(fn: Callable, noise: torch.Tensor, cond, batch_size: int, device,
             desc: str | None = None) -> torch.Tensor:
-    """fn(noise, cond) over batches on `device`, gathered on the CPU; a progress bar when `desc` is given."""
-    pairs = list(zip(noise.split(batch_size), cond.split(batch_size)))
-    return torch.cat([fn(n.to(device), c.to(device)).cpu()
-                      for n, c in tqdm(pairs, desc=desc, unit="batch", disable=desc is None)])
+    """fn(noise, cond) over batches on `device`, gathered on the CPU; a progress bar when `desc` is given.
+    `cond` is anything sliceable with a `.to(device)`: class labels, or the SD pipelines' SDCond."""
+    starts = range(0, len(noise), batch_size)
+    return torch.cat([fn(noise[i:i + batch_size].to(device), cond[i:i + batch_size].to(device)).cpu()
+                      for i in tqdm(starts, desc=desc, unit="batch", disable=desc is None)])
 
 
 def seed_noise(trajectory_noise: torch.Tensor, seed: int, index: int) -> torch.Tensor:
