@@ -182,9 +182,7 @@ class FinetuneParams(DistillParams):
 
 class EvaluateParams(Section):
     seeds: int = Field(3, gt=0)  # sampling seeds; FID and friends are averaged over them
-    batch_size: int = Field(250, gt=0)
-    latency_batch: int = Field(250, gt=0)
-    latency_repeats: int = Field(3, gt=0)
+    batch_size: int = Field(250, gt=0)  # also the batch at which latency is timed
     knn_k: int = Field(3, gt=0)
     grid_size: int = Field(10, gt=0)
 

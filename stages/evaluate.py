@@ -9,7 +9,7 @@ from fewstep.evaluation import batched, seed_noise, student_sampler
 from fewstep.grid import save_grid
 from fewstep.io import atomic_output, load_trajectories, write_json
 from fewstep.data import load_prepared
-from fewstep.metrics import Evaluator, latency_ms
+from fewstep.metrics import Evaluator
 from fewstep.models import Featurizer, load_model
 from fewstep.sampling import heun_sample, student_sigmas_for
 
@@ -46,6 +46,7 @@ def main(params, args, device):
         nfes[f"student@{k}"] = k
 
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in samplers}
+    timings: dict[str, list[float]] = {name: [] for name in samplers}  # ms per image, one per batch
     first: dict[str, torch.Tensor] = {}
     for i in range(p.seeds):
         noise = seed_noise(traj["noise"], params.seed, i)
@@ -53,17 +54,18 @@ def main(params, args, device):
             if i == 0 and name == "teacher":
                 images = traj["images"]  # seed 0 is the trajectories' noise: their teacher images
             else:
-                images = batched(make(i), noise, labels, p.batch_size, device, f"{name} seed {i}")
+                images = batched(make(i), noise, labels, p.batch_size, device, f"{name} seed {i}", timings[name])
             runs[name].append(evaluator.score(images, labels))
             first.setdefault(name, images)
 
-    # Latency: same batch size, same process, same device for every model.
-    bench_noise, bench_labels = traj["noise"][:p.latency_batch].to(device), labels[:p.latency_batch].to(device)
+    # Latency: the median over the batches generated above (same batch size, process and device for every
+    # model), so no model is run again just to be timed. With one seed the teacher generated nothing here.
+    if not timings["teacher"]:
+        batched(samplers["teacher"](0), traj["noise"][:p.batch_size], labels[:p.batch_size], p.batch_size,
+                device, timings=timings["teacher"])
     metrics = {}
-    for name, make in samplers.items():
-        generate = make(0)
-        with torch.no_grad():
-            latency = latency_ms(lambda: generate(bench_noise, bench_labels), len(bench_noise), p.latency_repeats)
+    for name in samplers:
+        latency = float(torch.tensor(timings[name]).median())
         metrics[name] = {**mean_over_seeds(runs[name]), "nfe": nfes[name], "latency_ms": latency}
         print(f"[evaluate] {name:13s} " + " ".join(f"{k}={v:.4g}" for k, v in metrics[name].items()
                                                     if not isinstance(v, list)), flush=True)

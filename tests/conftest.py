@@ -24,7 +24,7 @@ TINY = {
     "critic": {"steps": 2, "batch_size": 8},
     "distill": {"steps": 3, "batch_size": 8, "dmd2": {"ttur": 2}, "log_every": 2},
     "finetune": {"steps": 2, "batch_size": 8, "dmd2": {"ttur": 1}},
-    "evaluate": {"batch_size": 20, "latency_batch": 8, "latency_repeats": 1, "grid_size": 4},
+    "evaluate": {"batch_size": 20, "grid_size": 4},
 }
 
 

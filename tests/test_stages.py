@@ -150,3 +150,25 @@ def test_step_subsets_reproduces_evaluate(workdir, tmp_path):
     bad = run([sys.executable, str(ROOT / "bench/step_subsets.py"), "--workspace", str(workdir), "--student",
                str(workdir / "finetune/student"), "--steps", "0,5", "--results", str(tmp_path)], workdir, check=False)
     assert bad.returncode != 0 and "--steps 0,5: expected decreasing noise levels" in bad.stderr
+
+
+def test_latency_is_timed_on_the_generated_batches(workdir, tmp_path):
+    """One timing per generated batch (per image, ms); with a single seed the teacher, whose seed-0 images come
+    from the trajectories, is still timed."""
+    from fewstep.evaluation import batched
+
+    timings = []
+    out = batched(lambda n, c: n * 2, torch.ones(10, 1, 2, 2), torch.zeros(10), 4, "cpu", timings=timings)
+    assert torch.equal(out, torch.full((10, 1, 2, 2), 2.0)) and len(timings) == 3 and min(timings) > 0
+
+    params = tiny_params(**{"evaluate.seeds": 1})
+    write_params(workdir, params)
+    try:
+        args = list(STAGE_ARGS["evaluate"])
+        args[args.index("evaluate/samples")] = "eval1/samples"
+        args[args.index("evaluate/metrics.json")] = "eval1/metrics.json"
+        run_stage("evaluate", workdir, *args)
+    finally:
+        write_params(workdir, tiny_params())
+    metrics = json.loads((workdir / "eval1/metrics.json").read_text())
+    assert metrics["seeds"] == 1 and metrics["teacher"]["latency_ms"] > metrics["student@1"]["latency_ms"] > 0
