@@ -152,7 +152,7 @@ def test_step_subsets_reproduces_evaluate(workdir, tmp_path):
     assert bad.returncode != 0 and "--steps 0,5: expected decreasing noise levels" in bad.stderr
 
 
-def test_latency_is_timed_on_the_generated_batches(workdir, tmp_path):
+def test_latency_is_timed_on_the_generated_batches(workdir):
     """One timing per generated batch (per image, ms); with a single seed the teacher, whose seed-0 images come
     from the trajectories, is still timed."""
     from fewstep.evaluation import batched
