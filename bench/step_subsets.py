@@ -5,7 +5,9 @@
 
 Each --steps entry lists indices into the student's conditioning noise levels (0 = the first, sigma_max);
 an entry `t<sigma>` (e.g. `0,1,2,t0.17`) lets the *teacher* take that step at that noise level instead, which
-shows what a last re-noise-and-denoise step can give at best.
+shows what a last re-noise-and-denoise step can give at best; the entry `teacher` is the teacher itself at its
+full NFE (the trajectories' Heun steps), as a reference row. `--vs-train` adds each row's FID against the
+training images: what the models were fit to, where the held-out FID also counts the train/test gap.
 `evaluate` scores only the student's own schedule and its evenly spaced subsets; this scores any subset
 (each step re-noises the previous estimate to the next level, as `student_sample` does),
 with evaluate's data, featurizer and noise streams (seed 0: the trajectories' noise), so the student's
@@ -25,6 +27,7 @@ from fewstep.io import load_trajectories
 from fewstep.metrics import Evaluator
 from fewstep.models import Featurizer, load_model
 from fewstep.params import load
+from fewstep.sampling import heun_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,6 +69,7 @@ def main() -> None:
                     help="comma-separated step indices (or t<sigma> for a teacher step), one subset per entry")
     ap.add_argument("--teacher", type=Path, default=None, help="for t<sigma> steps; default: <workspace>/teacher/model")
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--vs-train", action="store_true", help="also FID against the training images")
     ap.add_argument("--name", default="step_subsets")
     ap.add_argument("--workspace", type=Path, default=ROOT, help="holds params.yaml, prepare/ and trajectories/")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
@@ -74,24 +78,42 @@ def main() -> None:
     params = load(args.workspace / "params.yaml")
     seed, batch_size = params.seed, params.evaluate.batch_size
     _, data = load_prepared(args.workspace / "prepare", splits=("train", "test"))
-    evaluator = Evaluator(Featurizer.load(args.workspace / "prepare" / "featurizer"), data["test_images"])
+    featurizer = Featurizer.load(args.workspace / "prepare" / "featurizer")
+    evaluator = Evaluator(featurizer, data["test_images"])
+    train_evaluator = Evaluator(featurizer, data["train_images"]) if args.vs_train else None
     student, info = load_model(args.student)
     teacher = None
     traj = load_trajectories(args.workspace / "trajectories")
     noises = [seed_noise(traj["noise"], seed, i) for i in range(args.seeds)]
     rows = []
-    for spec in args.steps:
-        sigmas, teacher_sigmas = parse_steps(spec, info["student_sigmas"])
-        model = student
-        if teacher_sigmas:
-            teacher = teacher or load_model(args.teacher or args.workspace / "teacher" / "model")[0]
-            model = TeacherAt(student, teacher, teacher_sigmas)
-        fids = [evaluator.fid_of(batched(student_sampler(model, sigmas, seed, i), noise, traj["labels"], batch_size, "cpu"))
-                for i, noise in enumerate(noises)]
-        rows.append({"steps": spec.split(","), "sigmas": sigmas, "fid": sum(fids) / len(fids), "fid_per_seed": fids})
-        print(f"[step_subsets] {spec}: FID {rows[-1]['fid']:.3f} ({' / '.join(f'{f:.3f}' for f in fids)})", flush=True)
+    def load_teacher():
+        return teacher or load_model(args.teacher or args.workspace / "teacher" / "model")[0]
 
-    command = "python bench/step_subsets.py --student " + str(args.student) + " --steps " + " ".join(args.steps)
+    for spec in args.steps:
+        if spec == "teacher":
+            teacher, steps = load_teacher(), traj["index"]["sampling_steps"]
+            sigmas, make = [], lambda i: (lambda n, y: heun_sample(teacher, n, y, steps))
+        else:
+            sigmas, teacher_sigmas = parse_steps(spec, info["student_sigmas"])
+            model = student
+            if teacher_sigmas:
+                teacher = load_teacher()
+                model = TeacherAt(student, teacher, teacher_sigmas)
+            make = lambda i, model=model, sigmas=sigmas: student_sampler(model, sigmas, seed, i)  # noqa: E731
+        images = [traj["images"] if spec == "teacher" and i == 0  # seed 0: the trajectories' own teacher images
+                  else batched(make(i), noise, traj["labels"], batch_size, "cpu") for i, noise in enumerate(noises)]
+        fids = [evaluator.fid_of(x) for x in images]
+        row = {"steps": spec.split(","), "sigmas": sigmas, "fid": sum(fids) / len(fids), "fid_per_seed": fids}
+        if train_evaluator:
+            row["fid_vs_train"] = sum(train_evaluator.fid_of(x) for x in images) / len(images)
+        rows.append(row)
+        vs_train = f", vs train {row['fid_vs_train']:.3f}" if train_evaluator else ""
+        print(f"[step_subsets] {spec}: FID {row['fid']:.3f} ({' / '.join(f'{f:.3f}' for f in fids)}){vs_train}",
+              flush=True)
+
+    nfe = traj["index"]["nfe"]
+    command = ("python bench/step_subsets.py --student " + str(args.student) + " --steps " + " ".join(args.steps)
+               + (" --vs-train" if args.vs_train else ""))
     out = args.results
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps({"command": command, "student": str(args.student),
@@ -99,9 +121,11 @@ def main() -> None:
     lines = [f"Made by `{command}` (--seeds {args.seeds}); the student's own noise levels: "
              f"{[round(s, 4) for s in info['student_sigmas']]}." + (" `t<sigma>`: the teacher takes that step "
                                                                    "(one denoiser call)." if teacher else ""), "",
-             "| steps | noise levels | FID (mean) | per seed |", "|---|---|---|---|"]
-    lines += [f"| {','.join(map(str, r['steps']))} | {', '.join(f'{s:.3g}' for s in r['sigmas'])} | {r['fid']:.3f} | "
-              f"{' / '.join(f'{f:.3f}' for f in r['fid_per_seed'])} |" for r in rows]
+             "| steps | noise levels | FID (mean) | per seed |" + (" FID vs train |" if train_evaluator else ""),
+             "|---|---|---|---|" + ("---|" if train_evaluator else "")]
+    lines += [f"| {','.join(map(str, r['steps']))} | {', '.join(f'{s:.3g}' for s in r['sigmas']) or f'teacher, {nfe} NFE'} | "
+              f"{r['fid']:.3f} | {' / '.join(f'{f:.3f}' for f in r['fid_per_seed'])} |"
+              + (f" {r['fid_vs_train']:.3f} |" if train_evaluator else "") for r in rows]
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -138,11 +138,15 @@ def test_step_subsets_reproduces_evaluate(workdir, tmp_path):
     from conftest import ROOT, run
 
     run([sys.executable, str(ROOT / "bench/step_subsets.py"), "--workspace", str(workdir), "--student",
-         str(workdir / "finetune/student"), "--steps", "0", "0,t0.5", "--seeds", "3", "--results", str(tmp_path),
-         "--name", "s"], workdir)
-    row, with_teacher = json.loads((tmp_path / "s.json").read_text())["rows"]
+         str(workdir / "finetune/student"), "--steps", "teacher", "0", "0,t0.5", "--seeds", "3", "--vs-train",
+         "--results", str(tmp_path), "--name", "s"], workdir)
+    teacher, row, with_teacher = json.loads((tmp_path / "s.json").read_text())["rows"]
     metrics = json.loads((workdir / "evaluate/metrics.json").read_text())
     assert row["fid_per_seed"] == pytest.approx(metrics["student@1"]["fid_per_seed"], rel=1e-5)
+    assert teacher["fid_per_seed"] == pytest.approx(metrics["teacher"]["fid_per_seed"], rel=1e-5)
+    # against the training images instead of the held-out ones: a different, finite number
+    assert all(r["fid_vs_train"] > 0 and r["fid_vs_train"] != r["fid"] for r in (teacher, row, with_teacher))
+    assert "FID vs train" in (tmp_path / "s.md").read_text()
     assert len(set(row["fid_per_seed"])) == 3  # three different noise draws, not one reused
     # a teacher step at sigma 0.5 after the student's: two noise levels, and it changes the samples
     assert with_teacher["sigmas"] == [80.0, 0.5] and with_teacher["fid_per_seed"] != row["fid_per_seed"]
