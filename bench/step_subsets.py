@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Callable
 
 from fewstep.data import load_prepared
 from fewstep.evaluation import batched, seed_noise, student_sampler
@@ -40,6 +41,10 @@ class TeacherAt:
 
     def __call__(self, x, sigma, cond):
         return (self.teacher if sigma in self.sigmas else self.student)(x, sigma, cond)
+
+
+def has_teacher_step(spec: str) -> bool:
+    return spec != "teacher" and any(item.startswith("t") for item in spec.split(","))
 
 
 def parse_steps(spec: str, student_sigmas: list[float]) -> tuple[list[float], set[float]]:
@@ -82,24 +87,25 @@ def main() -> None:
     evaluator = Evaluator(featurizer, data["test_images"])
     train_evaluator = Evaluator(featurizer, data["train_images"]) if args.vs_train else None
     student, info = load_model(args.student)
-    teacher = None
     traj = load_trajectories(args.workspace / "trajectories")
     noises = [seed_noise(traj["noise"], seed, i) for i in range(args.seeds)]
-    rows = []
-    def load_teacher():
-        return teacher or load_model(args.teacher or args.workspace / "teacher" / "model")[0]
+    teacher = None
 
-    for spec in args.steps:
+    def sampler_for(spec: str) -> tuple[list[float], Callable[[int], Callable]]:
+        """An entry's noise levels (none for the full teacher) and its sampler per sampling seed."""
+        nonlocal teacher
+        if spec == "teacher" or has_teacher_step(spec):
+            teacher = teacher or load_model(args.teacher or args.workspace / "teacher" / "model")[0]
         if spec == "teacher":
-            teacher, steps = load_teacher(), traj["index"]["sampling_steps"]
-            sigmas, make = [], lambda i: (lambda n, y: heun_sample(teacher, n, y, steps))
-        else:
-            sigmas, teacher_sigmas = parse_steps(spec, info["student_sigmas"])
-            model = student
-            if teacher_sigmas:
-                teacher = load_teacher()
-                model = TeacherAt(student, teacher, teacher_sigmas)
-            make = lambda i, model=model, sigmas=sigmas: student_sampler(model, sigmas, seed, i)  # noqa: E731
+            steps = traj["index"]["sampling_steps"]
+            return [], lambda i: (lambda noise, cond: heun_sample(teacher, noise, cond, steps))
+        sigmas, teacher_sigmas = parse_steps(spec, info["student_sigmas"])
+        model = TeacherAt(student, teacher, teacher_sigmas) if teacher_sigmas else student
+        return sigmas, lambda i: student_sampler(model, sigmas, seed, i)
+
+    rows = []
+    for spec in args.steps:
+        sigmas, make = sampler_for(spec)
         images = [traj["images"] if spec == "teacher" and i == 0  # seed 0: the trajectories' own teacher images
                   else batched(make(i), noise, traj["labels"], batch_size, "cpu") for i, noise in enumerate(noises)]
         fids = [evaluator.fid_of(x) for x in images]
@@ -107,8 +113,8 @@ def main() -> None:
         if train_evaluator:
             row["fid_vs_train"] = sum(train_evaluator.fid_of(x) for x in images) / len(images)
         rows.append(row)
-        vs_train = f", vs train {row['fid_vs_train']:.3f}" if train_evaluator else ""
-        print(f"[step_subsets] {spec}: FID {row['fid']:.3f} ({' / '.join(f'{f:.3f}' for f in fids)}){vs_train}",
+        against_train = f", vs train {row['fid_vs_train']:.3f}" if train_evaluator else ""
+        print(f"[step_subsets] {spec}: FID {row['fid']:.3f} ({' / '.join(f'{f:.3f}' for f in fids)}){against_train}",
               flush=True)
 
     nfe = traj["index"]["nfe"]
@@ -118,14 +124,18 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps({"command": command, "student": str(args.student),
                                                         "student_sigmas": info["student_sigmas"], "rows": rows}, indent=1))
+    with_teacher_steps = any(map(has_teacher_step, args.steps))
+    note = " `t<sigma>`: the teacher takes that step (one denoiser call)." if with_teacher_steps else ""
+    vs_train = " FID vs train |" if train_evaluator else ""
     lines = [f"Made by `{command}` (--seeds {args.seeds}); the student's own noise levels: "
-             f"{[round(s, 4) for s in info['student_sigmas']]}." + (" `t<sigma>`: the teacher takes that step "
-                                                                   "(one denoiser call)." if teacher else ""), "",
-             "| steps | noise levels | FID (mean) | per seed |" + (" FID vs train |" if train_evaluator else ""),
-             "|---|---|---|---|" + ("---|" if train_evaluator else "")]
-    lines += [f"| {','.join(map(str, r['steps']))} | {', '.join(f'{s:.3g}' for s in r['sigmas']) or f'teacher, {nfe} NFE'} | "
-              f"{r['fid']:.3f} | {' / '.join(f'{f:.3f}' for f in r['fid_per_seed'])} |"
-              + (f" {r['fid_vs_train']:.3f} |" if train_evaluator else "") for r in rows]
+             f"{[round(s, 4) for s in info['student_sigmas']]}.{note}", "",
+             f"| steps | noise levels | FID (mean) | per seed |{vs_train}",
+             "|---|---|---|---|" + "---|" * bool(vs_train)]
+    for r in rows:
+        levels = ", ".join(f"{s:.3g}" for s in r["sigmas"]) or f"teacher, {nfe} NFE"
+        lines.append(f"| {','.join(r['steps'])} | {levels} | {r['fid']:.3f} | "
+                     f"{' / '.join(f'{f:.3f}' for f in r['fid_per_seed'])} |"
+                     + (f" {r['fid_vs_train']:.3f} |" if train_evaluator else ""))
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 
