@@ -21,7 +21,8 @@ from .cache import Hasher
 from .checkpoint import CHECKPOINTS, Checkpointer, GeneratorState, fingerprint
 from .data import load_prepared
 from .io import load_trajectories
-from .models import BottleneckTap, EDMDenoiser, GanHead, load_model, save_model
+from .models import (BottleneckTap, EDMDenoiser, GanHead, load_model, per_step_labels, save_model,
+                     step_tables)
 from .params import ParamsError
 from .training import Minibatches, Phase, RealBatches, adamw, ema_for, karras_grid_sigmas, train
 
@@ -60,18 +61,44 @@ def fit(setup: objectives.Setup, params, out: Path, stage: str, train_generator:
         ema = ema_for(setup.student, params.ema_decay)
         phases.append(Phase("generator", setup.student, adamw(setup.student, params), objective.generator_loss,
                             grad_clip=params.grad_clip, warmup_steps=params.warmup_steps, accumulate=params.grad_accum))
+    after_step = (lambda step: ema.step(setup.student.parameters())) if ema else None
+    if ema is not None and params.backward_simulation and params.simulate_with == "ema" and len(setup.student_sigmas) > 1:
+        setup.simulator = EmaSimulator(setup.student, ema)
+        after_step = setup.simulator.after_step
     if checkpoint is not None:
         checkpoint.track(generator_rng=GeneratorState(setup.generator), **({"ema": ema} if ema else {}))
     print(f"[{stage}] objective={params.objective} steps={params.steps} batch={params.batch_size}x{params.grad_accum} "
           f"lr={params.lr} critic_updates={critic_updates if train_generator else 'all'} "
           f"student_sigmas={[round(s, 4) for s in setup.student_sigmas]} "
-          f"backward_simulation={params.backward_simulation}", flush=True)
+          f"backward_simulation={params.backward_simulation}"
+          f"{f' ({params.simulate_with})' if params.backward_simulation else ''}", flush=True)
     last = train(phases, params.steps, out / "live", desc=stage, log_every=params.log_every, autocast=autocast,
-                 after_step=(lambda step: ema.step(setup.student.parameters())) if ema else None,
+                 after_step=after_step,
                  checkpoint=checkpoint)
     if ema is not None:
         ema.copy_to(setup.student.parameters())
     return last
+
+
+class EmaSimulator:
+    """The student's EMA weights as a frozen module, for backward simulation (`simulate_with: ema`): the
+    earlier steps then run the weights inference will run, not the noisier raw ones being trained.
+    Re-synced lazily after each EMA update (and so after a checkpoint restore, too)."""
+
+    def __init__(self, student: torch.nn.Module, ema):
+        self.ema, self.student = ema, student
+        self.module = copy.deepcopy(student).requires_grad_(False)
+        self.stale = True
+
+    def after_step(self, step: int) -> None:
+        self.ema.step(self.student.parameters())
+        self.stale = True
+
+    def __call__(self) -> torch.nn.Module:
+        if self.stale:
+            self.ema.copy_to(self.module.parameters())
+            self.stale = False
+        return self.module
 
 
 def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: torch.Generator,
@@ -99,7 +126,8 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
         if [round(s, 6) for s in student_info["student_sigmas"]] != [round(s, 6) for s in sigmas]:
             raise ParamsError(f"{stage}.student_steps/student_sigmas must match the student being continued "
                               f"({student_info['student_sigmas']}), got {sigmas}")
-    fake, head = load_critic(critic_dir, teacher)
+    per_step = params.per_step_critic and len(sigmas) > 1
+    fake, head = load_critic(critic_dir, teacher, len(sigmas) if per_step else 1, stage)
     parallel.synchronize(*([student] if train_generator else []), fake, head)
     num_classes = teacher.num_classes
     _, data = load_prepared(prepare_dir)
@@ -109,7 +137,8 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
         conditions=lambda n: torch.randint(num_classes, (n,), generator=generator).to(device),
         noise_levels=lambda n: karras_grid_sigmas(n, edm, params.t_min, params.t_max, generator).to(device),
         student_sigmas=sigmas, params=params, generator=generator, device=device, sigma_data=edm.sigma_data,
-        trajectories=trajectory_batches(trajectories_dir, params.batch_size, generator, device))
+        trajectories=trajectory_batches(trajectories_dir, params.batch_size, generator, device),
+        critic_cond=(lambda labels, k: labels + k * (num_classes + 1)) if per_step else None)
 
     inputs = [d for d in (teacher_dir, prepare_dir, student_dir, critic_dir, trajectories_dir) if d is not None]
     hasher = Hasher()
@@ -120,19 +149,26 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
     if train_generator:
         save_model(student.eval(), out / "student", role="student", student_sigmas=sigmas,
                    objective=params.objective)
-    save_model(fake.eval(), out / "critic", role="critic")
+    save_model(fake.eval(), out / "critic", role="critic", step_tables=step_tables(fake))
     head.save(out / "critic")
     parallel.finish()
     return last
 
 
-def load_critic(critic_dir: Path | None, teacher: EDMDenoiser) -> tuple[EDMDenoiser, GanHead]:
-    """The fake score and GAN head: from a previous stage, or freshly initialized from the teacher."""
+def load_critic(critic_dir: Path | None, teacher: EDMDenoiser, tables: int = 1,
+                stage: str = "distill") -> tuple[EDMDenoiser, GanHead]:
+    """The fake score and GAN head: from a previous stage, or freshly initialized from the teacher
+    (with `tables` > 1: one label table per student step, for a per-step critic)."""
     if critic_dir is None:
         fake = copy.deepcopy(teacher)
+        if tables > 1:
+            per_step_labels(fake, tables)
         head = GanHead(fake.unet.config.block_out_channels[-1])
     else:
         fake, _ = load_model(critic_dir)
+        if step_tables(fake) != tables:
+            raise ParamsError(f"{stage}.per_step_critic must match the critic being continued ({critic_dir}: "
+                              f"{step_tables(fake)} step table(s), this run needs {tables})")
         head = GanHead.load(critic_dir)
     device = next(teacher.parameters()).device
     return fake.to(device), head.to(device)

@@ -78,6 +78,21 @@ class EDMDenoiser(nn.Module):
         return uncond + guidance * (cond - uncond)
 
 
+def per_step_labels(denoiser: EDMDenoiser, steps: int) -> None:
+    """Give the denoiser one class-embedding table per student step (each a copy of its own), so that
+    label + k * (num_classes + 1) conditions it on samples from step k (`distill.per_step_critic`)."""
+    table = denoiser.unet.class_embedding
+    tiled = nn.Embedding(table.num_embeddings * steps, table.embedding_dim).to(table.weight.device)
+    with torch.no_grad():
+        tiled.weight.copy_(table.weight.repeat(steps, 1))
+    denoiser.unet.class_embedding = tiled
+    denoiser.unet.register_to_config(num_class_embeds=tiled.num_embeddings)
+
+
+def step_tables(denoiser: EDMDenoiser) -> int:
+    return denoiser.unet.class_embedding.num_embeddings // (denoiser.num_classes + 1)
+
+
 def make_scheduler(edm) -> EDMEulerScheduler:
     from diffusers import EDMEulerScheduler
 
@@ -171,9 +186,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ED
     kind = config.get("_class_name") if isinstance(config, dict) else None
     if kind != "UNet2DModel":
         raise ArtifactError(f"{unet_dir / 'config.json'}: _class_name is {kind!r}, expected 'UNet2DModel'")
-    if config.get("num_class_embeds") != info["num_classes"] + 1:
-        raise ArtifactError(f"{path / 'fewstep.json'}: num_classes {info['num_classes']} does not fit the UNet's "
-                            f"num_class_embeds {config.get('num_class_embeds')!r} (classes + the null label)")
+    step_tables = info.get("step_tables", 1)
+    if config.get("num_class_embeds") != (info["num_classes"] + 1) * step_tables:
+        raise ArtifactError(f"{path / 'fewstep.json'}: num_classes {info['num_classes']} (x {step_tables} step tables) "
+                            f"does not fit the UNet's num_class_embeds {config.get('num_class_embeds')!r} "
+                            "(classes + the null label, per table)")
     weights = _unet_weights(unet_dir)
 
     from diffusers import EDMEulerScheduler, UNet2DModel

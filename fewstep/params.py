@@ -143,6 +143,8 @@ class DistillParams(TrainLoopParams):
     student_steps: int = 1
     student_sigmas: list[float] | None = None  # conditioning noise levels; null = spread over the Karras grid
     backward_simulation: bool = True  # multi-step: the student's input at step k comes from its own steps < k
+    simulate_with: Literal["student", "ema"] = "student"  # weights that run those earlier steps
+    per_step_critic: bool = False  # multi-step: the fake score / GAN head condition on the step that made a sample
     real_guidance: float = Field(1.0, ge=0)  # CFG on the real (teacher) score; 1 = none
     t_min: float = Field(0.02, ge=0, lt=1)  # DM timestep range as fractions of the Karras grid
     t_max: float = Field(0.98, gt=0, le=1)

@@ -156,6 +156,80 @@ def test_backward_simulation_feeds_the_student_its_own_earlier_outputs(monkeypat
     assert not torch.equal(x3, torch.zeros_like(x3))
 
 
+def test_backward_simulation_can_run_the_students_ema_weights(monkeypatch):
+    from fewstep.training import ema_for
+
+    setup = tiny_unet_setup("dmd2", student_steps=4, simulate_with="ema")
+    ema = ema_for(setup.student, decay=0.5)
+    simulator = distill.EmaSimulator(setup.student, ema)
+    for step in range(3):  # "training updates": the raw weights move, the EMA (after its warm-up) lags
+        with torch.no_grad():
+            for p in setup.student.parameters():
+                p.add_(1.0)
+        simulator.after_step(step)
+    raw = [p.detach().clone() for p in setup.student.parameters()]
+    ema_weights = [p.detach().clone() for p in simulator().parameters()]
+    assert all(torch.equal(e, s) for e, s in zip(ema_weights, ema.shadow_params))
+    assert all(torch.all(e < r) for e, r in zip(ema_weights, raw))
+    assert not any(p.requires_grad for p in simulator().parameters())
+
+    setup.simulator = simulator
+    simulator.module = Recorder(simulator.module)
+    setup.student = Recorder(setup.student)
+    obj = objectives.build("dmd2", setup)
+    no_noise(monkeypatch)
+    x3, _ = obj.student_input(3)
+    assert setup.student.calls == []  # the raw student never ran the earlier steps...
+    assert [sigma for _, sigma, _ in simulator.module.calls] == pytest.approx(setup.student_sigmas[:3])
+    assert torch.equal(x3, simulator.module.calls[-1][2])  # ...its EMA did, and step 3 starts from that
+
+
+class LabelSpy(torch.nn.Module):
+    """Wraps the fake score and records the labels of every call."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.labels = inner, []
+
+    @property
+    def unet(self):
+        return self.inner.unet
+
+    def forward(self, x, sigma, cond):
+        self.labels.append(cond.clone())
+        return self.inner(x, sigma, cond)
+
+
+def test_per_step_critic_conditions_the_fake_score_on_the_step_that_made_the_samples(tmp_path):
+    from fewstep.models import load_model, per_step_labels, save_model, step_tables
+    from fewstep.params import ParamsError
+
+    setup = tiny_unet_setup("dmd2", student_steps=4, per_step_critic=True)
+    per_step_labels(setup.fake, 4)
+    x, sigma, labels = torch.randn(4, 1, 8, 8), torch.full((4,), 1.0), torch.arange(4)
+    with torch.no_grad():  # every table starts as a copy of the teacher's
+        assert torch.allclose(setup.fake(x, sigma, labels + 3 * 11), setup.teacher(x, sigma, labels), atol=1e-6)
+    setup.critic_cond = lambda cond, k: cond + k * 11
+    spy = setup.fake = LabelSpy(setup.fake)
+    obj = objectives.build("dmd2", setup)
+    tables = set()
+    for loss in [obj.critic_loss, obj.generator_loss] * 4:
+        spy.labels.clear()
+        loss()
+        # the student batch and (in the critic's GAN term) the real batch use the generated step's table
+        assert spy.labels and all(torch.all(seen // 11 == obj.generated_step) for seen in spy.labels)
+        tables.add(obj.generated_step)
+    assert len(tables) > 1
+
+    save_model(spy.inner, tmp_path / "critic", role="critic", step_tables=4)
+    loaded, _ = load_model(tmp_path / "critic")
+    assert step_tables(loaded) == 4
+    with torch.no_grad():
+        assert torch.equal(loaded(x, sigma, labels + 22), spy.inner(x, sigma, labels + 22))
+    with pytest.raises(ParamsError, match="per_step_critic"):
+        distill.load_critic(tmp_path / "critic", setup.teacher, tables=1)
+
+
 def test_without_backward_simulation_the_student_sees_noised_real_data(monkeypatch):
     setup = tiny_unet_setup("dmd2", student_steps=4, backward_simulation=False)
     setup.student = Recorder(setup.student)

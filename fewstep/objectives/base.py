@@ -32,6 +32,9 @@ class Setup:
     device: torch.device
     sigma_data: float = 0.5
     trajectories: Callable[[], dict[str, torch.Tensor]] | None = None  # teacher ODE minibatches (dmd, consistency)
+    simulator: Callable[[], nn.Module] | None = None  # runs the earlier steps in backward simulation; None = student
+    # the fake score's condition for a sample from student step k (per-step critic); None: one for all steps
+    critic_cond: Callable[[Cond, int], Cond] | None = None
 
 
 class Objective:
@@ -58,8 +61,9 @@ class Objective:
         """The noisy input the student sees at its k-th step, and its conditions.
 
         Step 0 is pure noise. A later step needs an estimate to re-noise: with backward simulation it is
-        the student's own output after steps 0..k-1 (what it will see at inference); without, a noised
-        real image (DMD2's train/test mismatch baseline).
+        the student's own output after steps 0..k-1 (what it will see at inference; run by `simulator`,
+        e.g. the EMA weights that inference uses); without, a noised real image (DMD2's train/test
+        mismatch baseline).
         """
         sigmas, n = self.s.student_sigmas, self.p.batch_size
         if k == 0:
@@ -67,17 +71,27 @@ class Objective:
             return self.randn(self.sample_shape(n)) * sigmas[0], cond
         if self.p.backward_simulation:
             cond = self.s.conditions(n)
+            simulator = self.s.simulator() if self.s.simulator is not None else self.s.student
             with torch.no_grad():
-                x0 = student_sample(self.s.student, self.randn(self.sample_shape(n)), cond, sigmas[:k], self.s.generator)
+                x0 = student_sample(simulator, self.randn(self.sample_shape(n)), cond, sigmas[:k], self.s.generator)
         else:
             x0, cond = self.s.real()
         return x0 + sigmas[k] * self.randn(x0.shape), cond
 
     def generate(self) -> tuple[torch.Tensor, Cond]:
-        """Student samples (with gradients when enabled) from a random one of its steps."""
+        """Student samples (with gradients when enabled) from a random one of its steps
+        (remembered as `generated_step`, which the fake score conditions on with a per-step critic)."""
         k = int(torch.randint(len(self.s.student_sigmas), (1,), generator=self.s.generator))
+        self.generated_step = k
         x, cond = self.student_input(k)
         return self.s.student(x, self.s.student_sigmas[k], cond), cond
+
+    def fake(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The fake score, for samples like the last generated batch: with a per-step critic it models
+        the distribution of that student step alone, not the mixture of all the steps' outputs."""
+        if self.s.critic_cond is not None:
+            cond = self.s.critic_cond(cond, self.generated_step)
+        return self.s.fake(x, sigma, cond)
 
     def trajectory_batch(self) -> dict[str, torch.Tensor]:
         """Teacher ODE minibatch: noise, cond, images, states (B, N+1, ...) and the N+1 sigmas."""
@@ -94,7 +108,7 @@ class Objective:
         with torch.no_grad():
             x, cond = self.generate()
         sigma = self.s.noise_levels(len(x))
-        pred = self.s.fake(self.noised(x, sigma), sigma, cond)
+        pred = self.fake(self.noised(x, sigma), sigma, cond)
         return edm_weighted_mse(pred, x, sigma, self.s.sigma_data)
 
     def distribution_matching(self, x: torch.Tensor, cond, keep_graph_in_fake: bool = False) -> torch.Tensor:
@@ -107,7 +121,7 @@ class Objective:
             with torch.no_grad():
                 pred_real = self.s.teacher.guided(noisy, sigma, cond, self.p.real_guidance)
             with torch.set_grad_enabled(keep_graph_in_fake):
-                pred_fake = self.s.fake(noisy, sigma, cond)
+                pred_fake = self.fake(noisy, sigma, cond)
         weight = (x.detach() - pred_real).abs().mean(dim=tuple(range(1, x.dim())), keepdim=True).clamp_min(1e-8)
         grad = (pred_fake.detach() - pred_real) / weight
         return 0.5 * F.mse_loss(x, (x - grad).detach())

@@ -39,7 +39,7 @@ class DMD2(Objective):
         fake_logits = self.s.head(self.s.tap.features)
         real_x, real_cond = self.s.real()
         sigma = self.s.noise_levels(len(real_x))
-        self.s.fake(self.noised(real_x, sigma), sigma, real_cond)
+        self.fake(self.noised(real_x, sigma), sigma, real_cond)  # same step condition as the student batch
         real_logits = self.s.head(self.s.tap.features)
         gan = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
         return {"denoise": denoise, "gan": gan, "loss": denoise + self.gan.critic_weight * gan}

@@ -24,7 +24,7 @@ class SiD(Objective):
         noisy = self.noised(x, sigma)
         with frozen(self.s.teacher, self.s.fake):
             f_real = self.s.teacher.guided(noisy, sigma, cond, self.p.real_guidance)
-            f_fake = self.s.fake(noisy, sigma, cond)
+            f_fake = self.fake(noisy, sigma, cond)
         dims = tuple(range(1, x.dim()))
         weight = (x - f_real).abs().mean(dim=dims, keepdim=True).detach().clamp_min(1e-5)
         gap = f_real - f_fake

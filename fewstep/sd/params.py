@@ -77,6 +77,7 @@ class DistillParams(SDLoopParams):
     steps: int = Field(200, gt=0)
     student_timesteps: list[int] = [999, 749, 499, 249]  # DDPM timesteps the student is conditioned on
     backward_simulation: bool = True          # step k's input comes from the student's own steps < k
+    simulate_with: Literal["student", "ema"] = "student"  # weights that run those steps (ema: a full copy)
     real_guidance: float = Field(8.0, ge=0)   # CFG on the real score (DMD2: 8 for SDXL, 1.75 for SD1.5)
     t_min: int = Field(20, ge=0, le=999)      # DM / fake-score timesteps ~ U{t_min..t_max} of the DDPM steps
     t_max: int = Field(980, ge=1, le=999)
