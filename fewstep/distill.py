@@ -58,7 +58,7 @@ def fit(setup: objectives.Setup, params, out: Path, stage: str, train_generator:
     ema = None
     setup.student.requires_grad_(train_generator)
     if train_generator:
-        ema = ema_for(setup.student, params.ema_decay)
+        ema = ema_for(setup.student, params.ema_decay, params.ema_warmup)
         phases.append(Phase("generator", setup.student, adamw(setup.student, params), objective.generator_loss,
                             grad_clip=params.grad_clip, warmup_steps=params.warmup_steps, accumulate=params.grad_accum))
     after_step = (lambda step: ema.step(setup.student.parameters())) if ema else None

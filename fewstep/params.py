@@ -129,6 +129,7 @@ class TrainLoopParams(OptimParams):
     batch_size: int = Field(64, gt=0)
     grad_accum: int = Field(1, gt=0)  # micro-batches per optimizer update (effective batch = batch_size * grad_accum)
     ema_decay: float = Field(0.99, ge=0, lt=1)
+    ema_warmup: bool = True  # diffusers' warm-up, decay min(ema_decay, (1+n)/(10+n)) at update n; false: ema_decay throughout
     checkpoint_every: int = Field(50, ge=0)  # training steps between resumable checkpoints; 0 = none
     log_every: int = Field(10, gt=0)
 

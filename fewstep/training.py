@@ -196,7 +196,10 @@ def karras_grid_sigmas(n: int, edm, t_min: float, t_max: float, generator=None, 
     return (hi + u * (lo - hi)) ** edm.rho
 
 
-def ema_for(module: nn.Module, decay: float):
+def ema_for(module: nn.Module, decay: float, warmup: bool = True):
+    """diffusers' EMA. Its warm-up caps the decay at (1+n)/(10+n) after n updates (0.9 after 80, 0.97 after
+    290), so a short run averages far fewer steps than `decay` suggests; warmup=False holds `decay` from the
+    second update on (the first copies the weights)."""
     from diffusers.training_utils import EMAModel
 
-    return EMAModel(module.parameters(), decay=decay)
+    return EMAModel(module.parameters(), decay=decay, min_decay=0.0 if warmup else decay)

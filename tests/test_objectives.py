@@ -184,6 +184,23 @@ def test_backward_simulation_can_run_the_students_ema_weights(monkeypatch):
     assert torch.equal(x3, simulator.module.calls[-1][2])  # ...its EMA did, and step 3 starts from that
 
 
+def test_ema_without_warmup_holds_its_decay():
+    from fewstep.training import ema_for
+
+    averages = {}
+    for warmup in (True, False):
+        weight = torch.nn.Parameter(torch.zeros(1))
+        ema = ema_for(torch.nn.ParameterList([weight]), decay=0.9, warmup=warmup)
+        for value in (1.0, 2.0, 3.0):
+            weight.data.fill_(value)
+            ema.step([weight])
+        averages[warmup] = float(ema.shadow_params[0])
+    # the first update copies; then decay 0.9 throughout, or diffusers' warm-up min(0.9, (1+n)/(10+n))
+    assert averages[False] == pytest.approx(0.9 * (0.9 * 1 + 0.1 * 2) + 0.1 * 3)
+    second = 2 / 11 * 1 + 9 / 11 * 2
+    assert averages[True] == pytest.approx(3 / 12 * second + 9 / 12 * 3)
+
+
 class LabelSpy(torch.nn.Module):
     """Wraps the fake score and records the labels of every call."""
 
