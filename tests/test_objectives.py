@@ -116,11 +116,11 @@ def test_dmd2_losses_include_the_gan_terms():
 
 
 class Recorder(torch.nn.Module):
-    """Wraps a denoiser and records every call's input and output."""
+    """Wraps a denoiser and records every call's input and output (and its conditions in `conds`)."""
 
     def __init__(self, inner):
         super().__init__()
-        self.inner, self.calls = inner, []
+        self.inner, self.calls, self.conds = inner, [], []
 
     @property
     def unet(self):
@@ -128,6 +128,7 @@ class Recorder(torch.nn.Module):
 
     def forward(self, x, sigma, cond):
         out = self.inner(x, sigma, cond)
+        self.conds.append(cond.clone())
         self.calls.append((x.detach().clone(), float(torch.as_tensor(sigma).reshape(-1)[0]), out.detach().clone()))
         return out
 
@@ -201,22 +202,6 @@ def test_ema_without_warmup_holds_its_decay():
     assert averages[True] == pytest.approx(3 / 12 * second + 9 / 12 * 3)
 
 
-class LabelSpy(torch.nn.Module):
-    """Wraps the fake score and records the labels of every call."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.labels = inner, []
-
-    @property
-    def unet(self):
-        return self.inner.unet
-
-    def forward(self, x, sigma, cond):
-        self.labels.append(cond.clone())
-        return self.inner(x, sigma, cond)
-
-
 def test_per_step_critic_conditions_the_fake_score_on_the_step_that_made_the_samples(tmp_path):
     from fewstep.models import load_model, per_step_labels, save_model, step_tables
     from fewstep.params import ParamsError
@@ -227,14 +212,14 @@ def test_per_step_critic_conditions_the_fake_score_on_the_step_that_made_the_sam
     with torch.no_grad():  # every table starts as a copy of the teacher's
         assert torch.allclose(setup.fake(x, sigma, labels + 3 * 11), setup.teacher(x, sigma, labels), atol=1e-6)
     setup.critic_cond = lambda cond, k: cond + k * 11
-    spy = setup.fake = LabelSpy(setup.fake)
+    spy = setup.fake = Recorder(setup.fake)
     obj = objectives.build("dmd2", setup)
     tables = set()
     for loss in [obj.critic_loss, obj.generator_loss] * 4:
-        spy.labels.clear()
+        spy.conds.clear()
         loss()
         # the student batch and (in the critic's GAN term) the real batch use the generated step's table
-        assert spy.labels and all(torch.all(seen // 11 == obj.generated_step) for seen in spy.labels)
+        assert spy.conds and all(torch.all(seen // 11 == obj.generated_step) for seen in spy.conds)
         tables.add(obj.generated_step)
     assert len(tables) > 1
 
