@@ -22,7 +22,7 @@ from .checkpoint import CHECKPOINTS, Checkpointer, GeneratorState, fingerprint
 from .data import load_prepared
 from .io import load_trajectories
 from .models import (BottleneckTap, EDMDenoiser, GanHead, load_model, per_step_labels, save_model,
-                     step_tables)
+                     step_labels, step_tables)
 from .params import ParamsError
 from .training import Minibatches, Phase, RealBatches, adamw, ema_for, karras_grid_sigmas, train
 
@@ -138,7 +138,7 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
         noise_levels=lambda n: karras_grid_sigmas(n, edm, params.t_min, params.t_max, generator).to(device),
         student_sigmas=sigmas, params=params, generator=generator, device=device, sigma_data=edm.sigma_data,
         trajectories=trajectory_batches(trajectories_dir, params.batch_size, generator, device),
-        critic_cond=(lambda labels, k: labels + k * (num_classes + 1)) if per_step else None)
+        critic_cond=(lambda labels, k: step_labels(fake, labels, k)) if per_step else None)
 
     inputs = [d for d in (teacher_dir, prepare_dir, student_dir, critic_dir, trajectories_dir) if d is not None]
     hasher = Hasher()

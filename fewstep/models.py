@@ -93,6 +93,11 @@ def step_tables(denoiser: EDMDenoiser) -> int:
     return denoiser.unet.class_embedding.num_embeddings // (denoiser.num_classes + 1)
 
 
+def step_labels(denoiser: EDMDenoiser, labels: torch.Tensor, step: int) -> torch.Tensor:
+    """`labels` in the table of student step `step` (see per_step_labels)."""
+    return labels + step * (denoiser.num_classes + 1)
+
+
 def make_scheduler(edm) -> EDMEulerScheduler:
     from diffusers import EDMEulerScheduler
 
@@ -186,9 +191,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ED
     kind = config.get("_class_name") if isinstance(config, dict) else None
     if kind != "UNet2DModel":
         raise ArtifactError(f"{unet_dir / 'config.json'}: _class_name is {kind!r}, expected 'UNet2DModel'")
-    step_tables = info.get("step_tables", 1)
-    if config.get("num_class_embeds") != (info["num_classes"] + 1) * step_tables:
-        raise ArtifactError(f"{path / 'fewstep.json'}: num_classes {info['num_classes']} (x {step_tables} step tables) "
+    tables = info.get("step_tables", 1)
+    if config.get("num_class_embeds") != (info["num_classes"] + 1) * tables:
+        raise ArtifactError(f"{path / 'fewstep.json'}: num_classes {info['num_classes']} (x {tables} step tables) "
                             f"does not fit the UNet's num_class_embeds {config.get('num_class_embeds')!r} "
                             "(classes + the null label, per table)")
     weights = _unet_weights(unet_dir)

@@ -203,7 +203,7 @@ def test_ema_without_warmup_holds_its_decay():
 
 
 def test_per_step_critic_conditions_the_fake_score_on_the_step_that_made_the_samples(tmp_path):
-    from fewstep.models import load_model, per_step_labels, save_model, step_tables
+    from fewstep.models import load_model, per_step_labels, save_model, step_labels, step_tables
     from fewstep.params import ParamsError
 
     setup = tiny_unet_setup("dmd2", student_steps=4, per_step_critic=True)
@@ -211,7 +211,9 @@ def test_per_step_critic_conditions_the_fake_score_on_the_step_that_made_the_sam
     x, sigma, labels = torch.randn(4, 1, 8, 8), torch.full((4,), 1.0), torch.arange(4)
     with torch.no_grad():  # every table starts as a copy of the teacher's
         assert torch.allclose(setup.fake(x, sigma, labels + 3 * 11), setup.teacher(x, sigma, labels), atol=1e-6)
-    setup.critic_cond = lambda cond, k: cond + k * 11
+    assert torch.equal(step_labels(setup.fake, labels, 3), labels + 3 * 11)
+    fake = setup.fake
+    setup.critic_cond = lambda cond, k: step_labels(fake, cond, k)
     spy = setup.fake = Recorder(setup.fake)
     obj = objectives.build("dmd2", setup)
     tables = set()
