@@ -71,7 +71,8 @@ def fit(setup: objectives.Setup, params, out: Path, stage: str, train_generator:
           f"lr={params.lr} critic_updates={critic_updates if train_generator else 'all'} "
           f"student_sigmas={[round(s, 4) for s in setup.student_sigmas]} "
           f"backward_simulation={params.backward_simulation}"
-          f"{f' ({params.simulate_with})' if params.backward_simulation else ''}", flush=True)
+          f"{f' ({params.simulate_with})' if params.backward_simulation else ''}"
+          f"{f' steps_per_batch={params.steps_per_batch}' if len(setup.student_sigmas) > 1 else ''}", flush=True)
     last = train(phases, params.steps, out / "live", desc=stage, log_every=params.log_every, autocast=autocast,
                  after_step=after_step,
                  checkpoint=checkpoint)
@@ -138,7 +139,8 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
         noise_levels=lambda n: karras_grid_sigmas(n, edm, params.t_min, params.t_max, generator).to(device),
         student_sigmas=sigmas, params=params, generator=generator, device=device, sigma_data=edm.sigma_data,
         trajectories=trajectory_batches(trajectories_dir, params.batch_size, generator, device),
-        critic_cond=(lambda labels, k: step_labels(fake, labels, k)) if per_step else None)
+        critic_cond=(lambda labels, k: step_labels(fake, labels, k)) if per_step else None,
+        all_steps_per_batch=params.steps_per_batch == "all")
 
     inputs = [d for d in (teacher_dir, prepare_dir, student_dir, critic_dir, trajectories_dir) if d is not None]
     hasher = Hasher()

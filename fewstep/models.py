@@ -93,8 +93,8 @@ def step_tables(denoiser: EDMDenoiser) -> int:
     return denoiser.unet.class_embedding.num_embeddings // (denoiser.num_classes + 1)
 
 
-def step_labels(denoiser: EDMDenoiser, labels: torch.Tensor, step: int) -> torch.Tensor:
-    """`labels` in the table of student step `step` (see per_step_labels)."""
+def step_labels(denoiser: EDMDenoiser, labels: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    """`labels` in the table of student step `step` (one for all, or one per label; see per_step_labels)."""
     return labels + step * (denoiser.num_classes + 1)
 
 

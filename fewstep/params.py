@@ -146,6 +146,7 @@ class DistillParams(TrainLoopParams):
     backward_simulation: bool = True  # multi-step: the student's input at step k comes from its own steps < k
     simulate_with: Literal["student", "ema"] = "student"  # weights that run those earlier steps
     per_step_critic: bool = False  # multi-step: the fake score / GAN head condition on the step that made a sample
+    steps_per_batch: Literal["one", "all"] = "one"  # multi-step: one random step per batch (DMD2) | all, split evenly
     real_guidance: float = Field(1.0, ge=0)  # CFG on the real (teacher) score; 1 = none
     t_min: float = Field(0.02, ge=0, lt=1)  # DM timestep range as fractions of the Karras grid
     t_max: float = Field(0.98, gt=0, le=1)

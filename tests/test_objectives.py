@@ -67,7 +67,7 @@ def tiny_unet_setup(objective: str, **params) -> objectives.Setup:
 
     return objectives.Setup(
         teacher=teacher.requires_grad_(False), student=student, fake=fake, head=head, tap=BottleneckTap(fake.unet),
-        real=lambda: (torch.randn(4, 1, 8, 8, generator=gen).clamp(-1, 1), torch.arange(4)),
+        real=lambda: (torch.randn(p.batch_size, 1, 8, 8, generator=gen).clamp(-1, 1), torch.arange(p.batch_size) % 10),
         conditions=lambda n: torch.randint(10, (n,), generator=gen),
         noise_levels=lambda n: karras_grid_sigmas(n, edm, p.t_min, p.t_max, gen),
         student_sigmas=distill.student_sigmas(p, edm), params=p, generator=gen, device=torch.device("cpu"),
@@ -185,6 +185,40 @@ def test_backward_simulation_can_run_the_students_ema_weights(monkeypatch):
     assert torch.equal(x3, simulator.module.calls[-1][2])  # ...its EMA did, and step 3 starts from that
 
 
+def test_all_steps_per_batch_trains_every_step_on_its_own_simulated_input(monkeypatch):
+    from fewstep.models import per_step_labels, step_labels
+    from fewstep.sampling import student_sample
+
+    setup = tiny_unet_setup("dmd2", student_steps=4, batch_size=8, per_step_critic=True, steps_per_batch="all")
+    setup.all_steps_per_batch = True
+    per_step_labels(setup.fake, 4)
+    fake = setup.fake
+    setup.critic_cond = lambda cond, k: step_labels(fake, cond, k)
+    spy = setup.fake = Recorder(setup.fake)
+    setup.student = Recorder(setup.student)
+    obj = objectives.build("dmd2", setup)
+    no_noise(monkeypatch)  # a simulated input then equals the student's own output after the earlier steps
+    obj.generate()
+    steps = obj.generated_step
+    assert steps.tolist() == [0, 1, 2, 3] * 2  # every step, evenly
+    *simulated, (x, _, _) = setup.student.calls
+    # step j of the simulation ran on exactly the samples that are past it: 6, 4 and 2 of the 8
+    assert [len(inputs) for inputs, _, _ in simulated] == [6, 4, 2]
+    cond = setup.student.conds[-1]
+    with torch.no_grad():
+        for k in range(1, 4):
+            mine = steps == k
+            expected = student_sample(setup.student.inner, torch.zeros(int(mine.sum()), 1, 8, 8), cond[mine],
+                                      setup.student_sigmas[:k])
+            assert torch.allclose(x[mine], expected, atol=1e-5), k
+    assert torch.equal(x[steps == 0], torch.zeros_like(x[steps == 0]))
+    # the fake score sees each sample with its own step's label table, in the DM and GAN terms alike
+    for loss in (obj.critic_loss, obj.generator_loss):
+        spy.conds.clear()
+        loss()
+        assert spy.conds and all(torch.equal(seen // 11, obj.generated_step) for seen in spy.conds)
+
+
 def test_ema_without_warmup_holds_its_decay():
     from fewstep.training import ema_for
 
@@ -245,6 +279,13 @@ def test_without_backward_simulation_the_student_sees_noised_real_data(monkeypat
     x3, cond = obj.student_input(3)
     assert setup.student.calls == []  # the student never ran
     assert torch.equal(x3, real_batches[0][0]) and torch.equal(cond, real_batches[0][1])
+
+    setup.all_steps_per_batch = True  # a batch over all steps: step 0 from noise (zero here), the others from data
+    x, cond = obj.student_inputs(torch.tensor([0, 1, 2, 3]))
+    assert setup.student.calls == []
+    real_x, real_cond = real_batches[-1]
+    assert torch.equal(x[1:], real_x[1:]) and torch.equal(cond[1:], real_cond[1:])
+    assert torch.equal(x[0], torch.zeros_like(x[0]))
 
 
 def test_default_student_sigmas_spread_over_the_karras_grid():

@@ -33,8 +33,12 @@ class Setup:
     sigma_data: float = 0.5
     trajectories: Callable[[], dict[str, torch.Tensor]] | None = None  # teacher ODE minibatches (dmd, consistency)
     simulator: Callable[[], nn.Module] | None = None  # runs the earlier steps in backward simulation; None = student
-    # the fake score's condition for a sample from student step k (per-step critic); None: one for all steps
-    critic_cond: Callable[[Cond, int], Cond] | None = None
+    # the fake score's condition for samples from student step k (an int, or one per sample; per-step critic);
+    # None: one condition for all steps
+    critic_cond: Callable[[Cond, int | torch.Tensor], Cond] | None = None
+    # multi-step: split every batch evenly over the student's steps (class-label conditions only), instead of
+    # training one random step per batch (DMD2)
+    all_steps_per_batch: bool = False
 
 
 class Objective:
@@ -79,12 +83,38 @@ class Objective:
         return x0 + sigmas[k] * self.randn(x0.shape), cond
 
     def generate(self) -> tuple[torch.Tensor, Cond]:
-        """Student samples (with gradients when enabled) from a random one of its steps
-        (remembered as `generated_step`, which the fake score conditions on with a per-step critic)."""
-        k = int(torch.randint(len(self.s.student_sigmas), (1,), generator=self.s.generator))
+        """Student samples (with gradients when enabled) from a random one of its steps, or with
+        `all_steps_per_batch` from every step at once (the steps are remembered as `generated_step`, an int or
+        one per sample, which the fake score conditions on with a per-step critic)."""
+        sigmas = self.s.student_sigmas
+        if self.s.all_steps_per_batch and len(sigmas) > 1:
+            steps = torch.arange(self.p.batch_size, device=self.s.device) % len(sigmas)
+            self.generated_step = steps
+            x, cond = self.student_inputs(steps)
+            return self.s.student(x, torch.tensor(sigmas, device=self.s.device)[steps], cond), cond
+        k = int(torch.randint(len(sigmas), (1,), generator=self.s.generator))
         self.generated_step = k
         x, cond = self.student_input(k)
-        return self.s.student(x, self.s.student_sigmas[k], cond), cond
+        return self.s.student(x, sigmas[k], cond), cond
+
+    def student_inputs(self, steps: torch.Tensor) -> tuple[torch.Tensor, Cond]:
+        """`student_input` for a batch whose sample i is at student step steps[i]: the simulation runs step j
+        on all samples still before their own step, so the batch costs what one random step does on average."""
+        sigmas = torch.tensor(self.s.student_sigmas, device=self.s.device)
+        cond = self.s.conditions(len(steps))
+        x = self.randn(self.sample_shape(len(steps))) * sigmas[0]
+        if not self.p.backward_simulation:
+            real_x, real_cond = self.s.real()
+            later = steps > 0
+            noised = real_x + sigmas[steps].view(-1, *[1] * (x.dim() - 1)) * self.randn(x.shape)
+            return torch.where(later.view(-1, *[1] * (x.dim() - 1)), noised, x), torch.where(later, real_cond, cond)
+        simulator = self.s.simulator() if self.s.simulator is not None else self.s.student
+        with torch.no_grad():
+            for j in range(int(steps.max())):
+                active = steps > j
+                x0 = simulator(x[active], sigmas[j], cond[active])
+                x[active] = x0 + sigmas[j + 1] * self.randn(x0.shape)
+        return x, cond
 
     def fake(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The fake score, for samples like the last generated batch: with a per-step critic it models
