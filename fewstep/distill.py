@@ -121,7 +121,8 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
     edm = _edm_of(teacher)
     sigmas = student_sigmas(params, edm)
     if student_dir is None:
-        student = copy.deepcopy(teacher)
+        student = copy.deepcopy(teacher) if params.init_student is None else \
+            load_init_student(Path(params.init_student), teacher, device)
     else:
         student, student_info = load_model(student_dir, device)
         if [round(s, 6) for s in student_info["student_sigmas"]] != [round(s, 6) for s in sigmas]:
@@ -142,7 +143,8 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
         critic_cond=(lambda labels, k: step_labels(fake, labels, k)) if per_step else None,
         all_steps_per_batch=params.steps_per_batch == "all")
 
-    inputs = [d for d in (teacher_dir, prepare_dir, student_dir, critic_dir, trajectories_dir) if d is not None]
+    init_dir = Path(params.init_student) if student_dir is None and params.init_student is not None else None
+    inputs = [d for d in (teacher_dir, prepare_dir, student_dir, critic_dir, trajectories_dir, init_dir) if d is not None]
     hasher = Hasher()
     key = fingerprint(stage, params.model_dump(mode="json"), train_generator, [hasher.tree(d) for d in inputs])
     checkpoint = Checkpointer(CHECKPOINTS / parallel.checkpoint_name(stage), params.checkpoint_every, key, logs=out / "live")
@@ -155,6 +157,20 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
     head.save(out / "critic")
     parallel.finish()
     return last
+
+
+def load_init_student(path: Path, teacher: EDMDenoiser, device) -> EDMDenoiser:
+    """A saved student (any step count) to start from instead of the teacher: e.g. a 4-step student that
+    begins as a trained 1-step one. Its weights must fit the teacher's network."""
+    try:
+        student, info = load_model(path, device)
+    except Exception as exc:  # ArtifactError's line names the file; say which key pointed there
+        raise ParamsError(f"distill.init_student: {exc}") from None
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    if info.get("role") != "student" or shapes(student) != shapes(teacher):
+        raise ParamsError(f"distill.init_student: {path} is a {info.get('role')}, expected a student distilled from "
+                          "this teacher (same network)")
+    return student
 
 
 def load_critic(critic_dir: Path | None, teacher: EDMDenoiser, tables: int = 1,

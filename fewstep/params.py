@@ -147,6 +147,7 @@ class DistillParams(TrainLoopParams):
     simulate_with: Literal["student", "ema"] = "student"  # weights that run those earlier steps
     per_step_critic: bool = False  # multi-step: the fake score / GAN head condition on the step that made a sample
     steps_per_batch: Literal["one", "all"] = "one"  # multi-step: one random step per batch (DMD2) | all, split evenly
+    init_student: str | None = None  # a saved fewstep student to start from (e.g. a 1-step one); null = the teacher
     real_guidance: float = Field(1.0, ge=0)  # CFG on the real (teacher) score; 1 = none
     t_min: float = Field(0.02, ge=0, lt=1)  # DM timestep range as fractions of the Karras grid
     t_max: float = Field(0.98, gt=0, le=1)
@@ -182,6 +183,13 @@ class DistillParams(TrainLoopParams):
 class FinetuneParams(DistillParams):
     steps: int = Field(100, gt=0)
     lr: float = Field(5e-5, gt=0)
+
+    @field_validator("init_student")
+    @classmethod
+    def _continues(cls, v):
+        if v is not None:
+            raise ValueError("must be null: finetune continues the distilled student")
+        return v
 
 
 class EvaluateParams(Section):

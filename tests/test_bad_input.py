@@ -49,6 +49,8 @@ CASES = [
     ({"trajectories": {"num_samples": None}}, "trajectories.num_samples must be an integer, got None"),
     ({"evaluate": "fast"}, "evaluate must be a mapping of keys, got 'fast'"),
     ({"distil": {"lr": 1}}, "distil is not a known key (valid keys: seed, run, data,"),
+    ({"finetune": {"init_student": "distill/student"}},
+     "finetune.init_student must be null: finetune continues the distilled student"),
 ]
 
 
@@ -271,6 +273,12 @@ BAD_INPUTS = [
     case("teacher-missing", ["trajectories", *UPSTREAM["trajectories"]],
          "[trajectories] error: teacher/model: no such model directory (did the upstream stage run?)",
          remove("teacher")),
+    case("init-student-missing", ["distill", *UPSTREAM["distill"]],
+         "[distill] error: distill.init_student: nowhere: no such model directory",
+         params(**{"distill.init_student": "nowhere"})),
+    case("init-student-is-a-critic", ["distill", *UPSTREAM["distill"]],
+         "[distill] error: distill.init_student: critic/critic is a critic, expected a student distilled from this "
+         "teacher", params(**{"distill.init_student": "critic/critic"})),
     case("distill-missing", ["finetune", *FINETUNE],
          "[finetune] error: distill/student: no such model directory (did the upstream stage run?)",
          remove("distill")),

@@ -315,3 +315,23 @@ def test_real_guidance_is_null_label_cfg_on_the_teacher_in_the_dm_gradient():
     obj = objectives.build("dmd2", setup)
     obj.distribution_matching(torch.randn(4, 1, 8, 8, requires_grad=True), labels)
     assert seen == [2.0]  # the real score of the DM gradient is the guided teacher
+
+
+def test_init_student_starts_from_a_saved_student_of_another_step_count(tmp_path):
+    from fewstep.models import EDMDenoiser, build_unet, make_scheduler, save_model
+    from fewstep.params import ParamsError
+
+    setup = tiny_unet_setup("dmd2", student_steps=4)
+    one_step = setup.student
+    with torch.no_grad():
+        for p in one_step.parameters():
+            p.add_(0.01)  # "trained": no longer the teacher
+    save_model(one_step, tmp_path / "one-step", role="student", student_sigmas=[80.0], objective="dmd2")
+    loaded = distill.load_init_student(tmp_path / "one-step", setup.teacher, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), one_step.parameters()))
+
+    from types import SimpleNamespace
+    edm = SimpleNamespace(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, rho=7.0)
+    wider = EDMDenoiser(build_unet(8, 1, 10, widths=[16, 48], layers_per_block=1), make_scheduler(edm), 10)
+    with pytest.raises(ParamsError, match=r"^distill.init_student: .* expected a student distilled from this teacher"):
+        distill.load_init_student(tmp_path / "one-step", wider, "cpu")
