@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fewstep import distill, objectives
+from fewstep.objectives.base import Generated
 from fewstep.training import Phase, _update, adamw
 from toy import moment_error, student_points, toy_setup
 
@@ -133,6 +134,13 @@ class Recorder(torch.nn.Module):
         return out
 
 
+def record_batches(obj) -> list:
+    """Keep every batch `obj.generate()` makes (samples, conditions and the student step(s) behind them)."""
+    batches, generate = [], obj.generate
+    obj.generate = lambda: batches.append(generate()) or batches[-1]
+    return batches
+
+
 def no_noise(monkeypatch):
     """Zero every noise draw: a re-noised estimate then equals the estimate itself."""
     import fewstep.objectives.base
@@ -198,8 +206,7 @@ def test_all_steps_per_batch_trains_every_step_on_its_own_simulated_input(monkey
     setup.student = Recorder(setup.student)
     obj = objectives.build("dmd2", setup)
     no_noise(monkeypatch)  # a simulated input then equals the student's own output after the earlier steps
-    obj.generate()
-    steps = obj.generated_step
+    steps = obj.generate().step
     assert steps.tolist() == [0, 1, 2, 3] * 2  # every step, evenly
     *simulated, (x, _, _) = setup.student.calls
     # step j of the simulation ran on exactly the samples that are past it: 6, 4 and 2 of the 8
@@ -213,10 +220,11 @@ def test_all_steps_per_batch_trains_every_step_on_its_own_simulated_input(monkey
             assert torch.allclose(x[mine], expected, atol=1e-5), k
     assert torch.equal(x[steps == 0], torch.zeros_like(x[steps == 0]))
     # the fake score sees each sample with its own step's label table, in the DM and GAN terms alike
+    batches = record_batches(obj)
     for loss in (obj.critic_loss, obj.generator_loss):
         spy.conds.clear()
         loss()
-        assert spy.conds and all(torch.equal(seen // 11, obj.generated_step) for seen in spy.conds)
+        assert spy.conds and all(torch.equal(seen // 11, batches[-1].step) for seen in spy.conds)
 
 
 def test_ema_without_warmup_holds_its_decay():
@@ -250,13 +258,14 @@ def test_per_step_critic_conditions_the_fake_score_on_the_step_that_made_the_sam
     setup.critic_cond = lambda cond, k: step_labels(fake, cond, k)
     spy = setup.fake = Recorder(setup.fake)
     obj = objectives.build("dmd2", setup)
+    batches = record_batches(obj)
     tables = set()
     for loss in [obj.critic_loss, obj.generator_loss] * 4:
         spy.conds.clear()
         loss()
         # the student batch and (in the critic's GAN term) the real batch use the generated step's table
-        assert spy.conds and all(torch.all(seen // 11 == obj.generated_step) for seen in spy.conds)
-        tables.add(obj.generated_step)
+        assert len(batches) == 1 and spy.conds and all(torch.all(seen // 11 == batches[0].step) for seen in spy.conds)
+        tables.add(batches.pop().step)
     assert len(tables) > 1
 
     save_model(spy.inner, tmp_path / "critic", role="critic", step_tables=4)
@@ -313,7 +322,7 @@ def test_real_guidance_is_null_label_cfg_on_the_teacher_in_the_dm_gradient():
     guided = teacher.guided
     teacher.guided = lambda *args: seen.append(args[-1]) or guided(*args)
     obj = objectives.build("dmd2", setup)
-    obj.distribution_matching(torch.randn(4, 1, 8, 8, requires_grad=True), labels)
+    obj.distribution_matching(Generated(torch.randn(4, 1, 8, 8, requires_grad=True), labels, 0))
     assert seen == [2.0]  # the real score of the DM gradient is the guided teacher
 
 

@@ -41,6 +41,15 @@ class Setup:
     all_steps_per_batch: bool = False
 
 
+@dataclass
+class Generated:
+    """A batch of student samples, their conditions and the student step(s) that made them (an int for the
+    whole batch, or one per sample), which a per-step critic conditions on."""
+    x: torch.Tensor
+    cond: Cond
+    step: int | torch.Tensor
+
+
 class Objective:
     """One distillation method. The trainer runs `critic_loss` `critic_updates` times, then
     `generator_loss` once, per training step; each returns {"loss": total, ...parts to log}."""
@@ -82,20 +91,17 @@ class Objective:
             x0, cond = self.s.real()
         return x0 + sigmas[k] * self.randn(x0.shape), cond
 
-    def generate(self) -> tuple[torch.Tensor, Cond]:
+    def generate(self) -> Generated:
         """Student samples (with gradients when enabled) from a random one of its steps, or with
-        `all_steps_per_batch` from every step at once (the steps are remembered as `generated_step`, an int or
-        one per sample, which the fake score conditions on with a per-step critic)."""
+        `all_steps_per_batch` from every step at once."""
         sigmas = self.s.student_sigmas
         if self.s.all_steps_per_batch and len(sigmas) > 1:
             steps = torch.arange(self.p.batch_size, device=self.s.device) % len(sigmas)
-            self.generated_step = steps
             x, cond = self.student_inputs(steps)
-            return self.s.student(x, torch.tensor(sigmas, device=self.s.device)[steps], cond), cond
+            return Generated(self.s.student(x, torch.tensor(sigmas, device=self.s.device)[steps], cond), cond, steps)
         k = int(torch.randint(len(sigmas), (1,), generator=self.s.generator))
-        self.generated_step = k
         x, cond = self.student_input(k)
-        return self.s.student(x, sigmas[k], cond), cond
+        return Generated(self.s.student(x, sigmas[k], cond), cond, k)
 
     def student_inputs(self, steps: torch.Tensor) -> tuple[torch.Tensor, Cond]:
         """`student_input` for a batch whose sample i is at student step steps[i]: the simulation runs step j
@@ -116,11 +122,11 @@ class Objective:
                 x[active] = x0 + sigmas[j + 1] * self.randn(x0.shape)
         return x, cond
 
-    def fake(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """The fake score, for samples like the last generated batch: with a per-step critic it models
-        the distribution of that student step alone, not the mixture of all the steps' outputs."""
+    def fake(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, step: int | torch.Tensor) -> torch.Tensor:
+        """The fake score, for samples like those student step `step` makes: with a per-step critic it models
+        the distribution of that step alone, not the mixture of all the steps' outputs."""
         if self.s.critic_cond is not None:
-            cond = self.s.critic_cond(cond, self.generated_step)
+            cond = self.s.critic_cond(cond, step)
         return self.s.fake(x, sigma, cond)
 
     def trajectory_batch(self) -> dict[str, torch.Tensor]:
@@ -132,26 +138,25 @@ class Objective:
     def noised(self, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return x0 + sigma.view(-1, *[1] * (x0.dim() - 1)) * self.randn(x0.shape)
 
-    def fake_score_loss(self) -> torch.Tensor:
-        """The fake score learns the student's current distribution: EDM-weighted denoising of
-        detached student samples (afterwards `tap.features` holds this forward's bottleneck)."""
-        with torch.no_grad():
-            x, cond = self.generate()
-        sigma = self.s.noise_levels(len(x))
-        pred = self.fake(self.noised(x, sigma), sigma, cond)
-        return edm_weighted_mse(pred, x, sigma, self.s.sigma_data)
+    def fake_score_loss(self, batch: Generated) -> torch.Tensor:
+        """The fake score learns the student's current distribution: EDM-weighted denoising of a
+        detached student batch (afterwards `tap.features` holds this forward's bottleneck)."""
+        sigma = self.s.noise_levels(len(batch.x))
+        pred = self.fake(self.noised(batch.x, sigma), sigma, batch.cond, batch.step)
+        return edm_weighted_mse(pred, batch.x, sigma, self.s.sigma_data)
 
-    def distribution_matching(self, x: torch.Tensor, cond, keep_graph_in_fake: bool = False) -> torch.Tensor:
+    def distribution_matching(self, batch: Generated, keep_graph_in_fake: bool = False) -> torch.Tensor:
         """DMD's KL gradient (x̂_fake − x̂_real) / mean|x − x̂_real| at a random noise level, applied to the
-        student sample x through ½‖x − sg(x − grad)‖². With keep_graph_in_fake the fake forward keeps its
+        student samples x through ½‖x − sg(x − grad)‖². With keep_graph_in_fake the fake forward keeps its
         graph (x → bottleneck) so a GAN head can reuse it; the fake score's weights never get gradients."""
+        x, cond = batch.x, batch.cond
         sigma = self.s.noise_levels(len(x))
         noisy = self.noised(x.detach() if not keep_graph_in_fake else x, sigma)
         with frozen(self.s.fake, self.s.head):
             with torch.no_grad():
                 pred_real = self.s.teacher.guided(noisy, sigma, cond, self.p.real_guidance)
             with torch.set_grad_enabled(keep_graph_in_fake):
-                pred_fake = self.fake(noisy, sigma, cond)
+                pred_fake = self.fake(noisy, sigma, cond, batch.step)
         weight = (x.detach() - pred_real).abs().mean(dim=tuple(range(1, x.dim())), keepdim=True).clamp_min(1e-8)
         grad = (pred_fake.detach() - pred_real) / weight
         return 0.5 * F.mse_loss(x, (x - grad).detach())
@@ -161,7 +166,9 @@ class Objective:
         raise NotImplementedError
 
     def critic_loss(self) -> dict[str, torch.Tensor]:
-        denoise = self.fake_score_loss()
+        with torch.no_grad():
+            batch = self.generate()
+        denoise = self.fake_score_loss(batch)
         return {"denoise": denoise, "loss": denoise}
 
     def critic_modules(self) -> nn.Module:

@@ -12,8 +12,7 @@ from .base import Objective
 
 class DMD(Objective):
     def generator_loss(self) -> dict[str, torch.Tensor]:
-        x, cond = self.generate()
-        dm = self.distribution_matching(x, cond)
+        dm = self.distribution_matching(self.generate())
         pairs = self.trajectory_batch()
         sigma = self.s.student_sigmas[0]
         one_step = self.s.student(pairs["noise"] * sigma, sigma, pairs["cond"])

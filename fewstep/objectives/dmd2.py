@@ -22,9 +22,9 @@ class DMD2(Objective):
 
     def generator_loss(self) -> dict[str, torch.Tensor]:
         """DM loss plus the non-saturating GAN loss softplus(−D(x)); one fake-score forward serves both."""
-        x, cond = self.generate()
+        batch = self.generate()
         use_gan = self.gan.generator_weight > 0
-        dm = self.distribution_matching(x, cond, keep_graph_in_fake=use_gan)
+        dm = self.distribution_matching(batch, keep_graph_in_fake=use_gan)
         if not use_gan:
             return {"dm": dm, "loss": dm}
         with frozen(self.s.head):
@@ -33,13 +33,15 @@ class DMD2(Objective):
 
     def critic_loss(self) -> dict[str, torch.Tensor]:
         """Fake-score denoising plus the GAN head's softplus(−D(real)) + softplus(D(student)), both noised."""
-        denoise = self.fake_score_loss()
+        with torch.no_grad():
+            batch = self.generate()
+        denoise = self.fake_score_loss(batch)
         if self.gan.critic_weight == 0:
             return {"denoise": denoise, "loss": denoise}
         fake_logits = self.s.head(self.s.tap.features)
         real_x, real_cond = self.s.real()
         sigma = self.s.noise_levels(len(real_x))
-        self.fake(self.noised(real_x, sigma), sigma, real_cond)  # same step condition as the student batch
+        self.fake(self.noised(real_x, sigma), sigma, real_cond, batch.step)  # the student batch's step condition
         real_logits = self.s.head(self.s.tap.features)
         gan = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
         return {"denoise": denoise, "gan": gan, "loss": denoise + self.gan.critic_weight * gan}

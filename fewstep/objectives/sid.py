@@ -19,12 +19,13 @@ class SiD(Objective):
         return self.p.sid.ttur
 
     def generator_loss(self) -> dict[str, torch.Tensor]:
-        x, cond = self.generate()
+        batch = self.generate()
+        x, cond = batch.x, batch.cond
         sigma = self.s.noise_levels(len(x))
         noisy = self.noised(x, sigma)
         with frozen(self.s.teacher, self.s.fake):
             f_real = self.s.teacher.guided(noisy, sigma, cond, self.p.real_guidance)
-            f_fake = self.fake(noisy, sigma, cond)
+            f_fake = self.fake(noisy, sigma, cond, batch.step)
         dims = tuple(range(1, x.dim()))
         weight = (x - f_real).abs().mean(dim=dims, keepdim=True).detach().clamp_min(1e-5)
         gap = f_real - f_fake
