@@ -84,9 +84,9 @@ class Objective:
             return self.randn(self.sample_shape(n)) * sigmas[0], cond
         if self.p.backward_simulation:
             cond = self.s.conditions(n)
-            simulator = self.s.simulator() if self.s.simulator is not None else self.s.student
             with torch.no_grad():
-                x0 = student_sample(simulator, self.randn(self.sample_shape(n)), cond, sigmas[:k], self.s.generator)
+                x0 = student_sample(self.simulator(), self.randn(self.sample_shape(n)), cond, sigmas[:k],
+                                    self.s.generator)
         else:
             x0, cond = self.s.real()
         return x0 + sigmas[k] * self.randn(x0.shape), cond
@@ -112,15 +112,19 @@ class Objective:
         if not self.p.backward_simulation:
             real_x, real_cond = self.s.real()
             later = steps > 0
-            noised = real_x + sigmas[steps].view(-1, *[1] * (x.dim() - 1)) * self.randn(x.shape)
+            noised = self.noised(real_x, sigmas[steps])
             return torch.where(later.view(-1, *[1] * (x.dim() - 1)), noised, x), torch.where(later, real_cond, cond)
-        simulator = self.s.simulator() if self.s.simulator is not None else self.s.student
+        simulator = self.simulator()
         with torch.no_grad():
             for j in range(int(steps.max())):
                 active = steps > j
                 x0 = simulator(x[active], sigmas[j], cond[active])
                 x[active] = x0 + sigmas[j + 1] * self.randn(x0.shape)
         return x, cond
+
+    def simulator(self) -> nn.Module:
+        """The weights that run a batch's earlier steps in backward simulation (`Setup.simulator`, or the student)."""
+        return self.s.simulator() if self.s.simulator is not None else self.s.student
 
     def fake(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, step: int | torch.Tensor) -> torch.Tensor:
         """The fake score, for samples like those student step `step` makes: with a per-step critic it models
