@@ -20,7 +20,7 @@ from . import objectives, parallel
 from .cache import Hasher
 from .checkpoint import CHECKPOINTS, Checkpointer, GeneratorState, fingerprint
 from .data import load_prepared
-from .io import load_trajectories
+from .io import ArtifactError, load_trajectories
 from .models import (BottleneckTap, EDMDenoiser, GanHead, load_model, per_step_labels, save_model,
                      step_labels, step_tables)
 from .params import ParamsError
@@ -120,9 +120,9 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
     teacher.requires_grad_(False)
     edm = _edm_of(teacher)
     sigmas = student_sigmas(params, edm)
+    init_dir = Path(params.init_student) if student_dir is None and params.init_student is not None else None
     if student_dir is None:
-        student = copy.deepcopy(teacher) if params.init_student is None else \
-            load_init_student(Path(params.init_student), teacher, device)
+        student = copy.deepcopy(teacher) if init_dir is None else load_init_student(init_dir, teacher, device)
     else:
         student, student_info = load_model(student_dir, device)
         if [round(s, 6) for s in student_info["student_sigmas"]] != [round(s, 6) for s in sigmas]:
@@ -143,7 +143,6 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
         critic_cond=(lambda labels, k: step_labels(fake, labels, k)) if per_step else None,
         all_steps_per_batch=params.steps_per_batch == "all")
 
-    init_dir = Path(params.init_student) if student_dir is None and params.init_student is not None else None
     inputs = [d for d in (teacher_dir, prepare_dir, student_dir, critic_dir, trajectories_dir, init_dir) if d is not None]
     hasher = Hasher()
     key = fingerprint(stage, params.model_dump(mode="json"), train_generator, [hasher.tree(d) for d in inputs])
@@ -164,7 +163,7 @@ def load_init_student(path: Path, teacher: EDMDenoiser, device) -> EDMDenoiser:
     begins as a trained 1-step one. Its weights must fit the teacher's network."""
     try:
         student, info = load_model(path, device)
-    except Exception as exc:  # ArtifactError's line names the file; say which key pointed there
+    except ArtifactError as exc:  # its line names the file; say which key pointed there
         raise ParamsError(f"distill.init_student: {exc}") from None
     shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}
     if info.get("role") != "student" or shapes(student) != shapes(teacher):

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..sampling import randn, student_sample
+from ..sampling import randn
 from ..training import edm_weighted_mse, frozen
 
 Cond = Any  # what the denoisers condition on: class labels for digits, prompt embeddings for SD
@@ -71,25 +71,16 @@ class Objective:
         return (n, config.in_channels, config.sample_size, config.sample_size)
 
     def student_input(self, k: int) -> tuple[torch.Tensor, Cond]:
-        """The noisy input the student sees at its k-th step, and its conditions.
+        """The noisy input the student sees at its k-th step, and its conditions, for a whole batch.
 
         Step 0 is pure noise. A later step needs an estimate to re-noise: with backward simulation it is
-        the student's own output after steps 0..k-1 (what it will see at inference; run by `simulator`,
-        e.g. the EMA weights that inference uses); without, a noised real image (DMD2's train/test
-        mismatch baseline).
+        the student's own output after steps 0..k-1 (what it will see at inference; `student_inputs`);
+        without, a noised real image (DMD2's train/test mismatch baseline).
         """
-        sigmas, n = self.s.student_sigmas, self.p.batch_size
-        if k == 0:
-            cond = self.s.conditions(n)
-            return self.randn(self.sample_shape(n)) * sigmas[0], cond
-        if self.p.backward_simulation:
-            cond = self.s.conditions(n)
-            with torch.no_grad():
-                x0 = student_sample(self.simulator(), self.randn(self.sample_shape(n)), cond, sigmas[:k],
-                                    self.s.generator)
-        else:
+        if k > 0 and not self.p.backward_simulation:
             x0, cond = self.s.real()
-        return x0 + sigmas[k] * self.randn(x0.shape), cond
+            return x0 + self.s.student_sigmas[k] * self.randn(x0.shape), cond
+        return self.student_inputs(torch.full((self.p.batch_size,), k, device=self.s.device))
 
     def generate(self) -> Generated:
         """Student samples (with gradients when enabled) from a random one of its steps, or with
@@ -104,8 +95,10 @@ class Objective:
         return Generated(self.s.student(x, sigmas[k], cond), cond, k)
 
     def student_inputs(self, steps: torch.Tensor) -> tuple[torch.Tensor, Cond]:
-        """`student_input` for a batch whose sample i is at student step steps[i]: the simulation runs step j
-        on all samples still before their own step, so the batch costs what one random step does on average."""
+        """Inputs for a batch whose sample i is at student step steps[i]. With backward simulation, step j runs
+        (on `simulator`, e.g. the EMA weights that inference uses) on all samples still before their own step,
+        so a batch over all steps costs what one random step does on average; without, samples past step 0
+        are noised real images."""
         sigmas = torch.tensor(self.s.student_sigmas, device=self.s.device)
         cond = self.s.conditions(len(steps))
         x = self.randn(self.sample_shape(len(steps))) * sigmas[0]
