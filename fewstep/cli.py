@@ -1,4 +1,5 @@
-"""The `fewstep` command: sample a saved teacher or student into a grid PNG."""
+"""The `fewstep` command: sample a saved teacher or student into a grid PNG; check or write the stage
+dependencies that the code's imports imply."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +51,36 @@ def sample(args) -> None:
     print(f"{info['role']} {args.model}: {n} samples, {nfe(info, args.steps)} NFE -> {args.out}")
 
 
+def deps(args) -> int:
+    """`fewstep deps --check`: one line per stage whose code deps differ from its import closure (exit 1);
+    `--write`: rewrite them."""
+    from .deps import DepsError, check, pipeline_files, write
+
+    root = Path.cwd()
+    files = [Path(f) for f in args.dvcfiles] or pipeline_files(root)
+    for f in files:
+        if not (root / f).is_file():
+            print(f"fewstep deps: error: {f}: no such dvc.yaml", file=sys.stderr)
+            return 2
+    try:
+        if args.write:
+            changed = write(root, files)
+            print(f"rewrote the code deps of {', '.join(changed)}" if changed else "deps already match the imports")
+            return 0
+        problems = check(root, files)
+    except DepsError as exc:
+        print(f"fewstep deps: error: {exc}", file=sys.stderr)
+        return 2
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"{len(problems)} stage dependencies differ from the code's imports; fix with: fewstep deps --write",
+              file=sys.stderr)
+        return 1
+    print(f"deps match the imports in {', '.join(Path(f).resolve().relative_to(root.resolve()).as_posix() for f in files)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = _Parser(prog="fewstep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -62,7 +93,14 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--label", type=int, default=None, help="one class for every sample (default: one class per column)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
+    d = sub.add_parser("deps", help="check (default) or rewrite each stage's code deps from its imports")
+    mode = d.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="report differences and exit 1 (default)")
+    mode.add_argument("--write", action="store_true", help="rewrite the deps lists in place")
+    d.add_argument("dvcfiles", nargs="*", help="dvc.yaml files (default: dvc.yaml and pipelines/*/dvc.yaml)")
     args = parser.parse_args(argv)
+    if args.command == "deps":
+        sys.exit(deps(args))
     for name in ("steps", "rows"):
         value = getattr(args, name)
         if value is not None and value < 1:

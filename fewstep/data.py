@@ -9,11 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import DataError
 from .io import ArtifactError, load_tensors, read_json
-
-
-class DataError(ValueError):
-    """A data source the user pointed at cannot be used, phrased as one line."""
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from . import objectives, parallel
-from .cache import Hasher
+from .hashing import Hasher
 from .checkpoint import CHECKPOINTS, Checkpointer, GeneratorState, fingerprint
 from .data import load_prepared
 from .io import ArtifactError, load_trajectories

@@ -10,11 +10,6 @@ import torch
 from .models import Featurizer
 
 
-@torch.no_grad()
-def features(featurizer: Featurizer, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    return torch.cat([featurizer(chunk) for chunk in images.split(batch_size)])
-
-
 class Evaluator:
     """Scores image sets against one fixed held-out real set with one featurizer."""
 
@@ -25,7 +20,7 @@ class Evaluator:
         self.fid = FrechetInceptionDistance(feature=featurizer, reset_real_features=False)
         for chunk in real_images.split(batch_size):
             self.fid.update(chunk, real=True)
-        self.real_features = features(featurizer, real_images, batch_size)
+        self.real_features = featurizer.embed(real_images, batch_size)
 
     @torch.no_grad()
     def fid_of(self, images: torch.Tensor) -> float:
@@ -36,7 +31,7 @@ class Evaluator:
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
-        fake = features(self.featurizer, images, self.batch_size)
+        fake = self.featurizer.embed(images, self.batch_size)
         precision, recall = precision_recall(self.real_features, fake, self.k)
         out = {"fid": self.fid_of(images), "precision": precision, "recall": recall}
         if labels is not None:

@@ -264,6 +264,11 @@ class Featurizer(ConfiguredModule):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self(images))
 
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+        """Features of many images, in batches."""
+        return torch.cat([self(chunk) for chunk in images.split(batch_size)])
+
     @classmethod
     def load(cls, path: Path) -> "Featurizer":
         return super().load(path).eval()

@@ -10,10 +10,9 @@ from typing import Callable
 
 import torch
 
-from .data import DataError
+from .errors import DataError, TrainingDiverged
 from .io import ArtifactError
 from .params import Params, ParamsError, load
-from .training import TrainingDiverged
 
 USER_ERRORS = (ParamsError, DataError, ArtifactError, TrainingDiverged)
 

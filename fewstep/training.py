@@ -15,10 +15,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import parallel
-
-
-class TrainingDiverged(RuntimeError):
-    """A loss became NaN or infinite."""
+from .errors import TrainingDiverged
 
 
 @dataclass

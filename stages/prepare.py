@@ -7,7 +7,6 @@ from tqdm.auto import tqdm
 
 from fewstep import data, runtime
 from fewstep.io import atomic_output, save_tensors, write_json
-from fewstep.metrics import features
 from fewstep.models import Featurizer
 
 
@@ -44,7 +43,7 @@ def main(params, args, device):
         save_tensors({"train_images": train.images, "train_labels": train.labels,
                       "test_images": test.images, "test_labels": test.labels}, out / "data.safetensors")
         featurizer.save(out / "featurizer")
-        ref = features(featurizer, test.images)
+        ref = featurizer.embed(test.images)
         save_tensors({"features": ref, "mean": ref.mean(0), "cov": torch.cov(ref.T)}, out / "reference.safetensors")
         write_json({"source": p.source, "resolution": p.resolution, "channels": int(full.images.shape[1]),
                     "class_names": full.class_names, "num_train": len(train.labels), "num_test": len(test.labels),

@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 
 from fewstep import parallel, runtime
-from fewstep.cache import Hasher
+from fewstep.hashing import Hasher
 from fewstep.checkpoint import CHECKPOINTS, Checkpointer, GeneratorState, fingerprint
 from fewstep.data import load_prepared
 from fewstep.models import EDMDenoiser, build_unet, make_scheduler, save_model

@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT, STAGE_ARGS, env, run_stage, tiny_params, write_params
 from fewstep import distill
-from fewstep.cache import Hasher
+from fewstep.hashing import Hasher
 from fewstep.checkpoint import Checkpointer
 from toy import toy_setup
 

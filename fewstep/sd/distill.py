@@ -11,7 +11,7 @@ import torch
 import xxhash
 
 from .. import objectives
-from ..cache import Hasher
+from ..hashing import Hasher
 from ..checkpoint import CHECKPOINTS, Checkpointer, fingerprint
 from ..distill import fit
 from ..models import BottleneckTap, GanHead

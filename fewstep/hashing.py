@@ -1,0 +1,78 @@
+"""xxh3-128 digests of files, trees and output manifests — what both the stages (checkpoint
+fingerprints) and the flow (cache keys, output verification) need. File digests are memoized by
+(path, size, mtime) so a warm key costs a stat per file, not a read."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import xxhash
+
+CHUNK = 1 << 20
+
+
+def file_digest(path: str | Path) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Hasher:
+    """xxh3-128 of files and trees, memoized by (path, size, mtime_ns); the memo can persist as JSON."""
+
+    def __init__(self, memo_file: str | Path | None = None):
+        self.memo_file = Path(memo_file) if memo_file else None
+        self.memo: dict[str, str] = {}
+        if self.memo_file and self.memo_file.is_file():
+            try:
+                self.memo = json.loads(self.memo_file.read_text())
+            except json.JSONDecodeError:
+                self.memo = {}  # a damaged memo only costs rehashing
+
+    def file(self, path: str | Path) -> str:
+        st = os.stat(path)
+        key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in self.memo:
+            self.memo[key] = file_digest(path)
+        return self.memo[key]
+
+    def tree(self, path: str | Path) -> dict[str, str]:
+        """{relative posix path: digest} for every file under `path` (or the file itself)."""
+        path = Path(path)
+        if path.is_file():
+            return {path.as_posix(): self.file(path)}
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such file or directory")
+        return {p.as_posix(): self.file(p) for p in sorted(path.rglob("*"))
+                if p.is_file() and "__pycache__" not in p.parts}
+
+    def save(self) -> None:
+        if self.memo_file:
+            self.memo_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.memo_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.memo))
+            os.replace(tmp, self.memo_file)
+
+
+def manifest(outs: list[str], root: str | Path, hasher: Hasher) -> dict[str, str]:
+    """{path relative to root: xxh3-128} for every file of the given outputs."""
+    root = Path(root)
+    out = {}
+    for o in outs:
+        for path, digest in hasher.tree(root / o).items():
+            out[Path(path).relative_to(root).as_posix()] = digest
+    return out
+
+
+def verify(recorded: dict[str, str], root: str | Path) -> list[str]:
+    """Files of a recorded manifest that are missing or whose bytes changed (rehashed, not memoized)."""
+    root = Path(root)
+    bad = []
+    for rel, digest in recorded.items():
+        path = root / rel
+        if not path.is_file() or file_digest(path) != digest:
+            bad.append(rel)
+    return bad

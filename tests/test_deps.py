@@ -1,0 +1,149 @@
+"""Stage deps derived from the code: `fewstep deps` checks them, and DVC reruns exactly the stages that
+import an edited file."""
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run
+from fewstep.deps import DepsError, check, closure, pipeline_files, stage_deps, write
+
+
+def copy_repo(dest: Path) -> Path:
+    """The repository's pipelines, stage scripts and library (no outputs), as a fresh git + DVC repo."""
+    dest.mkdir(parents=True)
+    for item in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / item, dest / item)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "encode", "trajectories", "critic", "distill",
+                                    "finetune", "export", "evaluate")
+    for folder in ("stages", "fewstep", "flows", "pipelines"):
+        shutil.copytree(ROOT / folder, dest / folder, ignore=ignore)
+    run(["git", "init", "-q"], dest)
+    run(["dvc", "init", "-q"], dest)
+    run(["dvc", "config", "core.analytics", "false"], dest)
+    return dest
+
+
+def test_every_pipeline_lists_exactly_the_code_its_stages_import():
+    assert [p.relative_to(ROOT).as_posix() for p in pipeline_files(ROOT)][:1] == ["dvc.yaml"]
+    assert len(pipeline_files(ROOT)) >= 3  # the default plus pipelines/sdxl and pipelines/sd15
+    assert check(ROOT) == []
+
+
+def test_fine_grained_evaluation_code_is_not_a_dep_of_training():
+    stages = {s.stage: set(s.expected) for s in stage_deps(ROOT / "dvc.yaml", ROOT)}
+    for training in ("prepare", "teacher", "trajectories", "critic", "distill", "finetune"):
+        assert not stages[training] & {"fewstep/metrics.py", "fewstep/evaluation.py", "stages/evaluate.py"}, training
+    assert {"fewstep/metrics.py", "fewstep/evaluation.py"} <= stages["evaluate"]
+    # the objective registry imports every objective module, so every objective is a dep of distill
+    assert {f"fewstep/objectives/{m}.py" for m in ("dmd2", "dmd", "sid", "consistency", "base")} <= stages["distill"]
+
+
+def test_check_names_the_stage_and_file_when_a_dep_is_removed_and_write_fixes_it(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    dvcfile = repo / "dvc.yaml"
+    text = dvcfile.read_text()
+    start = text.index("  distill:")
+    entry = "      - fewstep/models.py\n"
+    cut = text.index(entry, start)
+    dvcfile.write_text(text[:cut] + text[cut + len(entry):])
+    problems = check(repo)
+    assert problems == ["dvc.yaml: stage distill: missing dep fewstep/models.py "
+                        "(imported via stages/distill.py -> fewstep/distill.py -> fewstep/models.py)"]
+    proc = run(["fewstep", "deps", "--check"], repo, check=False)
+    assert proc.returncode == 1 and proc.stdout.strip() == problems[0], proc.stdout + proc.stderr
+    assert "fewstep deps --write" in proc.stderr
+
+    # a dep nothing imports is reported too (an edit to it would rerun the stage for nothing)
+    text = dvcfile.read_text()
+    dvcfile.write_text(text.replace("      - stages/prepare.py\n", "      - stages/prepare.py\n      - fewstep/cli.py\n", 1))
+    assert "dvc.yaml: stage prepare: dep fewstep/cli.py is not imported by the stage" in "\n".join(check(repo))
+
+    assert write(repo) == ["dvc.yaml"]
+    assert check(repo) == [] and run(["fewstep", "deps"], repo).returncode == 0
+    assert "# The embedded default pipeline" in dvcfile.read_text()  # comments survive the rewrite
+
+
+def test_closure_follows_relative_imports_packages_and_the_scripts_folder(tmp_path):
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "sub" / "__init__.py").write_text("from . import leaf\n")
+    (tmp_path / "pkg" / "sub" / "leaf.py").write_text("from ..util import x\n")
+    (tmp_path / "pkg" / "util.py").write_text("import json\nx = 1\n")
+    (tmp_path / "pkg" / "unused.py").write_text("")
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "helper.py").write_text("")
+    (tmp_path / "scripts" / "main.py").write_text("import helper\n\ndef f():\n    from pkg.sub import leaf\n")
+    files = closure("scripts/main.py", tmp_path).files
+    assert sorted(files) == ["pkg/__init__.py", "pkg/sub/__init__.py", "pkg/sub/leaf.py", "pkg/util.py",
+                             "scripts/helper.py", "scripts/main.py"]
+    assert files["pkg/util.py"] == ["scripts/main.py", "pkg/sub/leaf.py", "pkg/util.py"]  # the chain a report names
+
+
+def test_a_run_time_import_is_an_error_not_a_hole(tmp_path):
+    (tmp_path / "main.py").write_text("import importlib\nmod = importlib.import_module('x' + 'y')\n")
+    with pytest.raises(DepsError, match=r"main.py:2: imports a module by a run-time name"):
+        closure("main.py", tmp_path)
+
+
+def _placeholders(repo: Path) -> None:
+    """Every output and external input of every pipeline as a small placeholder, committed to dvc.lock,
+    so `dvc status` compares code hashes exactly as after a real run (no weights or training needed)."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc:
+        for stage in dvc.index.stages:
+            for item in [*stage.deps, *stage.outs]:
+                if type(item).__name__ == "ParamsDependency":
+                    continue
+                path = Path(item.fs_path)
+                if not path.exists():
+                    if item.def_path.endswith((".json", ".txt")):
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        path.write_text("{}\n")
+                    else:
+                        path.mkdir(parents=True, exist_ok=True)
+                        (path / "placeholder").write_text(item.def_path)
+    run(["dvc", "commit", "-f", "-q"], repo)
+
+
+def _stage_names(status: dict, repo: Path) -> set[str]:
+    """`dvc status` keys as "stage" (root dvc.yaml) or "pipelines/x/dvc.yaml:stage"."""
+    names = set()
+    for key in status:
+        path, _, stage = key.rpartition(":")
+        rel = Path(path).resolve().relative_to(repo.resolve()).as_posix() if path else "dvc.yaml"
+        names.add(stage if rel == "dvc.yaml" else f"{rel}:{stage}")
+    return names
+
+
+@pytest.mark.slow
+def test_an_edit_flips_exactly_the_stages_that_import_the_file(tmp_path, monkeypatch):
+    from dvc.repo import Repo
+
+    repo = copy_repo(tmp_path / "repo")
+    monkeypatch.chdir(repo)
+    _placeholders(repo)
+    closures = {}  # "dvcfile:stage" -> root-relative files in its code closure
+    for dvcfile in pipeline_files(repo):
+        rel = dvcfile.relative_to(repo).as_posix()
+        for s in stage_deps(dvcfile, repo):
+            closures[s.stage if rel == "dvc.yaml" else f"{rel}:{s.stage}"] = set(s.chains)
+    with Repo(str(repo)) as dvc:
+        assert dvc.status() == {}, "placeholders not committed"
+    code = sorted(p.relative_to(repo).as_posix() for folder in ("fewstep", "stages", "flows")
+                  for p in (repo / folder).rglob("*.py"))
+    mismatches = []
+    for rel in code:
+        path = repo / rel
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# edited\n")
+        with Repo(str(repo)) as dvc:
+            flipped = _stage_names(dvc.status(), repo)
+        path.write_bytes(original)
+        expected = {stage for stage, files in closures.items() if rel in files}
+        if flipped != expected:
+            mismatches.append(f"{rel}: flips {sorted(flipped)}, imported by {sorted(expected)}")
+    assert not mismatches, "\n".join(mismatches)
+    # files outside every closure exist (flows, cli, deps): their edits must flip nothing, checked above
+    assert any(not any(rel in files for files in closures.values()) for rel in code)
