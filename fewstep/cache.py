@@ -1,72 +1,31 @@
-"""Content addressing for stage outputs: xxh3-128 digests, output manifests and stage keys.
+"""Merkle keys for pipeline stages, read off DVC's stage graph.
 
-A stage key is an xxh3-128 digest over the stage command, the bytes of every dependency, the stage's
-params subset and the fewstep version — Bazel's action key, read off DVC's stage graph. File digests
-are memoized by (path, size, mtime) so a warm key costs a stat per file, not a read.
+A stage's key is an xxh3-128 digest over
+- its command (as DVC interpolates it),
+- the xxh3 of every file in its code closure (the repo-local modules its script imports, fewstep.deps),
+- its params subset,
+- the keys of the stages that produce its inputs (Merkle: a key names everything upstream of it, so it
+  can be computed on a machine that has none of the upstream outputs), and
+- the xxh3 of every other input (data, external model weights).
+No version string stands in for code: a key changes exactly when something the stage reads changes.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
 import yaml
 
-from . import __version__
-
-CHUNK = 1 << 20
-
-
-def file_digest(path: str | Path) -> str:
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class Hasher:
-    """xxh3-128 of files and trees, memoized by (path, size, mtime_ns); the memo can persist as JSON."""
-
-    def __init__(self, memo_file: str | Path | None = None):
-        self.memo_file = Path(memo_file) if memo_file else None
-        self.memo: dict[str, str] = {}
-        if self.memo_file and self.memo_file.is_file():
-            try:
-                self.memo = json.loads(self.memo_file.read_text())
-            except json.JSONDecodeError:
-                self.memo = {}  # a damaged memo only costs rehashing
-
-    def file(self, path: str | Path) -> str:
-        st = os.stat(path)
-        key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
-        if key not in self.memo:
-            self.memo[key] = file_digest(path)
-        return self.memo[key]
-
-    def tree(self, path: str | Path) -> dict[str, str]:
-        """{relative posix path: digest} for every file under `path` (or the file itself)."""
-        path = Path(path)
-        if path.is_file():
-            return {path.as_posix(): self.file(path)}
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: no such file or directory")
-        return {p.as_posix(): self.file(p) for p in sorted(path.rglob("*"))
-                if p.is_file() and "__pycache__" not in p.parts}
-
-    def save(self) -> None:
-        if self.memo_file:
-            self.memo_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.memo_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.memo))
-            os.replace(tmp, self.memo_file)
+from .deps import closure, stage_scripts
+from .hashing import Hasher
 
 
 @dataclass
 class StageSpec:
-    """What a stage key is made of, as read from DVC's stage graph."""
+    """What a stage key is made of, as read from DVC's stage graph (paths relative to the repo root)."""
 
     name: str
     cmd: str
@@ -74,6 +33,19 @@ class StageSpec:
     params: list[str]       # dotted keys (a section name means the whole section)
     params_file: str
     outs: list[str]
+    wdir: str = "."
+    dvcfile: str = "dvc.yaml"
+    uncached: list[str] = field(default_factory=list)  # outs DVC does not cache (metrics files)
+    pool: str = "cpu"       # where Prefect places it: dvc.yaml `meta: {pool: gpu}` for training stages
+
+    @property
+    def target(self) -> str:
+        """How DVC commands name this stage from the repo root."""
+        return self.name if self.dvcfile == "dvc.yaml" else f"{self.dvcfile}:{self.name}"
+
+
+def _rel(path: str | Path, root: Path) -> str:
+    return Path(os.path.relpath(Path(path).resolve(), root.resolve())).as_posix()
 
 
 def stage_specs(root: str | Path = ".", dvcfile: str | None = None) -> list[StageSpec]:
@@ -81,12 +53,13 @@ def stage_specs(root: str | Path = ".", dvcfile: str | None = None) -> list[Stag
     import networkx as nx
     from dvc.repo import Repo
 
+    root = Path(root).resolve()
     repo = Repo(str(root))
     try:
         graph = repo.index.graph
         order = [s for s in reversed(list(nx.topological_sort(graph))) if hasattr(s, "cmd")]
         if dvcfile is not None:
-            wanted = Path(root, dvcfile).resolve()
+            wanted = (root / dvcfile).resolve()
             order = [s for s in order if Path(s.path).resolve() == wanted]
         specs = []
         for stage in order:
@@ -94,54 +67,86 @@ def stage_specs(root: str | Path = ".", dvcfile: str | None = None) -> list[Stag
             for dep in stage.deps:
                 if type(dep).__name__ == "ParamsDependency":
                     params += list(dep.params)
-                    params_file = dep.def_path
+                    params_file = _rel(dep.fs_path, root)
                 else:
-                    deps.append(dep.def_path)
+                    deps.append(_rel(dep.fs_path, root))
             cmd = stage.cmd if isinstance(stage.cmd, str) else " && ".join(stage.cmd)
-            specs.append(StageSpec(stage.name, cmd, deps, params, params_file, [o.def_path for o in stage.outs]))
+            outs = [_rel(o.fs_path, root) for o in stage.outs]
+            uncached = [_rel(o.fs_path, root) for o in stage.outs if not o.use_cache]
+            pool = (stage.meta or {}).get("pool", "cpu")
+            specs.append(StageSpec(stage.name, cmd, deps, params, params_file, outs, _rel(stage.wdir, root),
+                                   _rel(stage.path, root), uncached, pool))
         return specs
     finally:
         repo.close()
 
 
-def params_subset(params: dict, keys: list[str]) -> dict:
+def params_subset(params: dict, keys: list[str], params_file: str = "params file") -> dict:
     out = {}
     for dotted in keys:
         node = params
         for part in dotted.split("."):
             if not isinstance(node, dict) or part not in node:
-                raise KeyError(f"params key {dotted!r} is declared in dvc.yaml but missing from the params file")
+                raise KeyError(f"params key {dotted!r} is declared in dvc.yaml but missing from {params_file}")
             node = node[part]
         out[dotted] = node
     return out
 
 
-def stage_key(spec: StageSpec, root: str | Path, hasher: Hasher) -> str:
-    """xxh3-128 over (command, dependency bytes, params subset, fewstep version). Raises on any
-    missing dependency: a key that cannot be computed must fail the run, not disable caching."""
+def producer(dep: str, specs: list[StageSpec]) -> StageSpec | None:
+    """The stage whose output is (or contains) this input path."""
+    for spec in specs:
+        if any(dep == o or dep.startswith(o + "/") for o in spec.outs):
+            return spec
+    return None
+
+
+@dataclass
+class StageKey:
+    key: str
+    parts: dict = field(default_factory=dict)  # cmd, code, params, upstream, data: what the key covers
+
+
+def code_closure(spec: StageSpec, root: Path) -> list[str]:
+    """Root-relative files of the stage's code closure (its scripts and every repo-local import)."""
+    files: dict[str, None] = {}
+    for script in stage_scripts(spec.cmd, root / spec.wdir):
+        files.update(dict.fromkeys(closure(script, root).files))
+    return sorted(files)
+
+
+def stage_key(spec: StageSpec, specs: list[StageSpec], keys: dict[str, StageKey], root: str | Path,
+              hasher: Hasher) -> StageKey:
+    """The Merkle key of one stage, given the keys of the stages before it. Raises on a missing input:
+    a key that cannot be computed must fail the run, not disable caching."""
     root = Path(root)
-    params = yaml.safe_load((root / spec.params_file).read_text()) or {}
-    payload = {"cmd": spec.cmd, "deps": manifest(spec.deps, root, hasher), "params": params_subset(params, spec.params),
-               "fewstep": __version__}
-    return xxhash.xxh3_128_hexdigest(json.dumps(payload, sort_keys=True, default=str).encode())
+    params_path = root / spec.params_file
+    if not params_path.is_file():
+        raise FileNotFoundError(f"{spec.params_file}: params file of stage {spec.name} not found")
+    params = yaml.safe_load(params_path.read_text()) or {}
+    code = code_closure(spec, root)
+    upstream, data = {}, {}
+    for dep in spec.deps:
+        if dep in code:
+            continue
+        made_by = producer(dep, specs)
+        if made_by is not None and made_by.name != spec.name:
+            upstream[dep] = keys[made_by.name].key
+        elif (root / dep).suffix == ".py" and (root / dep).is_file():
+            continue  # a code dep outside the closure: `fewstep deps --check` reports it; it is not read
+        else:
+            if not (root / dep).exists():
+                raise FileNotFoundError(f"{dep}: input of stage {spec.name} not found")
+            tree = {_rel(p, root): d for p, d in hasher.tree(root / dep).items()}
+            data[dep] = xxhash.xxh3_128_hexdigest(json.dumps(tree, sort_keys=True).encode())
+    parts = {"cmd": spec.cmd, "code": {f: hasher.file(root / f) for f in code},
+             "params": params_subset(params, spec.params, spec.params_file), "upstream": upstream, "data": data}
+    return StageKey(xxhash.xxh3_128_hexdigest(json.dumps(parts, sort_keys=True, default=str).encode()), parts)
 
 
-def manifest(outs: list[str], root: str | Path, hasher: Hasher) -> dict[str, str]:
-    """{path relative to root: xxh3-128} for every file of the given outputs."""
-    root = Path(root)
-    out = {}
-    for o in outs:
-        for path, digest in hasher.tree(root / o).items():
-            out[Path(path).relative_to(root).as_posix()] = digest
-    return out
-
-
-def verify(recorded: dict[str, str], root: str | Path) -> list[str]:
-    """Files of a recorded manifest that are missing or whose bytes changed (rehashed, not memoized)."""
-    root = Path(root)
-    bad = []
-    for rel, digest in recorded.items():
-        path = root / rel
-        if not path.is_file() or file_digest(path) != digest:
-            bad.append(rel)
-    return bad
+def stage_keys(specs: list[StageSpec], root: str | Path, hasher: Hasher) -> dict[str, StageKey]:
+    """Keys of every stage, in graph order."""
+    keys: dict[str, StageKey] = {}
+    for spec in specs:
+        keys[spec.name] = stage_key(spec, specs, keys, root, hasher)
+    return keys

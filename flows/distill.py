@@ -1,26 +1,31 @@
-"""Prefect flow `distill`: run a DVC pipeline's stages as Prefect tasks with a content-addressed cache.
+"""Prefect flow `distill`: a DVC pipeline's stages as Prefect tasks, cached by Merkle keys in the team store.
 
-- The stage graph comes from DVC (fewstep.cache.stage_specs); nothing here lists stages by hand.
-- Each stage's cache key is xxh3-128 over its command, dependency bytes, params subset and the fewstep
-  version. A miss runs the stage through `dvc repro --single-item`, so dvc.lock stays truthful, and
-  records an xxh3 manifest of its outputs. A hit skips the stage and verifies the outputs against the
-  manifest; missing or corrupted files are named, restored with `dvc checkout` or recomputed.
-- Keys and results persist under FEWSTEP_CACHE_DIR (default .fewstep/cache) — point several clones or
-  machines at one shared directory to share them. Per-key file locks make concurrent runs compute each
-  stage once.
+- The stage graph comes from DVC (fewstep.cache.stage_specs); stage code deps are checked against the
+  imports first (fewstep.deps), so no stale dvc.yaml can serve a stale result.
+- Each stage's key is xxh3-128 over its command, its code closure's digests, its params subset, its
+  upstream stages' keys and its other inputs' digests (fewstep.cache). Keys and records (dvc.lock entry +
+  xxh3 manifest, JSON — never pickles) live in the team store: `<DVC default remote>/fewstep/` on S3 or
+  SSH, so every clone of the team shares them, or a local folder (FEWSTEP_CACHE_DIR / .fewstep/cache).
+- A hit skips the stage. Outputs are fetched only where needed — inputs of a stage that must run here,
+  and the final stages' outputs (`fetch="all"`: every stage's) — and verified against the manifest; a
+  record whose outputs cannot be restored intact is dropped from the store and its stage recomputed.
+- A miss runs the stage through `dvc repro --single-item` (dvc.lock stays truthful), pushes its outputs
+  and DVC's run-cache to the remote, and records it. With `placement="workers"` the miss runs on a
+  Prefect worker instead: `fewstep-stage/gpu` for stages marked `meta: {pool: gpu}` in dvc.yaml,
+  `fewstep-stage/cpu` for the rest (prefect.yaml; flows/stage.py).
 
-Run it:  python flows/distill.py [--pipeline sdxl] [--set distill.lr=1e-4 ...]
+Run it:  python flows/distill.py [--pipeline sdxl] [--set distill.lr=1e-4 ...] [--workers] [--fetch all]
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import base64
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +33,30 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
-from prefect.filesystems import LocalFileSystem
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.states import Failed
 
-from fewstep.cache import Hasher, manifest, stage_key, stage_specs, verify
+from fewstep import deps
+from fewstep.cache import StageSpec, stage_keys, stage_specs
+from fewstep.hashing import Hasher
+from fewstep.stagerun import OutputsLost, StageError, compute, materialize
+from fewstep.store import Store, StoreError, from_dvc
 
-ROOT = Path(os.environ.get("FEWSTEP_ROOT", Path(__file__).resolve().parents[1]))
+ROOT = Path(os.environ.get("FEWSTEP_ROOT", Path(__file__).resolve().parents[1])).resolve()
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("FEWSTEP_CACHE_DIR", ROOT / ".fewstep" / "cache")).resolve()
+class PipelineError(ValueError):
+    """A user mistake or missing input that stops the run before any stage: one line."""
 
 
-def dvcfile_for(pipeline: str) -> str:
+def dvcfile_for(pipeline: str, root: Path = ROOT) -> str:
     if pipeline in ("default", "digits", ""):
         return "dvc.yaml"
     path = Path("pipelines") / pipeline / "dvc.yaml"
-    if not (ROOT / path).is_file():
-        known = sorted(p.parent.name for p in (ROOT / "pipelines").glob("*/dvc.yaml"))
-        raise ValueError(f"pipeline {pipeline!r} does not exist yet: no {path} "
-                         f"(available: default{''.join(', ' + k for k in known)})")
+    if not (root / path).is_file():
+        known = sorted(p.parent.name for p in (root / "pipelines").glob("*/dvc.yaml"))
+        raise PipelineError(f"pipeline {pipeline!r} does not exist yet: no {path} "
+                            f"(available: default{''.join(', ' + k for k in known)})")
     return str(path)
 
 
@@ -63,62 +71,229 @@ def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
             *parents, leaf = dotted.split(".")
             for key in parents:
                 if not isinstance(node.get(key), dict):
-                    raise ValueError(f"override {dotted}: {key!r} is not a params section")
+                    raise PipelineError(f"override {dotted}: {key!r} is not a params section")
                 node = node[key]
             if leaf not in node:
-                raise ValueError(f"override {dotted}: no such key in {params_file.name}")
+                raise PipelineError(f"override {dotted}: no such key in {params_file.name}")
             node[leaf] = value
 
 
-def _dvc(*args: str) -> str:
-    """Run a DVC command, streaming its output into the Prefect logs; return that output."""
-    logger = get_run_logger()
-    lines = []
-    proc = subprocess.Popen(["dvc", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in proc.stdout:
-        line = line.rstrip().split("\r")[-1]
-        if line:
-            logger.info(line)
-            lines.append(line)
-    if proc.wait() != 0:
-        raise RuntimeError(f"dvc {' '.join(args)} failed with exit code {proc.returncode}")
-    return "\n".join(lines)
+@dataclass
+class Run:
+    """Everything a stage run needs to know about the pipeline in this clone."""
 
+    root: Path
+    pipeline: str
+    dvcfile: str
+    specs: list[StageSpec]
+    keys: dict[str, str]
+    store: Store
+
+    def spec(self, name: str) -> StageSpec:
+        return next(s for s in self.specs if s.name == name)
+
+    def producers(self, spec: StageSpec) -> list[str]:
+        """Stages whose outputs this stage reads, in graph order."""
+        names = {p.name for d in spec.deps for p in self.specs if p.name != spec.name
+                 and any(d == o or d.startswith(o + "/") for o in p.outs)}
+        return [s.name for s in self.specs if s.name in names]
+
+
+def prepare_run(pipeline: str, root: Path = ROOT, params_text: str | None = None,
+                overrides: dict[str, Any] | None = None) -> Run:
+    """Read the pipeline from DVC, check its deps against the code, apply params, compute every key."""
+    dvcfile = dvcfile_for(pipeline, root)
+    problems = deps.check(root, [root / dvcfile])
+    if problems:
+        raise PipelineError(f"{problems[0]} — stage deps are stale; run `fewstep deps --write`"
+                            + (f" ({len(problems) - 1} more)" if len(problems) > 1 else ""))
+    specs = stage_specs(root, dvcfile)
+    params_file = root / specs[0].params_file
+    if params_text is not None and params_file.read_text() != params_text:
+        tmp = params_file.with_name(f".{params_file.name}.tmp")
+        tmp.write_text(params_text)
+        os.replace(tmp, params_file)
+    if overrides:
+        apply_overrides(params_file, overrides)
+    try:
+        store = from_dvc(root)
+    except StoreError as exc:
+        raise PipelineError(str(exc)) from None
+    try:
+        keys = {name: k.key for name, k in stage_keys(specs, root, Hasher(root / ".fewstep" / "hash-memo.json")).items()}
+    except (FileNotFoundError, KeyError) as exc:
+        raise PipelineError(str(exc).strip("'\"")) from None
+    return Run(root, pipeline, dvcfile, specs, keys, store)
+
+
+# ---- Prefect tasks over the store ------------------------------------------------------------------
 
 def _key_from_argument(context, parameters) -> str:
     return parameters["key"]
 
 
-@functools.lru_cache(maxsize=None)
-def _result_storage(storage: Path) -> LocalFileSystem:
-    """Prefect needs result storage saved server-side: one LocalFileSystem block per cache directory."""
-    import xxhash
-
-    block = LocalFileSystem(basepath=str(storage / "results"))
-    block.save(f"fewstep-results-{xxhash.xxh64_hexdigest(str(storage).encode())}", overwrite=True)
-    return block
+_BLOCKS: dict[str, Any] = {}
 
 
-def _stage_task(refresh: bool = False):
-    storage = cache_dir()
-    policy = CacheKeyFnPolicy(cache_key_fn=_key_from_argument, key_storage=storage / "keys",
-                              isolation_level="SERIALIZABLE",
-                              lock_manager=FileSystemLockManager(lock_files_directory=storage / "locks"))
-    return run_stage.with_options(cache_policy=policy, persist_result=True, refresh_cache=refresh,
-                                  result_storage=_result_storage(storage))
+def _blocks(store: Store):
+    """(keys, results) blocks of the store. Prefect needs result storage saved server-side: the saved
+    block holds the location and endpoint only, never credentials."""
+    if store.url not in _BLOCKS:
+        import xxhash
+
+        results = store.block("results")
+        results.save(f"fewstep-results-{xxhash.xxh64_hexdigest(store.url.encode())}", overwrite=True)
+        _BLOCKS[store.url] = (store.block("keys"), results)
+    return _BLOCKS[store.url]
+
+
+def stage_task(run: Run, refresh: bool = False):
+    keys, results = _blocks(run.store)
+    locks = run.root / ".fewstep" / "locks"
+    policy = CacheKeyFnPolicy(cache_key_fn=_key_from_argument, key_storage=keys, isolation_level="SERIALIZABLE",
+                              lock_manager=FileSystemLockManager(lock_files_directory=locks))
+    return run_stage.with_options(cache_policy=policy, persist_result=True, result_storage=results,
+                                  result_serializer="json", refresh_cache=refresh)
+
+
+def stored_record(run: Run, key: str) -> dict | None:
+    """The record stored under a key, or None (read through Prefect's own result store)."""
+    from prefect.results import ResultStore
+
+    keys, results = _blocks(run.store)
+    store = ResultStore(result_storage=results, metadata_storage=keys, serializer="json")
+    return store.read(key).result if store.exists(key) else None
+
+
+def drop_record(run: Run, key: str) -> None:
+    """Forget a key whose outputs are lost, so every clone recomputes it instead of trusting it."""
+    keys, _ = _blocks(run.store)
+    if run.store.is_local:
+        Path(keys._resolve_path(key)).unlink(missing_ok=True)
+    elif keys.filesystem.exists(keys._resolve_path(key)):
+        keys.filesystem.rm(keys._resolve_path(key))
 
 
 @task(task_run_name="{stage}")
-def run_stage(stage: str, target: str, outs: list[str], key: str, force: bool = False) -> dict:
-    """Cache miss: run the stage through DVC (which itself skips a stage dvc.lock shows up to date,
-    e.g. after `dvc pull`) and return the xxh3 manifest of its outputs and whether it really ran."""
-    log = _dvc("repro", "--single-item", *(["--force"] if force else []), target)
-    return {"manifest": manifest(outs, ROOT, Hasher()), "ran": "Running stage" in log}
+def run_stage(pipeline: str, stage: str, key: str, inputs: dict[str, dict], placement: str = "local",
+              force: bool = False, params_text: str | None = None) -> dict:
+    """Cache miss: compute the stage (here, or on a worker of its pool) and return its record."""
+    logger = get_run_logger()
+    if placement == "workers":
+        return _on_worker(pipeline, stage, key, inputs, force, params_text)
+    run = prepare_run(pipeline)
+    spec = run.spec(stage)
+    for name, record in inputs.items():
+        try:
+            how = materialize(run.root, run.spec(name), record, run.store, log=logger.debug)
+        except OutputsLost:
+            drop_record(run, run.keys[name])
+            raise
+        logger.info(f"{stage}: input {name} {how}")
+    return compute(run.root, spec, run.store, force=force, log=logger.info)
 
 
-def _metrics_artifact(metrics_file: Path, grids: list[Path]) -> None:
-    """The evaluation as markdown: one row per model (every entry with an NFE), the metrics it has."""
+def _on_worker(pipeline, stage, key, inputs, force, params_text) -> dict:
+    from prefect.deployments import run_deployment
+
+    run = prepare_run(pipeline)
+    pool = run.spec(stage).pool
+    logger = get_run_logger()
+    logger.info(f"{stage}: sending to a worker of pool {pool}")
+    flow_run = run_deployment(name=f"fewstep-stage/{pool}", timeout=None, poll_interval=1,
+                              parameters={"pipeline": pipeline, "stage": stage, "key": key, "inputs": inputs,
+                                          "force": force, "params_text": params_text})
+    if not flow_run.state.is_completed():
+        raise StageError(f"stage {stage} on pool {pool} (flow run {flow_run.name}): "
+                         f"{flow_run.state.name}: {flow_run.state.message or 'no message'}")
+    record = stored_record(run, key)
+    if record is None:
+        raise StageError(f"stage {stage} on pool {pool}: the worker finished but stored no record under its key "
+                         f"in {run.store.describe()}")
+    return record
+
+
+# ---- the flow --------------------------------------------------------------------------------------
+
+def _failure(state) -> str:
+    exc = state.result(raise_on_failure=False)
+    return str(exc) if isinstance(exc, BaseException) else (state.message or state.name)
+
+
+@flow(name="distill", log_prints=True)
+def distill(pipeline: str = "default", overrides: dict[str, Any] | None = None, placement: str = "local",
+            fetch: str = "needed") -> dict[str, str]:
+    """Run (or reuse) every stage of a pipeline in graph order.
+
+    Returns {stage: how}: "cached" (a stored record; outputs verified wherever they were needed),
+    "computed" (ran), "up-to-date" (no record, but DVC found the stage current, e.g. after `dvc pull`),
+    "restored" (a record whose local outputs were damaged: fetched again) or "recomputed" (a record whose
+    outputs were lost everywhere: recomputed)."""
+    started = time.perf_counter()
+    logger = get_run_logger()
+    try:
+        if placement not in ("local", "workers") or fetch not in ("needed", "all"):
+            raise PipelineError(f"placement must be local|workers and fetch needed|all, got {placement!r}, {fetch!r}")
+        run = prepare_run(pipeline, overrides=overrides)
+    except PipelineError as exc:  # a user mistake: one clear line in the run's state, not a traceback
+        logger.error(str(exc))
+        return Failed(message=str(exc))
+    logger.info(f"store: {run.store.describe()}; placement: {placement}")
+    params_text = (run.root / run.specs[0].params_file).read_text()
+    records: dict[str, dict] = {}
+    report: dict[str, str] = {}
+
+    def obtain(spec: StageSpec, refresh: bool = False) -> None:
+        """Get the stage's record: a stored hit, or a computed miss (after fetching its inputs)."""
+        key = run.keys[spec.name]
+        for attempt in range(3):
+            inputs = {name: records[name] for name in run.producers(spec)}
+            state = stage_task(run, refresh)(run.pipeline, spec.name, key, inputs, placement, force=refresh,
+                                             params_text=params_text, return_state=True)
+            if state.is_completed():
+                records[spec.name] = state.result()
+                how = "cached" if state.name == "Cached" else "computed" if records[spec.name]["ran"] else "up-to-date"
+                report[spec.name] = "recomputed" if refresh else how
+                logger.info(f"{spec.name}: {report[spec.name]} (key {key[:12]}, {records[spec.name]['where']})")
+                return
+            lost = [name for name in inputs if stored_record(run, run.keys[name]) is None]
+            if not lost or attempt == 2:
+                raise StageError(_failure(state))
+            for name in lost:  # an input's outputs were lost and its record dropped: recompute it, retry
+                logger.warning(f"{spec.name}: input {name} is lost from {run.store.describe()}; recomputing it")
+                obtain(run.spec(name), refresh=True)
+
+    try:
+        for spec in run.specs:
+            obtain(spec)
+        consumers = {p for s in run.specs for p in run.producers(s)}
+        wanted = [s for s in run.specs if fetch == "all" or s.name not in consumers]
+        for spec in wanted:
+            try:
+                how = materialize(run.root, spec, records[spec.name], run.store, log=logger.debug)
+            except OutputsLost as exc:
+                logger.warning(f"{exc}; recomputing {spec.name}")
+                drop_record(run, run.keys[spec.name])
+                for name in run.producers(spec):
+                    materialize(run.root, run.spec(name), records[name], run.store, log=logger.debug)
+                obtain(spec, refresh=True)
+                how = materialize(run.root, spec, records[spec.name], run.store, log=logger.debug)
+            if how == "fetched" and report[spec.name] != "cached":
+                report[spec.name] = "restored"
+            logger.info(f"{spec.name}: outputs {how} and verified")
+    except (StageError, StoreError, PipelineError) as exc:
+        logger.error(str(exc))
+        return Failed(message=str(exc))
+    logger.info(f"{len(run.specs)} stages in {time.perf_counter() - started:.2f} s of flow time")
+    metrics = [run.root / o for s in wanted for o in s.outs if o.endswith("metrics.json")]
+    if metrics and metrics[0].is_file():
+        _metrics_artifact(metrics[0], sorted((metrics[0].parent / "samples").glob("*.png")), records)
+    return report
+
+
+def _metrics_artifact(metrics_file: Path, grids: list[Path], records: dict[str, dict]) -> None:
+    """The evaluation as markdown: one row per model (every entry with an NFE), the metrics it has;
+    then where each stage ran."""
     metrics = json.loads(metrics_file.read_text())
     models = {name: m for name, m in metrics.items() if isinstance(m, dict) and "nfe" in m}
     order = ["fid", "clip_score", "precision", "recall", "cond_accuracy", "nfe", "latency_ms"]
@@ -128,68 +303,24 @@ def _metrics_artifact(metrics_file: Path, grids: list[Path]) -> None:
     table = "\n".join([f"| model | {' | '.join(keys)} |", "|---" * (len(keys) + 1) + "|", *rows])
     notes = [f"data floor FID: {metrics['data_floor']['fid']:.4g}"] if "data_floor" in metrics else []
     notes += [f"speedup: {metrics.get('speedup', float('nan')):.1f}x", *metrics.get("skipped", [])]
-    extra = "\n\n" + "; ".join(notes) + "\n"
+    where = "\n".join(f"| {name} | {r['where']} | {r['seconds']} |" for name, r in records.items())
+    extra = "\n\n" + "; ".join(notes) + "\n\n| stage | computed on | seconds |\n|---|---|---|\n" + where + "\n"
     images = "".join(f"\n\n**{g.stem}**\n\n![{g.stem}](data:image/png;base64,{base64.b64encode(g.read_bytes()).decode()})"
                      for g in grids if g.is_file())
     create_markdown_artifact(key="evaluation", markdown=table + extra + images, description="fewstep evaluation")
 
 
-@flow(name="distill", log_prints=True)
-def distill(pipeline: str = "default", overrides: dict[str, Any] | None = None) -> dict[str, str]:
-    """Run (or reuse) every stage of a pipeline in graph order.
-
-    Returns {stage: how}: "cached" (Prefect cache hit, outputs verified), "computed" (ran), "up-to-date"
-    (cache miss but DVC found the stage current, e.g. after `dvc pull`), "restored" (hit with damaged
-    outputs, restored from the DVC cache) or "recomputed" (damaged and not restorable)."""
-    started = time.perf_counter()
-    logger = get_run_logger()
-    try:
-        dvcfile = dvcfile_for(pipeline)
-        specs = stage_specs(ROOT, dvcfile)
-        if overrides:
-            apply_overrides(ROOT / specs[0].params_file, overrides)
-    except ValueError as exc:  # a user mistake: one clear line in the run's state, not a traceback
-        logger.error(str(exc))
-        return Failed(message=str(exc))
-    hasher = Hasher(cache_dir() / "hash-memo.json")
-    report = {}
-    for spec in specs:
-        key = stage_key(spec, ROOT, hasher)  # raises on failure: no silent fallback to "no cache"
-        target = spec.name if dvcfile == "dvc.yaml" else f"{dvcfile}:{spec.name}"
-        state = _stage_task()(spec.name, target, spec.outs, key, return_state=True)
-        result = state.result()
-        recorded, cached = result["manifest"], state.name == "Cached"
-        bad = verify(recorded, ROOT)
-        if bad and cached:
-            logger.warning(f"{spec.name}: cached outputs missing or corrupted: {', '.join(bad)}; restoring")
-            subprocess.run(["dvc", "checkout", "--force", target], cwd=ROOT, capture_output=True)
-            bad = verify(recorded, ROOT)
-            if bad:
-                logger.warning(f"{spec.name}: not restorable from the DVC cache ({', '.join(bad)}); recomputing")
-                recorded = _stage_task(refresh=True)(spec.name, target, spec.outs, key, force=True)["manifest"]
-                bad = verify(recorded, ROOT)
-                report[spec.name] = "recomputed"
-            else:
-                report[spec.name] = "restored"
-        else:
-            report[spec.name] = "cached" if cached else "computed" if result["ran"] else "up-to-date"
-        assert not bad, f"{spec.name}: outputs do not match their manifest after recompute: {bad}"
-        logger.info(f"{spec.name}: {report[spec.name]} (key {key[:12]})")
-    hasher.save()
-    logger.info(f"{len(specs)} stages in {time.perf_counter() - started:.2f} s of flow time")
-    metrics = [ROOT / o for s in specs for o in s.outs if o.endswith("metrics.json")]
-    if metrics and metrics[0].is_file():
-        _metrics_artifact(metrics[0], sorted((metrics[0].parent / "samples").glob("*.png")))
-    return report
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description="Run the fewstep pipeline as a Prefect flow")
+    ap = argparse.ArgumentParser(description="Run a fewstep pipeline as a Prefect flow")
     ap.add_argument("--pipeline", default="default")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override (repeatable)")
+    ap.add_argument("--workers", action="store_true", help="run cache misses on Prefect workers (pools cpu/gpu)")
+    ap.add_argument("--fetch", choices=["needed", "all"], default="needed",
+                    help="outputs to bring into this clone: the final stages' and what must run here (default), or all")
     args = ap.parse_args()
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
-    state = distill(args.pipeline, overrides or None, return_state=True)
+    state = distill(args.pipeline, overrides or None, "workers" if args.workers else "local", args.fetch,
+                    return_state=True)
     if state.is_failed():
         print(f"distill: error: {state.message}", file=sys.stderr)
         sys.exit(1)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, STAGE_ARGS, run, run_stage, tiny_params, write_image_folder, write_params
-from fewstep.cache import file_digest
+from fewstep.hashing import file_digest
 from fewstep.io import ArtifactError, load_trajectories
 from fewstep.params import ParamsError, load, validate
 

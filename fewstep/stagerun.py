@@ -1,0 +1,144 @@
+"""One stage's outputs through DVC: compute them, publish them to the team remote, fetch them elsewhere.
+
+A stage's *record* is what another machine needs to use its outputs without recomputing them:
+its dvc.lock entry (DVC's md5 of every output, so `dvc pull` can fetch exactly those objects), an xxh3
+manifest of every output file (checked after every fetch: a half-pushed or damaged output is never
+taken as valid), and the bytes of small outputs DVC does not cache (`cache: false` metrics files).
+Records are plain JSON; the Prefect flow stores them under the stage's Merkle key.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from .cache import StageSpec
+from .hashing import Hasher, file_digest, manifest, verify
+from .store import Store
+
+INLINE_LIMIT = 1 << 20  # uncached outputs (metrics) travel inside the record up to this size
+
+
+class StageError(RuntimeError):
+    """A stage could not run or publish, phrased as one line naming the stage (and the remote)."""
+
+
+class OutputsLost(StageError):
+    """A record's outputs cannot be restored intact from the remote or the local DVC cache."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+def dvc(root: Path, *args: str, log: Callable[[str], None] = print) -> tuple[int, list[str]]:
+    """Run a DVC command in `root`, streaming its lines to `log`; return (exit code, lines)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.Popen(["dvc", *args], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    lines = []
+    for line in proc.stdout:
+        line = line.rstrip().split("\r")[-1]
+        if line:
+            log(line)
+            lines.append(line)
+    return proc.wait(), lines
+
+
+def _reason(lines: list[str], rc: int) -> str:
+    """The most telling line of a failed DVC command (its last ERROR line)."""
+    errors = [l for l in lines if l.startswith("ERROR")]
+    text = (errors[-1] if errors else lines[-1] if lines else f"exit code {rc}").removeprefix("ERROR: ")
+    return text.strip()
+
+
+def _lock_file(root: Path, spec: StageSpec) -> Path:
+    return root / Path(spec.dvcfile).with_suffix(".lock")
+
+
+def lock_entry(root: Path, spec: StageSpec) -> dict:
+    lock = yaml.safe_load(_lock_file(root, spec).read_text()) or {}
+    return lock.get("stages", {}).get(spec.name) or {}
+
+
+def write_lock_entry(root: Path, spec: StageSpec, entry: dict) -> None:
+    """Put another machine's dvc.lock entry for this stage into ours (atomically), so DVC fetches and
+    checks out exactly those outputs; `dvc status` then tells truthfully whether our deps match."""
+    path = _lock_file(root, spec)
+    lock = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {"schema": "2.0", "stages": {}}
+    lock.setdefault("stages", {})[spec.name] = entry
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(lock, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def compute(root: Path, spec: StageSpec, store: Store, force: bool = False,
+            log: Callable[[str], None] = print) -> dict:
+    """Run the stage through DVC (which keeps dvc.lock truthful and may find it current), publish its
+    outputs and DVC's run-cache to the remote, and return its record."""
+    started = time.perf_counter()
+    rc, lines = dvc(root, "repro", "--single-item", *(["--force"] if force else []), spec.target, log=log)
+    if rc != 0:
+        raise StageError(f"stage {spec.name}: dvc repro failed: {_reason(lines, rc)}")
+    record = {"stage": spec.name, "lock": lock_entry(root, spec), "manifest": manifest(spec.outs, root, Hasher()),
+              "inline": {}, "ran": any("Running stage" in l for l in lines),
+              "where": f"{socket.gethostname()}:{root}", "seconds": round(time.perf_counter() - started, 2)}
+    for rel in spec.uncached:
+        path = root / rel
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for f in files:
+            if f.stat().st_size > INLINE_LIMIT:
+                raise StageError(f"stage {spec.name}: {f.relative_to(root)} is not cached by DVC and too large "
+                                 f"to share inline; mark it cache: true")
+            record["inline"][f.relative_to(root).as_posix()] = f.read_text()
+    if store.remote:
+        publish(root, spec, store, log)
+    return record
+
+
+def publish(root: Path, spec: StageSpec, store: Store, log: Callable[[str], None] = print) -> None:
+    store.export_secrets()
+    rc, lines = dvc(root, "push", "--run-cache", spec.target, log=log)
+    if rc != 0:
+        raise StageError(f"stage {spec.name}: push to {store.describe()} failed: {_reason(lines, rc)}")
+
+
+def materialize(root: Path, spec: StageSpec, record: dict, store: Store,
+                log: Callable[[str], None] = print) -> str:
+    """Make this workspace hold the record's outputs, verified against its manifest: 'present' (already
+    here), or 'fetched' (from the local DVC cache or the remote). Raises OutputsLost when they cannot
+    be restored intact; nothing unverified is left in place of the outputs."""
+    if not verify(record["manifest"], root):
+        return "present"
+    write_lock_entry(root, spec, record["lock"])
+    for rel, text in record.get("inline", {}).items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    store.export_secrets()
+    if store.remote:
+        rc, lines = dvc(root, "pull", spec.target, log=log)
+    else:
+        rc, lines = dvc(root, "checkout", "--force", spec.target, log=log)
+    bad = verify(record["manifest"], root)
+    if bad:
+        where = store.describe() if store.remote else "the local DVC cache"
+        why = _reason(lines, rc) if rc != 0 else f"{len(bad)} files differ from the record, e.g. {bad[0]}"
+        _discard(root, record, bad)
+        raise OutputsLost(spec.name, f"stage {spec.name}: outputs in {where} are incomplete or damaged ({why})")
+    return "fetched"
+
+
+def _discard(root: Path, record: dict, bad: list[str]) -> None:
+    """Remove files that failed verification, so no unverified bytes pass for a stage's outputs."""
+    for rel in bad:
+        path = root / rel
+        if path.is_file() and file_digest(path) != record["manifest"][rel]:
+            path.unlink()
