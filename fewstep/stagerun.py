@@ -111,10 +111,13 @@ def publish(root: Path, spec: StageSpec, store: Store, log: Callable[[str], None
 def materialize(root: Path, spec: StageSpec, record: dict, store: Store,
                 log: Callable[[str], None] = print) -> str:
     """Make this workspace hold the record's outputs, verified against its manifest: 'present' (already
-    here), or 'fetched' (from the local DVC cache or the remote). Raises OutputsLost when they cannot
-    be restored intact; nothing unverified is left in place of the outputs."""
-    if not verify(record["manifest"], root):
+    here), 'fetched' (from the local DVC cache or the remote) or 'restored' (fetched in place of damaged
+    or partial local files). Raises OutputsLost when they cannot be restored intact; nothing unverified
+    is left in place of the outputs."""
+    bad = verify(record["manifest"], root)
+    if not bad:
         return "present"
+    damaged = len(bad) < len(record["manifest"]) or any((root / rel).exists() for rel in bad)
     write_lock_entry(root, spec, record["lock"])
     for rel, text in record.get("inline", {}).items():
         path = root / rel
@@ -133,7 +136,7 @@ def materialize(root: Path, spec: StageSpec, record: dict, store: Store,
         why = _reason(lines, rc) if rc != 0 else f"{len(bad)} files differ from the record, e.g. {bad[0]}"
         _discard(root, record, bad)
         raise OutputsLost(spec.name, f"stage {spec.name}: outputs in {where} are incomplete or damaged ({why})")
-    return "fetched"
+    return "restored" if damaged else "fetched"
 
 
 def _discard(root: Path, record: dict, bad: list[str]) -> None:

@@ -68,6 +68,20 @@ class Store:
         register_sftp_fix()
         return RemoteFileSystem(basepath=self.path(sub), settings=self.settings)
 
+    def check(self) -> None:
+        """Reach the store once, so a wrong credential or a dead server is one line before any stage runs
+        (Prefect's cache lookup would otherwise read an unreachable key as a miss)."""
+        try:
+            fs = self.filesystem()
+            path = self.url if self.is_local else fs._strip_protocol(self.url)
+            if self.protocol == "s3":
+                fs.ls(path.split("/", 1)[0])  # the bucket: present whenever the remote is usable
+            else:
+                fs.makedirs(path, exist_ok=True)
+        except Exception as exc:  # any transport or auth error, from whichever fsspec backend
+            text = next((l.strip() for l in str(exc).splitlines() if l.strip()), type(exc).__name__)
+            raise StoreError(f"cannot reach {self.describe()}: {type(exc).__name__}: {text}") from None
+
     def export_secrets(self) -> None:
         for name, value in self.secrets.items():
             os.environ.setdefault(name, value)

@@ -117,6 +117,7 @@ def prepare_run(pipeline: str, root: Path = ROOT, params_text: str | None = None
         apply_overrides(params_file, overrides)
     try:
         store = from_dvc(root)
+        store.check()
     except StoreError as exc:
         raise PipelineError(str(exc)) from None
     try:
@@ -159,9 +160,10 @@ def stage_task(run: Run, refresh: bool = False):
 def stored_record(run: Run, key: str) -> dict | None:
     """The record stored under a key, or None (read through Prefect's own result store)."""
     from prefect.results import ResultStore
+    from prefect.serializers import JSONSerializer
 
     keys, results = _blocks(run.store)
-    store = ResultStore(result_storage=results, metadata_storage=keys, serializer="json")
+    store = ResultStore(result_storage=results, metadata_storage=keys, serializer=JSONSerializer())
     return store.read(key).result if store.exists(key) else None
 
 
@@ -278,8 +280,8 @@ def distill(pipeline: str = "default", overrides: dict[str, Any] | None = None, 
                     materialize(run.root, run.spec(name), records[name], run.store, log=logger.debug)
                 obtain(spec, refresh=True)
                 how = materialize(run.root, spec, records[spec.name], run.store, log=logger.debug)
-            if how == "fetched" and report[spec.name] != "cached":
-                report[spec.name] = "restored"
+            if how == "restored" and report[spec.name] == "cached":
+                report[spec.name] = "restored"  # a hit whose local copy was damaged
             logger.info(f"{spec.name}: outputs {how} and verified")
     except (StageError, StoreError, PipelineError) as exc:
         logger.error(str(exc))

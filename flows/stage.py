@@ -9,6 +9,7 @@ team remote, runs the stage through DVC, pushes its outputs and records it under
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.states import Failed
@@ -24,6 +25,23 @@ def _commit(root) -> str:
 @flow(name="fewstep-stage")
 def stage(pipeline: str, stage: str, key: str, inputs: dict, force: bool = False, params_text: str | None = None):
     logger = get_run_logger()
+    params_file = None
+    try:
+        params_file = _params_file(pipeline)
+        previous = params_file.read_text()
+        return _run(pipeline, stage, key, inputs, force, params_text, logger)
+    finally:  # this clone is the worker's own: leave its params as they were (git pull keeps working)
+        if params_file is not None and params_file.read_text() != previous:
+            params_file.write_text(previous)
+
+
+def _params_file(pipeline: str) -> Path:
+    from distill import ROOT, dvcfile_for
+
+    return ROOT / Path(dvcfile_for(pipeline)).parent / "params.yaml"
+
+
+def _run(pipeline, stage, key, inputs, force, params_text, logger):
     try:
         run = prepare_run(pipeline, params_text=params_text)
         if run.keys[stage] != key:
