@@ -135,8 +135,24 @@ def materialize(root: Path, spec: StageSpec, record: dict, store: Store,
         where = store.describe() if store.remote else "the local DVC cache"
         why = _reason(lines, rc) if rc != 0 else f"{len(bad)} files differ from the record, e.g. {bad[0]}"
         _discard(root, record, bad)
+        if store.remote:
+            _forget_remote_dirs(record, store)
         raise OutputsLost(spec.name, f"stage {spec.name}: outputs in {where} are incomplete or damaged ({why})")
     return "restored" if damaged else "fetched"
+
+
+def _forget_remote_dirs(record: dict, store: Store) -> None:
+    """DVC trusts a directory's `.dir` object on the remote to mean all of its files are there, so after
+    a loss its next push would skip the missing files. Removing the `.dir` objects makes the recomputing
+    clone's push check and upload every file again."""
+    fs = store.filesystem()
+    base = store.dvc_url if store.is_local else fs._strip_protocol(store.dvc_url)
+    for out in record["lock"].get("outs", []):
+        md5 = out.get("md5", "")
+        if md5.endswith(".dir"):
+            path = f"{base}/files/md5/{md5[:2]}/{md5[2:]}"
+            if fs.exists(path):
+                fs.rm(path)
 
 
 def _discard(root: Path, record: dict, bad: list[str]) -> None:

@@ -44,6 +44,11 @@ class Store:
     def is_local(self) -> bool:
         return self.protocol == "file"
 
+    @property
+    def dvc_url(self) -> str:
+        """The DVC remote's own root (the store lives in its `fewstep/` folder)."""
+        return self.url.rsplit("/fewstep", 1)[0]
+
     def describe(self) -> str:
         return f"remote '{self.remote}' ({self.url})" if self.remote else f"local cache {self.url}"
 
@@ -144,6 +149,7 @@ def register_sftp_fix() -> None:
     global _FIXED
     if _FIXED:
         return
+    from fsspec.asyn import sync_wrapper
     from sshfs import SSHFileSystem
 
     class _SSHFileSystem(SSHFileSystem):
@@ -152,6 +158,9 @@ def register_sftp_fix() -> None:
 
         async def _mkdir(self, path, *args, **kwargs):
             return await super()._mkdir(self._strip_protocol(path), *args, **kwargs)
+
+        makedirs = sync_wrapper(_makedirs)  # sshfs binds its sync wrappers to its own coroutines
+        mkdir = sync_wrapper(_mkdir)
 
     for protocol in ("ssh", "sftp"):
         fsspec.register_implementation(protocol, _SSHFileSystem, clobber=True)

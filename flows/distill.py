@@ -253,6 +253,9 @@ def distill(pipeline: str = "default", overrides: dict[str, Any] | None = None, 
             state = stage_task(run, refresh)(run.pipeline, spec.name, key, inputs, placement, force=refresh,
                                              params_text=params_text, return_state=True)
             if state.is_completed():
+                if state.name != "Cached" and stored_record(run, key) is None:  # Prefect only logs write errors
+                    raise StageError(f"stage {spec.name}: computed, but its record could not be written to "
+                                     f"{run.store.describe()} (see the log above)")
                 records[spec.name] = state.result()
                 how = "cached" if state.name == "Cached" else "computed" if records[spec.name]["ran"] else "up-to-date"
                 report[spec.name] = "recomputed" if refresh else how

@@ -1,0 +1,136 @@
+"""A team across machines: the flow's keys and records and DVC's outputs and run-cache on a real S3 server
+(moto) or SFTP host, clones that share nothing else, and the faults a shared store must survive."""
+import sys
+
+import pytest
+
+from conftest import _free_port, make_project, tiny_params
+from team import (S3_CREDENTIALS, SERVERS, bucket_keys, commit, iam_bucket, machine, make_bucket, moto, report,
+                  s3_client, s3_remote, sftp, sftp_remote, start, stop, toy_project)
+
+STAGES = ["prepare", "teacher", "trajectories", "critic", "distill", "finetune", "evaluate"]
+
+
+def error_line(proc) -> str:
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("distill: error:")]
+    assert len(lines) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_s3_server_killed_mid_push_fails_in_one_line_and_a_rerun_recomputes_nothing(tmp_path, prefect_server):
+    endpoint, server = moto(tmp_path)
+    proxy = None
+    try:
+        make_bucket(endpoint, "team")
+        port = _free_port()
+        dying = [sys.executable, str(SERVERS / "dying_proxy.py"), "--listen", str(port), "--target", endpoint.rsplit(":", 1)[1]]
+        proxy = start(dying + ["--die-after-puts", "5"], tmp_path / "proxy.log", "READY")
+        project = toy_project(tmp_path / "origin")
+        s3_remote(project, f"http://127.0.0.1:{port}", "team")
+        commit(project)
+        a = machine(project, tmp_path / "a", prefect_server["url"], S3_CREDENTIALS)
+
+        failed = a.flow(check=False)
+        assert failed.returncode == 1
+        assert "stage make: push to remote 'team' (s3://team/dvc/fewstep) failed" in error_line(failed)
+        stored = bucket_keys(endpoint, "team")
+        assert 0 < len(stored) and not any(k.endswith(".dir") for k in stored)  # a half-pushed output ...
+        assert not [k for k in stored if k.startswith("dvc/fewstep/keys/")]      # ... is never recorded
+
+        proxy = start(dying, tmp_path / "proxy2.log", "READY")  # the server is back
+        assert report(a.flow()) == {"make": "up-to-date", "total": "computed"}  # pushed now, not recomputed
+        assert (a.root / "runs.log").read_text() == "make\ntotal\n"
+        assert any(k.endswith(".dir") for k in bucket_keys(endpoint, "team"))
+    finally:
+        stop(proxy)
+        stop(server)
+
+
+@pytest.mark.slow
+def test_s3_lost_objects_are_never_used_and_only_that_stage_is_recomputed(tmp_path, prefect_server):
+    endpoint, server = moto(tmp_path)
+    try:
+        make_bucket(endpoint, "team")
+        project = toy_project(tmp_path / "origin")
+        s3_remote(project, endpoint, "team")
+        commit(project)
+        a = machine(project, tmp_path / "a", prefect_server["url"], S3_CREDENTIALS)
+        assert report(a.flow()) == {"make": "computed", "total": "computed"}
+
+        # three file objects of make's output vanish from the store (a half-finished upload, a bad cleanup)
+        s3 = s3_client(endpoint)
+        objects = [k for k in bucket_keys(endpoint, "team", "dvc/files/md5/") if not k.endswith(".dir")]
+        for key in objects[:3]:
+            s3.delete_object(Bucket="team", Key=key)
+
+        b = machine(project, tmp_path / "b", prefect_server["url"], S3_CREDENTIALS)
+        proc = b.flow("--fetch", "all")
+        assert report(proc) == {"make": "recomputed", "total": "cached"}
+        assert "make: outputs in remote 'team' (s3://team/dvc/fewstep) are incomplete or damaged" in proc.stdout + proc.stderr
+        assert (b.root / "runs.log").read_text() == "make\n"  # total was not recomputed
+
+        c = machine(project, tmp_path / "c", prefect_server["url"], S3_CREDENTIALS)
+        assert report(c.flow("--fetch", "all")) == {"make": "cached", "total": "cached"}
+        assert not (c.root / "runs.log").exists() and (c.root / "made" / "part0.txt").is_file()
+    finally:
+        stop(server)
+
+
+@pytest.mark.slow
+def test_s3_and_sftp_wrong_credentials_are_one_line_before_any_stage_runs(tmp_path, prefect_server):
+    endpoint, server = moto(tmp_path, auth=True)
+    port, _, sftp_server = sftp(tmp_path)
+    try:
+        key, secret = iam_bucket(endpoint, "team")
+        project = toy_project(tmp_path / "s3")
+        s3_remote(project, endpoint, "team")
+        commit(project)
+        good = machine(project, tmp_path / "good", prefect_server["url"],
+                       {"access_key_id": key, "secret_access_key": secret})
+        assert report(good.flow()) == {"make": "computed", "total": "computed"}
+        bad = machine(project, tmp_path / "bad", prefect_server["url"],
+                      {"access_key_id": key, "secret_access_key": "not-the-secret"})
+        proc = bad.flow(check=False)
+        assert proc.returncode == 1
+        assert "cannot reach remote 'team' (s3://team/dvc/fewstep)" in error_line(proc)
+        assert not (bad.root / "runs.log").exists()
+
+        project = toy_project(tmp_path / "ssh")
+        sftp_remote(project, port)
+        commit(project)
+        stranger = machine(project, tmp_path / "stranger", prefect_server["url"],
+                           {"keyfile": str(tmp_path / "keys" / "stranger")})
+        proc = stranger.flow(check=False)
+        assert proc.returncode == 1
+        assert f"cannot reach remote 'team' (ssh://127.0.0.1:{port}/store/fewstep)" in error_line(proc)
+        assert "Permission denied" in error_line(proc)
+        assert not (stranger.root / "runs.log").exists()
+    finally:
+        stop(server)
+        stop(sftp_server)
+
+
+@pytest.mark.slow
+def test_sftp_team_push_from_a_then_a_fully_cached_run_and_dvc_run_cache_on_b(tmp_path, prefect_server):
+    port, keyfile, server = sftp(tmp_path)
+    try:
+        project = make_project(tmp_path / "origin", tiny_params())
+        sftp_remote(project, port)
+        commit(project)
+        a = machine(project, tmp_path / "a", prefect_server["url"], {"keyfile": str(keyfile)})
+        assert report(a.flow()) == {s: "computed" for s in STAGES}
+        assert (tmp_path / "sftp-root" / "store" / "fewstep" / "keys").is_dir()  # the flow's keys on the host
+
+        b = machine(project, tmp_path / "b", prefect_server["url"], {"keyfile": str(keyfile)})
+        proc = b.flow()
+        assert report(proc) == {s: "cached" for s in STAGES}
+        assert "evaluate: outputs fetched and verified" in proc.stdout + proc.stderr
+        assert (b.root / "evaluate" / "metrics.json").read_bytes() == (a.root / "evaluate" / "metrics.json").read_bytes()
+        assert not (b.root / "critic").exists()  # only what the run needs comes over
+
+        # plain DVC on the same host: the run-cache A pushed lets B reproduce every stage without running one
+        repro = b.sh("dvc", "repro", "--pull")
+        assert "Running stage" not in repro.stdout and repro.stdout.count("is cached - skipping run") >= 6, repro.stdout
+    finally:
+        stop(server)
