@@ -22,7 +22,7 @@ import argparse
 import base64
 import json
 import os
-import subprocess
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -206,6 +206,9 @@ def _on_worker(pipeline, stage, key, inputs, force, params_text) -> dict:
                               parameters={"pipeline": pipeline, "stage": stage, "key": key, "inputs": inputs,
                                           "force": force, "params_text": params_text})
     if not flow_run.state.is_completed():
+        lost = re.match(r"stage (\S+): outputs in .* are incomplete or damaged", flow_run.state.message or "")
+        if lost:  # the worker could not restore one of the inputs: the parent recomputes it
+            raise OutputsLost(lost.group(1), flow_run.state.message)
         raise StageError(f"stage {stage} on pool {pool} (flow run {flow_run.name}): "
                          f"{flow_run.state.name}: {flow_run.state.message or 'no message'}")
     record = stored_record(run, key)
@@ -261,12 +264,12 @@ def distill(pipeline: str = "default", overrides: dict[str, Any] | None = None, 
                 report[spec.name] = "recomputed" if refresh else how
                 logger.info(f"{spec.name}: {report[spec.name]} (key {key[:12]}, {records[spec.name]['where']})")
                 return
-            lost = [name for name in inputs if stored_record(run, run.keys[name]) is None]
-            if not lost or attempt == 2:
+            exc = state.result(raise_on_failure=False)
+            if not isinstance(exc, OutputsLost) or exc.stage not in inputs or attempt == 2:
                 raise StageError(_failure(state))
-            for name in lost:  # an input's outputs were lost and its record dropped: recompute it, retry
-                logger.warning(f"{spec.name}: input {name} is lost from {run.store.describe()}; recomputing it")
-                obtain(run.spec(name), refresh=True)
+            # an input's outputs were lost and its record dropped: recompute that input, then retry
+            logger.warning(f"{spec.name}: input {exc.stage} is lost from {run.store.describe()}; recomputing it")
+            obtain(run.spec(exc.stage), refresh=True)
 
     try:
         for spec in run.specs:

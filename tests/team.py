@@ -155,18 +155,24 @@ def report(proc: subprocess.CompletedProcess) -> dict:
 
 
 def toy_project(folder: Path, files: int = 40) -> Path:
-    """A two-stage pipeline of trivial scripts (seconds per stage) that exercises every store mechanism;
-    each stage appends to runs.log, outside its outputs, so a test can count real computations."""
+    """A three-stage pipeline of trivial scripts (seconds per stage) that exercises every store mechanism:
+    base (cpu) -> make (gpu pool) -> total (cpu). Each stage appends to runs.log, outside its outputs, so
+    a test can count real computations; `make` marks its start and sleeps while a file `slow` exists."""
     folder.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "fewstep", folder / "fewstep", ignore=ignore)
     shutil.copytree(ROOT / "flows", folder / "flows", ignore=ignore)
     (folder / "stages").mkdir()
+    (folder / "stages" / "base.py").write_text(
+        "import sys, pathlib\n"
+        "pathlib.Path(sys.argv[1]).write_text(f'base of seed {sys.argv[2]}\\n')\n"
+        "open('runs.log', 'a').write('base\\n')\n")
     (folder / "stages" / "make.py").write_text(
         "import sys, time, pathlib\n"
         "out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)\n"
         "pathlib.Path('started-make').write_text('1')\n"
-        "time.sleep(float(sys.argv[3]))\n"
+        "while pathlib.Path('slow').exists():\n"
+        "    time.sleep(0.5)\n"
         f"for i in range({files}):\n"
         "    (out / f'part{i}.txt').write_text(f'part {i} of seed {sys.argv[2]}\\n' * 200)\n"
         "open('runs.log', 'a').write('make\\n')\n")
@@ -175,20 +181,25 @@ def toy_project(folder: Path, files: int = 40) -> Path:
         "parts = sorted(pathlib.Path(sys.argv[1]).glob('*.txt'))\n"
         "pathlib.Path(sys.argv[2]).write_text(json.dumps({'bytes': sum(p.stat().st_size for p in parts)}))\n"
         "open('runs.log', 'a').write('total\\n')\n")
-    (folder / "params.yaml").write_text("seed: 0\nsleep: 0\n")
+    (folder / "params.yaml").write_text("seed: 0\n")
     (folder / "dvc.yaml").write_text(
         "stages:\n"
+        "  base:\n"
+        "    cmd: python stages/base.py base.txt ${seed}\n"
+        "    deps: [stages/base.py]\n"
+        "    params: [seed]\n"
+        "    outs: [base.txt]\n"
         "  make:\n"
         "    meta: {pool: gpu}\n"
-        "    cmd: python stages/make.py made ${seed} ${sleep}\n"
-        "    deps: [stages/make.py]\n"
-        "    params: [seed, sleep]\n"
+        "    cmd: python stages/make.py made ${seed}\n"
+        "    deps: [stages/make.py, base.txt]\n"
+        "    params: [seed]\n"
         "    outs: [made]\n"
         "  total:\n"
         "    cmd: python stages/total.py made total.json\n"
         "    deps: [stages/total.py, made]\n"
         "    outs: [total.json]\n")
-    (folder / ".gitignore").write_text("runs.log\nstarted-make\n.fewstep/\n__pycache__/\n")
+    (folder / ".gitignore").write_text("runs.log\nstarted-make\nslow\n.fewstep/\n__pycache__/\n")
     shutil.copy(ROOT / "prefect.yaml", folder / "prefect.yaml")
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
         run(cmd, folder)

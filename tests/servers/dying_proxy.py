@@ -1,7 +1,8 @@
-"""A TCP proxy in front of a server that dies like the server would: after forwarding N HTTP PUT
-requests it drops every connection and stops listening (a storage server killed mid-push).
+"""A TCP proxy in front of a server that dies like the server would: at the first HTTP PUT whose
+request line contains a given text it drops every connection and stops listening, before forwarding
+that request (a storage server killed mid-push).
 
-    python dying_proxy.py --listen PORT --target PORT --die-after-puts N
+    python dying_proxy.py --listen PORT --target PORT [--die-on-put TEXT]
 Prints "READY" once listening; exits when it dies (or on SIGTERM).
 """
 import argparse
@@ -13,23 +14,23 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--listen", type=int, required=True)
     ap.add_argument("--target", type=int, required=True)
-    ap.add_argument("--die-after-puts", type=int, default=0, help="0 = never")
+    ap.add_argument("--die-on-put", default=None, help="text of a PUT request line that kills it (default: never)")
     args = ap.parse_args()
-    puts = 0
+    marker = args.die_on_put.encode() if args.die_on_put else None
     writers = []
 
-    async def pipe(reader, writer, count_puts):
-        nonlocal puts
+    def fatal(data: bytes) -> bool:
+        return any(line.startswith(b"PUT /") and marker in line for line in data.split(b"\r\n"))
+
+    async def pipe(reader, writer, from_client):
         try:
             while data := await reader.read(65536):
-                if count_puts:
-                    puts += data.count(b"PUT /")
-                writer.write(data)
-                await writer.drain()
-                if args.die_after_puts and puts >= args.die_after_puts:
+                if from_client and marker and fatal(data):
                     for w in writers:
                         w.transport.abort()
                     os._exit(0)
+                writer.write(data)
+                await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
