@@ -62,7 +62,8 @@ def _lock_file(root: Path, spec: StageSpec) -> Path:
 
 
 def lock_entry(root: Path, spec: StageSpec) -> dict:
-    lock = yaml.safe_load(_lock_file(root, spec).read_text()) or {}
+    path = _lock_file(root, spec)
+    lock = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
     return lock.get("stages", {}).get(spec.name) or {}
 
 
@@ -112,12 +113,12 @@ def materialize(root: Path, spec: StageSpec, record: dict, store: Store,
                 log: Callable[[str], None] = print) -> str:
     """Make this workspace hold the record's outputs, verified against its manifest: 'present' (already
     here), 'fetched' (from the local DVC cache or the remote) or 'restored' (fetched in place of damaged
-    or partial local files). Raises OutputsLost when they cannot be restored intact; nothing unverified
-    is left in place of the outputs."""
+    files: dvc.lock already named these very outputs). Raises OutputsLost when they cannot be restored
+    intact; nothing unverified is left in place of the outputs."""
     bad = verify(record["manifest"], root)
     if not bad:
         return "present"
-    damaged = len(bad) < len(record["manifest"]) or any((root / rel).exists() for rel in bad)
+    damaged = lock_entry(root, spec).get("outs") == record["lock"].get("outs")
     write_lock_entry(root, spec, record["lock"])
     for rel, text in record.get("inline", {}).items():
         path = root / rel

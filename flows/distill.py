@@ -7,8 +7,9 @@
   xxh3 manifest, JSON — never pickles) live in the team store: `<DVC default remote>/fewstep/` on S3 or
   SSH, so every clone of the team shares them, or a local folder (FEWSTEP_CACHE_DIR / .fewstep/cache).
 - A hit skips the stage. Outputs are fetched only where needed — inputs of a stage that must run here,
-  and the final stages' outputs (`fetch="all"`: every stage's) — and verified against the manifest; a
-  record whose outputs cannot be restored intact is dropped from the store and its stage recomputed.
+  and the final stages' outputs (`fetch="all"`: every stage's) — and verified against the manifest, as
+  is every output already in the workspace; a record whose outputs cannot be restored intact is
+  dropped from the store and its stage recomputed.
 - A miss runs the stage through `dvc repro --single-item` (dvc.lock stays truthful), pushes its outputs
   and DVC's run-cache to the remote, and records it. With `placement="workers"` the miss runs on a
   Prefect worker instead: `fewstep-stage/gpu` for stages marked `meta: {pool: gpu}` in dvc.yaml,
@@ -148,11 +149,16 @@ def _blocks(store: Store):
     return _BLOCKS[store.url]
 
 
-def stage_task(run: Run, refresh: bool = False):
+def stage_task(run: Run, refresh: bool = False, lock: bool = True):
+    """The cached stage task. `lock`: hold this clone's per-key lock while computing, so concurrent runs
+    here compute a key once; a run that only sends the work to a worker must not hold it (the worker,
+    perhaps in this very clone, takes it)."""
     keys, results = _blocks(run.store)
     locks = run.root / ".fewstep" / "locks"
-    policy = CacheKeyFnPolicy(cache_key_fn=_key_from_argument, key_storage=keys, isolation_level="SERIALIZABLE",
-                              lock_manager=FileSystemLockManager(lock_files_directory=locks))
+    policy = CacheKeyFnPolicy(cache_key_fn=_key_from_argument, key_storage=keys)
+    if lock:
+        policy = CacheKeyFnPolicy(cache_key_fn=_key_from_argument, key_storage=keys, isolation_level="SERIALIZABLE",
+                                  lock_manager=FileSystemLockManager(lock_files_directory=locks))
     return run_stage.with_options(cache_policy=policy, persist_result=True, result_storage=results,
                                   result_serializer="json", refresh_cache=refresh)
 
@@ -253,7 +259,7 @@ def distill(pipeline: str = "default", overrides: dict[str, Any] | None = None, 
         key = run.keys[spec.name]
         for attempt in range(3):
             inputs = {name: records[name] for name in run.producers(spec)}
-            state = stage_task(run, refresh)(run.pipeline, spec.name, key, inputs, placement, force=refresh,
+            state = stage_task(run, refresh, lock=placement == "local")(run.pipeline, spec.name, key, inputs, placement, force=refresh,
                                              params_text=params_text, return_state=True)
             if state.is_completed():
                 if state.name != "Cached" and stored_record(run, key) is None:  # Prefect only logs write errors
@@ -274,8 +280,11 @@ def distill(pipeline: str = "default", overrides: dict[str, Any] | None = None, 
     try:
         for spec in run.specs:
             obtain(spec)
+        # the final stages' outputs, and every output this workspace already holds (checked, so a damaged
+        # local copy is repaired rather than left to mislead `dvc status` or a later run)
         consumers = {p for s in run.specs for p in run.producers(s)}
-        wanted = [s for s in run.specs if fetch == "all" or s.name not in consumers]
+        wanted = [s for s in run.specs if fetch == "all" or s.name not in consumers
+                  or any((run.root / rel).exists() for rel in records[s.name]["manifest"])]
         for spec in wanted:
             try:
                 how = materialize(run.root, spec, records[spec.name], run.store, log=logger.debug)

@@ -90,7 +90,7 @@ def write_params(folder: Path, params: dict) -> Path:
 def make_project(folder: Path, params: dict) -> Path:
     """A fresh git + DVC repo holding the pipeline (dvc.yaml, stages, library) with the given params."""
     folder.mkdir(parents=True, exist_ok=True)
-    for item in ("dvc.yaml", ".gitignore", ".dvcignore"):
+    for item in ("dvc.yaml", ".gitignore", ".dvcignore", "prefect.yaml"):
         shutil.copy(ROOT / item, folder / item)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "stages", folder / "stages", ignore=ignore)

@@ -6,7 +6,8 @@ import pytest
 import xxhash
 
 from conftest import ROOT
-from fewstep.cache import Hasher, file_digest, manifest, stage_key, stage_specs, verify
+from fewstep.cache import StageSpec, stage_keys, stage_specs
+from fewstep.hashing import Hasher, file_digest, manifest, verify
 
 
 def test_file_digest_is_xxh3_128(tmp_path):
@@ -42,33 +43,73 @@ def test_stage_graph_comes_from_dvc():
 
 
 def _project(tmp_path):
-    (tmp_path / "code.py").write_text("print(1)\n")
+    """Two stages: a (script importing lib.util, a data file, param p.a) -> b (script, a's output, p.b)."""
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "__init__.py").write_text("")
+    (tmp_path / "lib" / "util.py").write_text("X = 1\n")
+    (tmp_path / "lib" / "other.py").write_text("Y = 2\n")
+    (tmp_path / "stages" / "a.py").write_text("from lib.util import X\n")
+    (tmp_path / "stages" / "b.py").write_text("print(2)\n")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "x.bin").write_bytes(b"abc")
-    (tmp_path / "params.yaml").write_text("distill:\n  lr: 0.1\nteacher:\n  steps: 3\n")
-    from fewstep.cache import StageSpec
-
-    return StageSpec("s", "python code.py", ["code.py", "data"], ["distill.lr"], "params.yaml", ["out"])
-
-
-def test_stage_key_tracks_code_data_and_own_params(tmp_path):
-    spec = _project(tmp_path)
-    key = stage_key(spec, tmp_path, Hasher())
-    assert key == stage_key(spec, tmp_path, Hasher())
-    (tmp_path / "params.yaml").write_text("distill:\n  lr: 0.1\nteacher:\n  steps: 4\n")
-    assert stage_key(spec, tmp_path, Hasher()) == key  # another stage's params: same key
-    (tmp_path / "params.yaml").write_text("distill:\n  lr: 0.2\nteacher:\n  steps: 4\n")
-    changed = stage_key(spec, tmp_path, Hasher())
-    assert changed != key
-    (tmp_path / "data" / "x.bin").write_bytes(b"abd")
-    assert stage_key(spec, tmp_path, Hasher()) not in (key, changed)
+    (tmp_path / "out_a").mkdir()
+    (tmp_path / "out_a" / "f.bin").write_bytes(b"made by a")
+    (tmp_path / "params.yaml").write_text("p:\n  a: 1\n  b: 2\n")
+    a = StageSpec("a", "python stages/a.py", ["stages/a.py", "lib/__init__.py", "lib/util.py", "data"], ["p.a"],
+                  "params.yaml", ["out_a"])
+    b = StageSpec("b", "python stages/b.py", ["stages/b.py", "out_a"], ["p.b"], "params.yaml", ["out_b"])
+    return [a, b]
 
 
-def test_stage_key_fails_loudly_on_missing_dependency(tmp_path):
-    spec = _project(tmp_path)
-    (tmp_path / "code.py").unlink()
-    with pytest.raises(FileNotFoundError, match="code.py"):
-        stage_key(spec, tmp_path, Hasher())
+def _keys(specs, root) -> dict[str, str]:
+    return {name: k.key for name, k in stage_keys(specs, root, Hasher()).items()}
+
+
+@pytest.mark.parametrize("edit, changed", [
+    ("lib/util.py", {"a", "b"}),          # a's code closure; b through a's key (Merkle)
+    ("lib/__init__.py", {"a", "b"}),
+    ("stages/b.py", {"b"}),
+    ("data/x.bin", {"a", "b"}),           # a's data input
+    ("lib/other.py", set()),              # imported by nobody
+    ("out_a/f.bin", set()),               # b depends on a's key, not on the bytes in this workspace
+])
+def test_merkle_key_changes_exactly_when_something_the_stage_reads_changes(tmp_path, edit, changed):
+    specs = _project(tmp_path)
+    before = _keys(specs, tmp_path)
+    assert before == _keys(specs, tmp_path)  # deterministic
+    path = tmp_path / edit
+    path.write_bytes(path.read_bytes() + b"\n# edited\n")
+    after = _keys(specs, tmp_path)
+    assert {s for s in before if before[s] != after[s]} == changed
+
+
+def test_merkle_key_tracks_own_params_and_upstream_params_only(tmp_path):
+    specs = _project(tmp_path)
+    before = _keys(specs, tmp_path)
+    (tmp_path / "params.yaml").write_text("p:\n  a: 1\n  b: 3\n")
+    after_b = _keys(specs, tmp_path)
+    assert after_b["a"] == before["a"] and after_b["b"] != before["b"]
+    (tmp_path / "params.yaml").write_text("p:\n  a: 5\n  b: 3\n")
+    after_a = _keys(specs, tmp_path)
+    assert after_a["a"] != after_b["a"] and after_a["b"] != after_b["b"]
+
+
+def test_merkle_key_names_its_parts_and_no_version_string(tmp_path):
+    specs = _project(tmp_path)
+    keys = stage_keys(specs, tmp_path, Hasher())
+    assert set(keys["a"].parts) == {"cmd", "code", "params", "upstream", "data"}
+    assert sorted(keys["a"].parts["code"]) == ["lib/__init__.py", "lib/util.py", "stages/a.py"]
+    assert keys["b"].parts["upstream"] == {"out_a": keys["a"].key} and keys["b"].parts["data"] == {}
+    assert "version" not in str(keys["a"].parts)
+
+
+def test_stage_key_fails_loudly_on_missing_input(tmp_path):
+    specs = _project(tmp_path)
+    (tmp_path / "data" / "x.bin").unlink()
+    (tmp_path / "data").rmdir()
+    with pytest.raises(FileNotFoundError, match="data: input of stage a not found"):
+        _keys(specs, tmp_path)
 
 
 def test_verify_finds_a_flipped_byte_and_a_missing_file(tmp_path):
