@@ -110,7 +110,7 @@ def publish(root: Path, spec: StageSpec, store: Store, log: Callable[[str], None
 
 
 def materialize(root: Path, spec: StageSpec, record: dict, store: Store,
-                log: Callable[[str], None] = print) -> str:
+                log: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> str:
     """Make this workspace hold the record's outputs, verified against its manifest: 'present' (already
     here), 'fetched' (from the local DVC cache or the remote) or 'restored' (fetched in place of damaged
     files: dvc.lock already named these very outputs). Raises OutputsLost when they cannot be restored
@@ -119,6 +119,9 @@ def materialize(root: Path, spec: StageSpec, record: dict, store: Store,
     if not bad:
         return "present"
     damaged = lock_entry(root, spec).get("outs") == record["lock"].get("outs")
+    if damaged:
+        warn(f"{spec.name}: local outputs missing or damaged: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+             f"restoring them")
     write_lock_entry(root, spec, record["lock"])
     for rel, text in record.get("inline", {}).items():
         path = root / rel

@@ -193,7 +193,7 @@ def run_stage(pipeline: str, stage: str, key: str, inputs: dict[str, dict], plac
     spec = run.spec(stage)
     for name, record in inputs.items():
         try:
-            how = materialize(run.root, run.spec(name), record, run.store, log=logger.debug)
+            how = materialize(run.root, run.spec(name), record, run.store, log=logger.debug, warn=logger.warning)
         except OutputsLost:
             drop_record(run, run.keys[name])
             raise
@@ -287,14 +287,14 @@ def distill(pipeline: str = "default", overrides: dict[str, Any] | None = None, 
                   or any((run.root / rel).exists() for rel in records[s.name]["manifest"])]
         for spec in wanted:
             try:
-                how = materialize(run.root, spec, records[spec.name], run.store, log=logger.debug)
+                how = materialize(run.root, spec, records[spec.name], run.store, log=logger.debug, warn=logger.warning)
             except OutputsLost as exc:
                 logger.warning(f"{exc}; recomputing {spec.name}")
                 drop_record(run, run.keys[spec.name])
                 for name in run.producers(spec):
-                    materialize(run.root, run.spec(name), records[name], run.store, log=logger.debug)
+                    materialize(run.root, run.spec(name), records[name], run.store, log=logger.debug, warn=logger.warning)
                 obtain(spec, refresh=True)
-                how = materialize(run.root, spec, records[spec.name], run.store, log=logger.debug)
+                how = materialize(run.root, spec, records[spec.name], run.store, log=logger.debug, warn=logger.warning)
             if how == "restored" and report[spec.name] == "cached":
                 report[spec.name] = "restored"  # a hit whose local copy was damaged
             logger.info(f"{spec.name}: outputs {how} and verified")
