@@ -171,9 +171,9 @@ class StageDeps:
         for extra in sorted(have - need):
             lines.append(f"{self.dvcfile}: stage {self.stage}: dep {extra} is not imported by the stage "
                          f"(an edit to it would rerun the stage for nothing)")
-        for dep in self.code:
-            if (self.base / dep).is_dir() and not lines:
-                lines.append(f"{self.dvcfile}: stage {self.stage}: dep {dep} is a folder; list its imported files")
+        for dep in self.code:  # a folder would take in any module added to it later, imported or not
+            if (self.base / dep).is_dir():
+                lines.append(f"{self.dvcfile}: stage {self.stage}: dep {dep} is a folder; list the files it imports")
         return lines
 
 

@@ -113,12 +113,13 @@ def materialize(root: Path, spec: StageSpec, record: dict, store: Store,
                 log: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> str:
     """Make this workspace hold the record's outputs, verified against its manifest: 'present' (already
     here), 'fetched' (from the local DVC cache or the remote) or 'restored' (fetched in place of damaged
-    files: dvc.lock already named these very outputs). Raises OutputsLost when they cannot be restored
+    or partial files that dvc.lock names as these very outputs). Raises OutputsLost when they cannot be restored
     intact; nothing unverified is left in place of the outputs."""
     bad = verify(record["manifest"], root)
     if not bad:
         return "present"
-    damaged = lock_entry(root, spec).get("outs") == record["lock"].get("outs")
+    damaged = (lock_entry(root, spec).get("outs") == record["lock"].get("outs")
+               and any((root / rel).exists() for rel in record["manifest"]))
     if damaged:
         warn(f"{spec.name}: local outputs missing or damaged: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
              f"restoring them")
