@@ -138,7 +138,7 @@ def main() -> None:
             args.out.with_suffix(".md").write_text(
                 f"# Team cache: machine B's cached run vs recomputing ({results['pipeline']}, commit {results['commit']})\n\n"
                 "`python bench/team.py" + (" --tiny" if args.tiny else "") + f" --out {args.out}`: a Prefect server, "
-                "moto's S3 server and two clones with their own homes, on one 2-core machine.\n\n"
+                "moto's S3 server and three clones with their own homes, on one 2-core machine.\n\n"
                 "| run | seconds | fetched bytes | ratio to recompute |\n|---|---|---|---|\n"
                 f"| A: recompute every stage (and push) | {results['recompute_s']} | - | 1 |\n"
                 f"| B: all hits, fetch + verify every output (`--fetch all`) | {results['fetch_s']} | {results['bytes_moved']:,} | {results['ratio']} |\n"

@@ -136,3 +136,19 @@ def test_sftp_team_push_from_a_then_a_fully_cached_run_and_dvc_run_cache_on_b(tm
         assert "Running stage" not in repro.stdout and repro.stdout.count("is cached - skipping run") >= 6, repro.stdout
     finally:
         stop(server)
+
+
+@pytest.mark.slow
+def test_worker_with_other_code_refuses_the_stage_in_one_line(tmp_path, prefect_server):
+    """A worker's clone that differs from the requester's cannot compute what was asked for: it says so."""
+    project = toy_project(tmp_path / "origin")
+    commit(project)
+    worker = machine(project, tmp_path / "worker", prefect_server["url"])
+    (worker.root / "stages" / "make.py").write_text((worker.root / "stages" / "make.py").read_text() + "# local edit\n")
+    code = ("import sys; sys.path.insert(0, 'flows'); from stage import stage; "
+            "s = stage('default', 'make', 'f' * 32, {}, return_state=True); print('MESSAGE', s.message)")
+    out = worker.sh(sys.executable, "-c", code).stdout
+    message = out.split("MESSAGE ", 1)[1].strip()
+    assert message.startswith(f"stage make: this worker's clone ({worker.root}, commit ")
+    assert "the run asked for ffffffffffff: its code differs from the requester's" in message
+    assert not (worker.root / "runs.log").exists()
