@@ -12,14 +12,13 @@ No version string stands in for code: a key changes exactly when something the s
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
 import yaml
 
-from .deps import closure, stage_scripts
+from .deps import closure, relpath, stage_scripts
 from .hashing import Hasher
 
 
@@ -44,10 +43,6 @@ class StageSpec:
         return self.name if self.dvcfile == "dvc.yaml" else f"{self.dvcfile}:{self.name}"
 
 
-def _rel(path: str | Path, root: Path) -> str:
-    return Path(os.path.relpath(Path(path).resolve(), root.resolve())).as_posix()
-
-
 def stage_specs(root: str | Path = ".", dvcfile: str | None = None) -> list[StageSpec]:
     """The pipeline's stages in run order, from DVC's own graph (no second hand-written list)."""
     import networkx as nx
@@ -67,15 +62,15 @@ def stage_specs(root: str | Path = ".", dvcfile: str | None = None) -> list[Stag
             for dep in stage.deps:
                 if type(dep).__name__ == "ParamsDependency":
                     params += list(dep.params)
-                    params_file = _rel(dep.fs_path, root)
+                    params_file = relpath(dep.fs_path, root)
                 else:
-                    deps.append(_rel(dep.fs_path, root))
+                    deps.append(relpath(dep.fs_path, root))
             cmd = stage.cmd if isinstance(stage.cmd, str) else " && ".join(stage.cmd)
-            outs = [_rel(o.fs_path, root) for o in stage.outs]
-            uncached = [_rel(o.fs_path, root) for o in stage.outs if not o.use_cache]
+            outs = [relpath(o.fs_path, root) for o in stage.outs]
+            uncached = [relpath(o.fs_path, root) for o in stage.outs if not o.use_cache]
             pool = (stage.meta or {}).get("pool", "cpu")
-            specs.append(StageSpec(stage.name, cmd, deps, params, params_file, outs, _rel(stage.wdir, root),
-                                   _rel(stage.path, root), uncached, pool))
+            specs.append(StageSpec(stage.name, cmd, deps, params, params_file, outs, relpath(stage.wdir, root),
+                                   relpath(stage.path, root), uncached, pool))
         return specs
     finally:
         repo.close()
@@ -119,7 +114,7 @@ def stage_key(spec: StageSpec, specs: list[StageSpec], keys: dict[str, StageKey]
               hasher: Hasher) -> StageKey:
     """The Merkle key of one stage, given the keys of the stages before it. Raises on a missing input:
     a key that cannot be computed must fail the run, not disable caching."""
-    root = Path(root)
+    root = Path(root).resolve()
     params_path = root / spec.params_file
     if not params_path.is_file():
         raise FileNotFoundError(f"{spec.params_file}: params file of stage {spec.name} not found")
@@ -137,7 +132,7 @@ def stage_key(spec: StageSpec, specs: list[StageSpec], keys: dict[str, StageKey]
         else:
             if not (root / dep).exists():
                 raise FileNotFoundError(f"{dep}: input of stage {spec.name} not found")
-            tree = {_rel(p, root): d for p, d in hasher.tree(root / dep).items()}
+            tree = {relpath(p, root): d for p, d in hasher.tree(root / dep).items()}
             data[dep] = xxhash.xxh3_128_hexdigest(json.dumps(tree, sort_keys=True).encode())
     parts = {"cmd": spec.cmd, "code": {f: hasher.file(root / f) for f in code},
              "params": params_subset(params, spec.params, spec.params_file), "upstream": upstream, "data": data}

@@ -12,6 +12,7 @@ Static analysis cannot follow a module imported by a name computed at run time, 
 from __future__ import annotations
 
 import ast
+import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,11 @@ class DepsError(ValueError):
 
 def _rel(path: Path, root: Path) -> str:
     return path.resolve().relative_to(root.resolve()).as_posix()
+
+
+def relpath(path: str | Path, base: Path) -> str:
+    """`path` relative to `base`, with `..` where it lies outside (a stage whose wdir is a sub-folder)."""
+    return Path(os.path.relpath(Path(path).resolve(), base)).as_posix()
 
 
 def _module_file(name: str, search: list[Path]) -> Path | None:
@@ -136,7 +142,7 @@ def _is_code_dep(dep: str, base: Path, root: Path, outs: set[str]) -> bool:
     if "${" in dep:
         return False
     path = (base / dep).resolve()
-    if not str(path).startswith(str(root)):
+    if not path.is_relative_to(root):
         return False
     if _rel(path, root) in outs:
         return False
@@ -208,17 +214,10 @@ def stage_deps(dvcfile: str | Path, root: str | Path) -> list[StageDeps]:
                 chains.setdefault(file, chain)
         script_rels = [_rel(s, root) for s in scripts]
         ordered = script_rels + sorted(f for f in chains if f not in script_rels)
-        expected = [Path(root / f).resolve().relative_to(base).as_posix() if (root / f).resolve().is_relative_to(base)
-                    else _relpath(root / f, base) for f in ordered]
+        expected = [relpath(root / f, base) for f in ordered]
         code = [d for d in declared if _is_code_dep(d, base, root, outs)]
         out.append(StageDeps(_rel(dvcfile, root), name, base, declared, code, expected, chains))
     return out
-
-
-def _relpath(path: Path, base: Path) -> str:
-    import os
-
-    return Path(os.path.relpath(path.resolve(), base)).as_posix()
 
 
 def check(root: str | Path, dvcfiles: list[Path] | None = None) -> list[str]:

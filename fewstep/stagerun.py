@@ -18,7 +18,7 @@ from typing import Callable
 import yaml
 
 from .cache import StageSpec
-from .hashing import Hasher, file_digest, manifest, verify
+from .hashing import Hasher, manifest, verify
 from .store import Store
 
 INLINE_LIMIT = 1 << 20  # uncached outputs (metrics) travel inside the record up to this size
@@ -139,7 +139,7 @@ def materialize(root: Path, spec: StageSpec, record: dict, store: Store,
     if bad:
         where = store.describe() if store.remote else "the local DVC cache"
         why = _reason(lines, rc) if rc != 0 else f"{len(bad)} files differ from the record, e.g. {bad[0]}"
-        _discard(root, record, bad)
+        _discard(root, bad)
         if store.remote:
             _forget_remote_dirs(record, store)
         raise OutputsLost(spec.name, f"stage {spec.name}: outputs in {where} are incomplete or damaged ({why})")
@@ -160,9 +160,7 @@ def _forget_remote_dirs(record: dict, store: Store) -> None:
                 fs.rm(path)
 
 
-def _discard(root: Path, record: dict, bad: list[str]) -> None:
+def _discard(root: Path, bad: list[str]) -> None:
     """Remove files that failed verification, so no unverified bytes pass for a stage's outputs."""
     for rel in bad:
-        path = root / rel
-        if path.is_file() and file_digest(path) != record["manifest"][rel]:
-            path.unlink()
+        (root / rel).unlink(missing_ok=True)

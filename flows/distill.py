@@ -121,11 +121,24 @@ def prepare_run(pipeline: str, root: Path = ROOT, params_text: str | None = None
         store.check()
     except StoreError as exc:
         raise PipelineError(str(exc)) from None
+    hasher = Hasher(root / ".fewstep" / "hash-memo.json")
     try:
-        keys = {name: k.key for name, k in stage_keys(specs, root, Hasher(root / ".fewstep" / "hash-memo.json")).items()}
+        keys = {name: k.key for name, k in stage_keys(specs, root, hasher).items()}
     except (FileNotFoundError, KeyError) as exc:
         raise PipelineError(str(exc).strip("'\"")) from None
-    return Run(root, pipeline, dvcfile, specs, keys, store)
+    hasher.save()
+    _RUNS[(root, pipeline)] = run = Run(root, pipeline, dvcfile, specs, keys, store)
+    return run
+
+
+_RUNS: dict[tuple[Path, str], Run] = {}  # the latest prepared run of each pipeline in this process
+
+
+def current_run(pipeline: str, stage: str, key: str) -> Run:
+    """The run the calling flow prepared (tasks execute in its process), so a stage does not check deps,
+    reach the store and hash the code again; prepared afresh if none matches the stage's key."""
+    run = _RUNS.get((ROOT, pipeline))
+    return run if run is not None and run.keys.get(stage) == key else prepare_run(pipeline)
 
 
 # ---- Prefect tasks over the store ------------------------------------------------------------------
@@ -154,11 +167,9 @@ def stage_task(run: Run, refresh: bool = False, lock: bool = True):
     here compute a key once; a run that only sends the work to a worker must not hold it (the worker,
     perhaps in this very clone, takes it)."""
     keys, results = _blocks(run.store)
-    locks = run.root / ".fewstep" / "locks"
-    policy = CacheKeyFnPolicy(cache_key_fn=_key_from_argument, key_storage=keys)
-    if lock:
-        policy = CacheKeyFnPolicy(cache_key_fn=_key_from_argument, key_storage=keys, isolation_level="SERIALIZABLE",
-                                  lock_manager=FileSystemLockManager(lock_files_directory=locks))
+    isolation = {"isolation_level": "SERIALIZABLE",
+                 "lock_manager": FileSystemLockManager(lock_files_directory=run.root / ".fewstep" / "locks")}
+    policy = CacheKeyFnPolicy(cache_key_fn=_key_from_argument, key_storage=keys, **(isolation if lock else {}))
     return run_stage.with_options(cache_policy=policy, persist_result=True, result_storage=results,
                                   result_serializer="json", refresh_cache=refresh)
 
@@ -189,7 +200,7 @@ def run_stage(pipeline: str, stage: str, key: str, inputs: dict[str, dict], plac
     logger = get_run_logger()
     if placement == "workers":
         return _on_worker(pipeline, stage, key, inputs, force, params_text)
-    run = prepare_run(pipeline)
+    run = current_run(pipeline, stage, key)
     spec = run.spec(stage)
     for name, record in inputs.items():
         try:
@@ -204,7 +215,7 @@ def run_stage(pipeline: str, stage: str, key: str, inputs: dict[str, dict], plac
 def _on_worker(pipeline, stage, key, inputs, force, params_text) -> dict:
     from prefect.deployments import run_deployment
 
-    run = prepare_run(pipeline)
+    run = current_run(pipeline, stage, key)
     pool = run.spec(stage).pool
     logger = get_run_logger()
     logger.info(f"{stage}: sending to a worker of pool {pool}")
@@ -291,9 +302,7 @@ def distill(pipeline: str = "default", overrides: dict[str, Any] | None = None, 
             except OutputsLost as exc:
                 logger.warning(f"{exc}; recomputing {spec.name}")
                 drop_record(run, run.keys[spec.name])
-                for name in run.producers(spec):
-                    materialize(run.root, run.spec(name), records[name], run.store, log=logger.debug, warn=logger.warning)
-                obtain(spec, refresh=True)
+                obtain(spec, refresh=True)  # the stage run fetches and verifies its own inputs
                 how = materialize(run.root, spec, records[spec.name], run.store, log=logger.debug, warn=logger.warning)
             if how == "restored" and report[spec.name] == "cached":
                 report[spec.name] = "restored"  # a hit whose local copy was damaged
