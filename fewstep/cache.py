@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
-import yaml
 
 from .deps import closure, relpath, stage_scripts
 from .hashing import Hasher
+from .params import parse_yaml
 
 
 @dataclass
@@ -36,11 +36,24 @@ class StageSpec:
     dvcfile: str = "dvc.yaml"
     uncached: list[str] = field(default_factory=list)  # outs DVC does not cache (metrics files)
     pool: str = "cpu"       # where Prefect places it: dvc.yaml `meta: {pool: gpu}` for training stages
+    project: str = "."      # the DVC project holding the dvc.yaml (pipelines/<name> is its own project)
 
     @property
     def target(self) -> str:
-        """How DVC commands name this stage from the repo root."""
-        return self.name if self.dvcfile == "dvc.yaml" else f"{self.dvcfile}:{self.name}"
+        """How DVC commands name this stage when run in its project's folder."""
+        dvcfile = Path(self.dvcfile).relative_to(self.project).as_posix()
+        return self.name if dvcfile == "dvc.yaml" else f"{dvcfile}:{self.name}"
+
+
+def dvc_project(dvcfile: str | Path, root: str | Path = ".") -> str:
+    """The DVC project a dvc.yaml belongs to, relative to the repository root: the nearest folder with a
+    .dvc directory. The extra pipelines are projects of their own (`dvc init --subdir`), so the root
+    project's `dvc status`, `metrics show` or `checkout` never see pipelines a user has not set up."""
+    root = Path(root).resolve()
+    folder = (root / dvcfile).resolve().parent
+    while folder != root and not (folder / ".dvc").is_dir() and root in folder.parents:
+        folder = folder.parent
+    return relpath(folder, root)
 
 
 def stage_specs(root: str | Path = ".", dvcfile: str | None = None) -> list[StageSpec]:
@@ -49,7 +62,8 @@ def stage_specs(root: str | Path = ".", dvcfile: str | None = None) -> list[Stag
     from dvc.repo import Repo
 
     root = Path(root).resolve()
-    repo = Repo(str(root))
+    project = dvc_project(dvcfile or "dvc.yaml", root)
+    repo = Repo(str(root / project))
     try:
         graph = repo.index.graph
         order = [s for s in reversed(list(nx.topological_sort(graph))) if hasattr(s, "cmd")]
@@ -70,7 +84,7 @@ def stage_specs(root: str | Path = ".", dvcfile: str | None = None) -> list[Stag
             uncached = [relpath(o.fs_path, root) for o in stage.outs if not o.use_cache]
             pool = (stage.meta or {}).get("pool", "cpu")
             specs.append(StageSpec(stage.name, cmd, deps, params, params_file, outs, relpath(stage.wdir, root),
-                                   relpath(stage.path, root), uncached, pool))
+                                   relpath(stage.path, root), uncached, pool, project))
         return specs
     finally:
         repo.close()
@@ -96,6 +110,25 @@ def producer(dep: str, specs: list[StageSpec]) -> StageSpec | None:
     return None
 
 
+class MissingInput(FileNotFoundError):
+    """An input a stage reads does not exist: one line naming the path, the params key that sets it (if
+    one does) and where the README says how to get it."""
+
+    def __init__(self, dep: str, spec: StageSpec, params: dict):
+        key = next((k for k, v in _flat(params) if v == dep), None)
+        setting = f" (set by {key} in {spec.params_file})" if key else ""
+        guide = 'README.md, "Data"' if spec.project == "." else 'pipelines/README.md, "Inputs"'
+        super().__init__(f"{dep} not found: stage {spec.name} reads it{setting}; how to get it: {guide}")
+
+
+def _flat(params, prefix: str = ""):
+    for name, value in (params.items() if isinstance(params, dict) else ()):
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
+
+
 @dataclass
 class StageKey:
     key: str
@@ -118,7 +151,7 @@ def stage_key(spec: StageSpec, specs: list[StageSpec], keys: dict[str, StageKey]
     params_path = root / spec.params_file
     if not params_path.is_file():
         raise FileNotFoundError(f"{spec.params_file}: params file of stage {spec.name} not found")
-    params = yaml.safe_load(params_path.read_text()) or {}
+    params = parse_yaml(params_path.read_text()) or {}
     code = code_closure(spec, root)
     upstream, data = {}, {}
     for dep in spec.deps:
@@ -131,7 +164,7 @@ def stage_key(spec: StageSpec, specs: list[StageSpec], keys: dict[str, StageKey]
             continue  # a code dep outside the closure: `fewstep deps --check` reports it; it is not read
         else:
             if not (root / dep).exists():
-                raise FileNotFoundError(f"{dep}: input of stage {spec.name} not found")
+                raise MissingInput(dep, spec, params)
             tree = {relpath(p, root): d for p, d in hasher.tree(root / dep).items()}
             data[dep] = xxhash.xxh3_128_hexdigest(json.dumps(tree, sort_keys=True).encode())
     parts = {"cmd": spec.cmd, "code": {f: hasher.file(root / f) for f in code},

@@ -132,9 +132,16 @@ def pipeline_files(root: str | Path) -> list[Path]:
 
 def stage_scripts(cmd: str, base: Path) -> list[Path]:
     """The Python scripts a stage command runs: every `*.py` argument (after `python`, `torchrun`,
-    `${run.launcher}` ...) that exists relative to the stage's working directory."""
+    `${run.launcher}` ...) that exists relative to the stage's working directory, or to the folder a
+    `cd DIR &&` before it moves to (a pipeline project's stages run from the repository root)."""
     tokens = shlex.split(cmd) if isinstance(cmd, str) else [t for c in cmd for t in shlex.split(c)]
-    return [base / t for t in tokens if t.endswith(".py") and "${" not in t and (base / t).is_file()]
+    scripts = []
+    for i, token in enumerate(tokens):
+        if token == "cd" and i + 1 < len(tokens):
+            base = base / tokens[i + 1]
+        elif token.endswith(".py") and "${" not in token and (base / token).is_file():
+            scripts.append((base / token).resolve())
+    return scripts
 
 
 def _is_code_dep(dep: str, base: Path, root: Path, outs: set[str]) -> bool:

@@ -6,10 +6,9 @@ A user mistake becomes one line naming the dotted key and what was expected, e.g
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ParamsError(ValueError):
@@ -17,10 +16,13 @@ class ParamsError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False)
+    model_config = ConfigDict(extra="forbid", strict=True)  # "1200" is not a number, "yes" not a bool
 
 
 PositiveInt = Field(gt=0)
+
+#: A pair written as a YAML list (strict mode takes only tuples); its items stay strict numbers.
+Pair = Annotated[tuple[float, float], BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)]
 
 
 class DataParams(Section):
@@ -87,7 +89,7 @@ class GanParams(Section):
 
 class OptimParams(Section):
     lr: float = Field(2e-4, gt=0)
-    betas: tuple[float, float] = (0.0, 0.99)
+    betas: Pair = (0.0, 0.99)
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(10.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
@@ -234,6 +236,7 @@ _PHRASES = {
     "float_parsing": lambda c: "must be a number",
     "float_type": lambda c: "must be a number",
     "bool_parsing": lambda c: "must be true or false",
+    "bool_type": lambda c: "must be true or false",
     "string_type": lambda c: "must be a string",
     "list_type": lambda c: "must be a list",
     "tuple_type": lambda c: "must be a list",
@@ -256,7 +259,8 @@ def _one_line(err: dict[str, Any], section: tuple = ()) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         return f"{key} {msg}"
     phrase = _PHRASES.get(kind, lambda c: err["msg"].lower())(ctx)
-    return f"{key} {phrase}, got {err['input']!r}"
+    quoted = kind in ("int_type", "float_type") and isinstance(err["input"], str)
+    return f"{key} {phrase}, got {err['input']!r}" + (" (a quoted string: write the number without quotes)" if quoted else "")
 
 
 def _known_keys_hint(model: type[BaseModel], loc: tuple) -> str:
@@ -287,13 +291,23 @@ def validate(raw: Any, schema: type[BaseModel] = Params) -> BaseModel:
         raise ParamsError(line + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")) from None
 
 
+def parse_yaml(text: str) -> Any:
+    """YAML 1.2, as DVC reads params (so `1e-4` is a number and `yes` a string, as `dvc exp run -S` means
+    them); PyYAML's YAML 1.1 would read `1e-4` as a string and `no` as false."""
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(text)
+
+
 def load(path: str | Path = "params.yaml", schema: type[BaseModel] = Params) -> BaseModel:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
+    from ruamel.yaml import YAMLError
+
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        raw = parse_yaml(path.read_text())
+    except YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ParamsError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None

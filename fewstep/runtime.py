@@ -46,6 +46,30 @@ def seeded(seed: int, salt: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(salt.encode())) % 2**63)
 
 
+def restore_previous_outputs() -> list[str]:
+    """Under `dvc repro` / `dvc exp run`: put back the outputs dvc.lock records for this stage.
+
+    DVC deletes a stage's outputs before running its command, so without this a params typo would destroy
+    the last good result. They come back from DVC's own cache (the repository is unlocked while a stage
+    command runs); dvc.lock still describes them, so `dvc status` stays truthful."""
+    address, project = os.environ.get("DVC_STAGE"), os.environ.get("DVC_ROOT")
+    if not address or not project:
+        return []
+    from dvc.repo import Repo
+
+    restored = []
+    try:
+        with Repo(project) as repo:
+            for stage in repo.stage.collect(address):
+                for out in stage.outs:
+                    if out.use_cache and out.hash_info:
+                        out.checkout(force=True)
+                        restored.append(out.def_path)
+    except Exception as exc:  # noqa: BLE001 — best effort: the user's error line above is what matters
+        print(f"could not restore the previous outputs from DVC's cache: {exc}", file=sys.stderr, flush=True)
+    return restored
+
+
 def run(stage: str, main: Callable[[Params, argparse.Namespace, torch.device], None],
         configure: Callable[[argparse.ArgumentParser], None], schema: type = Params) -> None:
     """Parse the stage's arguments, validate params against `schema`, run `main`, and turn user errors
@@ -65,5 +89,9 @@ def run(stage: str, main: Callable[[Params, argparse.Namespace, torch.device], N
         main(params, args, device)
     except USER_ERRORS as exc:
         print(f"[{stage}] error: {exc}", file=sys.stderr, flush=True)
+        restored = restore_previous_outputs()
+        if restored:
+            print(f"[{stage}] kept the previous outputs ({', '.join(restored)}); fix the error and rerun",
+                  file=sys.stderr, flush=True)
         sys.exit(1)
     print(f"[{stage}] done in {time.perf_counter() - started:.1f} s", flush=True)

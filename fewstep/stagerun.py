@@ -83,7 +83,7 @@ def compute(root: Path, spec: StageSpec, store: Store, force: bool = False,
     """Run the stage through DVC (which keeps dvc.lock truthful and may find it current), publish its
     outputs and DVC's run-cache to the remote, and return its record."""
     started = time.perf_counter()
-    rc, lines = dvc(root, "repro", "--single-item", *(["--force"] if force else []), spec.target, log=log)
+    rc, lines = dvc(root / spec.project, "repro", "--single-item", *(["--force"] if force else []), spec.target, log=log)
     if rc != 0:
         raise StageError(f"stage {spec.name}: dvc repro failed: {_reason(lines, rc)}")
     record = {"stage": spec.name, "lock": lock_entry(root, spec), "manifest": manifest(spec.outs, root, Hasher()),
@@ -104,7 +104,7 @@ def compute(root: Path, spec: StageSpec, store: Store, force: bool = False,
 
 def publish(root: Path, spec: StageSpec, store: Store, log: Callable[[str], None] = print) -> None:
     store.export_secrets()
-    rc, lines = dvc(root, "push", "--run-cache", spec.target, log=log)
+    rc, lines = dvc(root / spec.project, "push", "--run-cache", spec.target, log=log)
     if rc != 0:
         raise StageError(f"stage {spec.name}: push to {store.describe()} failed: {_reason(lines, rc)}")
 
@@ -132,9 +132,9 @@ def materialize(root: Path, spec: StageSpec, record: dict, store: Store,
         os.replace(tmp, path)
     store.export_secrets()
     if store.remote:
-        rc, lines = dvc(root, "pull", spec.target, log=log)
+        rc, lines = dvc(root / spec.project, "pull", spec.target, log=log)
     else:
-        rc, lines = dvc(root, "checkout", "--force", spec.target, log=log)
+        rc, lines = dvc(root / spec.project, "checkout", "--force", spec.target, log=log)
     bad = verify(record["manifest"], root)
     if bad:
         where = store.describe() if store.remote else "the local DVC cache"

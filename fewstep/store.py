@@ -106,6 +106,25 @@ def _dvc_remote(root: Path) -> tuple[str | None, dict]:
         return name, dict(config["remote"][name])
 
 
+def share_remote(root: str | Path, project: str) -> None:
+    """Give a pipeline's own DVC project (pipelines/<name>, `dvc init --subdir`) the root project's default
+    remote, in its git-ignored config.local, so its `dvc push/pull` reach the team's store. DVC projects do
+    not inherit config, and a second hand-kept copy of the remote would drift."""
+    from dvc.config import Config
+
+    root = Path(root).resolve()
+    if project in (".", ""):
+        return
+    name, remote = _dvc_remote(root)
+    config = Config(dvc_dir=str(root / project / ".dvc"), validate=False)
+    with config.edit("local") as local:
+        if name is None:
+            local.get("core", {}).pop("remote", None)
+            return
+        local.setdefault("remote", {})[name] = remote
+        local.setdefault("core", {})["remote"] = name
+
+
 def from_dvc(root: str | Path) -> Store:
     """The store for this clone: FEWSTEP_CACHE_DIR if set, else the DVC default remote, else a local folder."""
     root = Path(root)

@@ -40,8 +40,9 @@ from prefect.states import Failed
 from fewstep import deps
 from fewstep.cache import StageSpec, stage_keys, stage_specs
 from fewstep.hashing import Hasher
+from fewstep.params import parse_yaml
 from fewstep.stagerun import OutputsLost, StageError, compute, materialize
-from fewstep.store import Store, StoreError, from_dvc
+from fewstep.store import Store, StoreError, from_dvc, share_remote
 
 ROOT = Path(os.environ.get("FEWSTEP_ROOT", Path(__file__).resolve().parents[1])).resolve()
 
@@ -119,6 +120,7 @@ def prepare_run(pipeline: str, root: Path = ROOT, params_text: str | None = None
     try:
         store = from_dvc(root)
         store.check()
+        share_remote(root, specs[0].project)
     except StoreError as exc:
         raise PipelineError(str(exc)) from None
     hasher = Hasher(root / ".fewstep" / "hash-memo.json")
@@ -344,7 +346,7 @@ def main() -> None:
     ap.add_argument("--fetch", choices=["needed", "all"], default="needed",
                     help="outputs to bring into this clone: the final stages' and what must run here (default), or all")
     args = ap.parse_args()
-    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    overrides = {k: parse_yaml(v) for k, v in (s.split("=", 1) for s in args.set)}
     state = distill(args.pipeline, overrides or None, "workers" if args.workers else "local", args.fetch,
                     return_state=True)
     if state.is_failed():

@@ -222,7 +222,7 @@ def make_sd_project(folder: Path, name: str, params: dict, teacher: Path, prompt
         shutil.copy(ROOT / item, folder / item)
     (folder / "pipelines").mkdir()
     shutil.copytree(ROOT / "pipelines" / name, folder / "pipelines" / name,
-                    ignore=shutil.ignore_patterns("dvc.lock", ".gitignore", "encode", "trajectories", "critic",
+                    ignore=shutil.ignore_patterns("dvc.lock", "tmp", "cache", "config.local", "encode", "trajectories", "critic",
                                                   "distill", "finetune", "export", "evaluate"))
     (folder / "models").mkdir()
     shutil.copytree(teacher, folder / "models" / teacher.name)
@@ -247,6 +247,7 @@ def project_env(project: Path) -> dict:
     from conftest import env
 
     e = env()
+    project = next(p for p in (Path(project).resolve(), *Path(project).resolve().parents) if (p / "fewstep").is_dir())
     e["PYTHONPATH"] = os.pathsep.join([str(project), *filter(None, [e.get("PYTHONPATH")])])
     return e
 

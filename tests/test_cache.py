@@ -108,7 +108,7 @@ def test_stage_key_fails_loudly_on_missing_input(tmp_path):
     specs = _project(tmp_path)
     (tmp_path / "data" / "x.bin").unlink()
     (tmp_path / "data").rmdir()
-    with pytest.raises(FileNotFoundError, match="data: input of stage a not found"):
+    with pytest.raises(FileNotFoundError, match="data not found: stage a reads it"):
         _keys(specs, tmp_path)
 
 

@@ -22,19 +22,19 @@ def test_sdxl_pipeline_cached_rerun_param_edit_and_export(tmp_path, assets):
 
     project = sdxl_project(tmp_path, assets)
     started = time.perf_counter()
-    first = run(["dvc", "repro", "pipelines/sdxl/dvc.yaml"], project)
+    first = run(["dvc", "repro"], project / "pipelines/sdxl")
     print(f"tiny sdxl pipeline: {time.perf_counter() - started:.1f} s")
     assert ran(first.stdout) == STAGES or sorted(ran(first.stdout)) == sorted(STAGES)
     assert "real images: yes" in first.stdout + first.stderr
 
-    again = run(["dvc", "repro", "pipelines/sdxl/dvc.yaml"], project)
+    again = run(["dvc", "repro"], project / "pipelines/sdxl")
     assert ran(again.stdout) == []
 
     params_file = project / "pipelines/sdxl/params.yaml"
     params = yaml.safe_load(params_file.read_text())
     params["distill"]["lr"] = 1e-6
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    edited = run(["dvc", "repro", "pipelines/sdxl/dvc.yaml"], project)
+    edited = run(["dvc", "repro"], project / "pipelines/sdxl")
     assert ran(edited.stdout)[0] == "distill"
     assert sorted(ran(edited.stdout)) == ["distill", "evaluate", "export", "finetune"]
 
@@ -44,7 +44,7 @@ def test_sdxl_pipeline_cached_rerun_param_edit_and_export(tmp_path, assets):
     assert metrics["student"]["nfe"] == 4 and metrics["teacher"]["nfe"] == (2 * 3 - 1) * 2
     assert metrics["skipped"] == []
     assert (project / "pipelines/sdxl/evaluate/samples/student.png").is_file()
-    plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], project / "pipelines/sdxl").stdout)["data"]
     values = plots["distill generator losses"][0]["content"]["data"]["values"]
     assert values and all("step" in row for row in values)
 
@@ -63,10 +63,10 @@ def test_sd15_pipeline_text_prompts_one_step(tmp_path, assets):
     from diffusers import StableDiffusionPipeline
 
     project = make_sd_project(tmp_path / "project", "sd15", sd_params("sd15"), assets["sd15"], assets["text"])
-    first = run(["dvc", "repro", "pipelines/sd15/dvc.yaml"], project)
+    first = run(["dvc", "repro"], project / "pipelines/sd15")
     assert sorted(ran(first.stdout)) == sorted(STAGES)
     assert "real data: teacher samples" in first.stdout + first.stderr
-    assert ran(run(["dvc", "repro", "pipelines/sd15/dvc.yaml"], project).stdout) == []
+    assert ran(run(["dvc", "repro"], project / "pipelines/sd15").stdout) == []
 
     metrics = json.loads((project / "pipelines/sd15/evaluate/metrics.json").read_text())
     assert metrics["student"]["nfe"] == 1 and "latency_ms" in metrics["student"]

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..params import (ConsistencyParams, DMD2Params, DMDParams, GanParams, RunParams, Section, SiDParams,
+from ..params import (ConsistencyParams, DMD2Params, DMDParams, GanParams, Pair, RunParams, Section, SiDParams,
                       TrainLoopParams)
 from ..params import load as _load
 
@@ -62,7 +62,7 @@ class SDLoopParams(TrainLoopParams):
 
     batch_size: int = Field(4, gt=0)
     lr: float = Field(5e-7, gt=0)            # DMD2's SDXL learning rate
-    betas: tuple[float, float] = (0.9, 0.999)  # DMD2 reference AdamW
+    betas: Pair = (0.9, 0.999)  # DMD2 reference AdamW
     ema_decay: float = Field(0.0, ge=0, lt=1)  # DMD2's reference keeps no EMA
     checkpoint_every: int = Field(100, ge=0)
 
