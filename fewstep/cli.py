@@ -29,6 +29,13 @@ def sample(args) -> None:
 
     if args.out.suffix.lower() not in Image.registered_extensions():
         raise UsageError(f"--out must name an image file (e.g. grid.png), got {str(args.out)!r}")
+    if not args.out.parent.is_dir():
+        raise UsageError(f"--out {args.out}: folder {args.out.parent} does not exist (create it, or write elsewhere)")
+    if args.model.is_dir() and not (args.model / "fewstep.json").is_file():
+        inside = sorted(d for d in args.model.iterdir() if (d / "fewstep.json").is_file())
+        if inside:  # a stage's output folder (teacher/) holds the model (teacher/model)
+            raise UsageError(f"--model {args.model} is a stage output folder; the model in it is "
+                             f"{' or '.join(str(d) for d in inside)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA device is available (use cpu)")
     try:
@@ -38,6 +45,11 @@ def sample(args) -> None:
     model, info = load_model(args.model, device)
     if info["role"] not in ("teacher", "student"):
         raise UsageError(f"--model {args.model} is a {info['role']}, not a teacher or student model")
+    trained = len(info.get("student_sigmas", []))
+    if info["role"] == "student" and args.steps is not None and trained % args.steps:
+        fits = [k for k in range(1, trained + 1) if trained % k == 0]
+        raise UsageError(f"--steps must divide the {trained}-step student's steps ({', '.join(map(str, fits))}) "
+                         f"for {args.model}, got {args.steps}")
     if args.label is not None and not 0 <= args.label < model.num_classes:
         raise UsageError(f"--label must be in [0, {model.num_classes - 1}] for {args.model}, got {args.label}")
     gen = torch.Generator().manual_seed(args.seed)
@@ -85,14 +97,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = _Parser(prog="fewstep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     s = sub.add_parser("sample", help="write a grid of samples from a saved teacher or student")
-    s.add_argument("--model", type=Path, required=True, help="a model directory, e.g. finetune/student")
+    s.add_argument("--model", type=Path, required=True,
+                   help="a model directory: teacher/model, distill/student or finetune/student")
     s.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (teacher: Heun steps, NFE = 2N-1; student: its trained steps by default)")
-    s.add_argument("--out", type=Path, default=Path("grid.png"))
-    s.add_argument("--rows", type=int, default=10, help="grid is rows x rows (default 10)")
+                   help="sampling steps (teacher: Heun steps, NFE = 2N-1, default its trajectories' steps; "
+                        "student: a divisor of its trained steps, default all of them)")
+    s.add_argument("--out", type=Path, default=Path("grid.png"), help="the PNG to write; its folder must exist (default: %(default)s)")
+    s.add_argument("--rows", type=int, default=10, help="the grid is rows x rows (default: %(default)s)")
     s.add_argument("--label", type=int, default=None, help="one class for every sample (default: one class per column)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--seed", type=int, default=0, help="seed of the noise; same seed, same grid (default: %(default)s)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     d = sub.add_parser("deps", help="check (default) or rewrite each stage's code deps from its imports")
     mode = d.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="report differences and exit 1 (default)")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import os
 import re
 import sys
@@ -126,8 +127,10 @@ def prepare_run(pipeline: str, root: Path = ROOT, params_text: str | None = None
     hasher = Hasher(root / ".fewstep" / "hash-memo.json")
     try:
         keys = {name: k.key for name, k in stage_keys(specs, root, hasher).items()}
-    except (FileNotFoundError, KeyError) as exc:
-        raise PipelineError(str(exc).strip("'\"")) from None
+    except FileNotFoundError as exc:
+        raise PipelineError(str(exc)) from None
+    except KeyError as exc:
+        raise PipelineError(exc.args[0]) from None
     hasher.save()
     _RUNS[(root, pipeline)] = run = Run(root, pipeline, dvcfile, specs, keys, store)
     return run
@@ -239,6 +242,33 @@ def _on_worker(pipeline, stage, key, inputs, force, params_text) -> dict:
 
 # ---- the flow --------------------------------------------------------------------------------------
 
+def failed(message: str):
+    """End a flow run Failed with one line: in its state message and its log, the log sent before the state
+    changes, so `prefect deployment run --watch` (which stops at the final state) prints it."""
+    from prefect.logging.handlers import APILogHandler
+
+    get_run_logger().error(message)
+    APILogHandler().flush()
+    _REPORTED.add(message)
+    return Failed(message=message)
+
+
+_REPORTED: set[str] = set()  # failures already told in one line by this process
+
+
+class _NoRepeatedTraceback(logging.Filter):
+    """A deployment's run process re-raises the run's own Failed state as FailedRun and logs it with a
+    traceback ("Engine execution exited with unexpected exception") that adds nothing to the one line the
+    flow already logged; drop exactly those records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (type(exc).__name__ == "FailedRun" and str(exc) in _REPORTED)
+
+
+logging.getLogger("prefect.flow_runs").addFilter(_NoRepeatedTraceback())
+
+
 def _failure(state) -> str:
     exc = state.result(raise_on_failure=False)
     return str(exc) if isinstance(exc, BaseException) else (state.message or state.name)
@@ -260,8 +290,7 @@ def distill(pipeline: str = "default", overrides: dict[str, Any] | None = None, 
             raise PipelineError(f"placement must be local|workers and fetch needed|all, got {placement!r}, {fetch!r}")
         run = prepare_run(pipeline, overrides=overrides)
     except PipelineError as exc:  # a user mistake: one clear line in the run's state, not a traceback
-        logger.error(str(exc))
-        return Failed(message=str(exc))
+        return failed(str(exc))
     logger.info(f"store: {run.store.describe()}; placement: {placement}")
     params_text = (run.root / run.specs[0].params_file).read_text()
     records: dict[str, dict] = {}
@@ -310,8 +339,7 @@ def distill(pipeline: str = "default", overrides: dict[str, Any] | None = None, 
                 report[spec.name] = "restored"  # a hit whose local copy was damaged
             logger.info(f"{spec.name}: outputs {how} and verified")
     except (StageError, StoreError, PipelineError) as exc:
-        logger.error(str(exc))
-        return Failed(message=str(exc))
+        return failed(str(exc))
     logger.info(f"{len(run.specs)} stages in {time.perf_counter() - started:.2f} s of flow time")
     metrics = [run.root / o for s in wanted for o in s.outs if o.endswith("metrics.json")]
     if metrics and metrics[0].is_file():

@@ -12,9 +12,8 @@ import subprocess
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.states import Failed
 
-from distill import PipelineError, prepare_run, stage_task
+from distill import PipelineError, failed, prepare_run, stage_task
 
 
 def _commit(root) -> str:
@@ -49,12 +48,9 @@ def _run(pipeline, stage, key, inputs, force, params_text, logger):
                                 f"{run.keys[stage][:12]}, the run asked for {key[:12]}: its code differs from the "
                                 f"requester's; update the clone (git pull) and restart the worker")
     except PipelineError as exc:
-        logger.error(str(exc))
-        return Failed(message=str(exc))
+        return failed(str(exc))
     state = stage_task(run, refresh=force)(pipeline, stage, key, inputs, "local", force=force, return_state=True)
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)
-        message = str(exc) if isinstance(exc, BaseException) else state.message
-        logger.error(message)
-        return Failed(message=message)
+        return failed(str(exc) if isinstance(exc, BaseException) else state.message)
     logger.info(f"{stage}: {'computed' if state.result()['ran'] else 'current'} on {state.result()['where']}")

@@ -96,6 +96,10 @@ def make_project(folder: Path, params: dict) -> Path:
     shutil.copytree(ROOT / "stages", folder / "stages", ignore=ignore)
     shutil.copytree(ROOT / "flows", folder / "flows", ignore=ignore)
     shutil.copytree(ROOT / "fewstep", folder / "fewstep", ignore=ignore)
+    # the other pipelines, as a clone has them (each its own DVC project), without anything run there
+    shutil.copytree(ROOT / "pipelines", folder / "pipelines", ignore=shutil.ignore_patterns(
+        "__pycache__", "tmp", "cache", "config.local", "dvc.lock", "encode", "trajectories", "critic", "distill",
+        "finetune", "export", "evaluate"))
     write_params(folder, params)
     run(["git", "init", "-q"], folder)
     run(["git", "config", "user.email", "t@example.com"], folder)
@@ -145,7 +149,10 @@ def prefect_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
     server_env = env() | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                          "PREFECT_SERVER_UI_ENABLED": "false"}
+                          "PREFECT_SERVER_UI_ENABLED": "false",
+                          # as README's Prefect section sets up: `--watch` then shows a run's log lines
+                          "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
+                          "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true"}
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=server_env, stdout=log, stderr=subprocess.STDOUT)

@@ -180,6 +180,15 @@ def params(**overrides):
     return lambda w: write_params(w, tiny_params(**overrides))
 
 
+def unquoted_param(dotted: str, text: str):
+    """The tiny params with one value written verbatim (no YAML quoting), as a user would type it."""
+    def fn(w):
+        marker = "__VALUE__"
+        dumped = write_params(w, tiny_params(**{dotted: marker})).read_text()
+        (w / "params.yaml").write_text(dumped.replace(marker, text))
+    return fn
+
+
 def edit_json(rel: str, change: Callable[[dict], None]):
     def fn(w):
         obj = json.loads((w / rel).read_text())
@@ -375,6 +384,19 @@ BAD_INPUTS = [
          "fewstep sample: error: --label must be in [0, 9] for teacher/model, got 10"),
     case("cli-out-not-an-image", ["fewstep", "sample", "--model", "distill/student", "--out", "grid.txt"],
          "fewstep sample: error: --out must name an image file (e.g. grid.png), got 'grid.txt'"),
+    case("cli-out-folder-missing", ["fewstep", "sample", "--model", "distill/student", "--out", "grids/a.png"],
+         "fewstep sample: error: --out grids/a.png: folder grids does not exist (create it, or write elsewhere)"),
+    case("cli-model-is-the-stage-folder", ["fewstep", "sample", "--model", "teacher"],
+         "fewstep sample: error: --model teacher is a stage output folder; the model in it is teacher/model"),
+    case("cli-student-steps-not-a-divisor", ["fewstep", "sample", "--model", "distill/student", "--steps", "4"],
+         "fewstep sample: error: --steps must divide the 1-step student's steps (1) for distill/student, got 4"),
+    # params a user would expect to be refused rather than silently coerced
+    case("params-number-as-string", ["teacher", *UPSTREAM["teacher"]],
+         "[teacher] error: params.yaml: teacher.steps must be an integer, got '1200' "
+         "(a quoted string: write the number without quotes)", params(**{"teacher.steps": "1200"})),
+    case("params-bool-as-word", ["teacher", *UPSTREAM["teacher"]],  # YAML 1.2, as DVC reads it: `yes` is a word
+         "[teacher] error: params.yaml: distill.backward_simulation must be true or false, got 'yes'",
+         unquoted_param("distill.backward_simulation", "yes")),
 ]
 
 

@@ -14,6 +14,43 @@ def ran(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
 
 
+def assert_quiet_about_other_pipelines(project):
+    """The SD pipelines (never set up here: no weights) are DVC projects of their own, so the root's DVC
+    commands say nothing about them."""
+    assert (project / "pipelines/sdxl/dvc.yaml").is_file()
+    commands = {"status": ["dvc", "status"], "metrics": ["dvc", "metrics", "show"], "dag": ["dvc", "dag"],
+                "plots": ["dvc", "plots", "show", "--json"], "checkout": ["dvc", "checkout"]}
+    for name, cmd in commands.items():
+        out = run(cmd, project)
+        text = out.stdout + out.stderr
+        assert "pipelines/" not in text and "WARNING" not in text and "ERROR" not in text, (name, text[-2000:])
+    assert run(["dvc", "status"], project).stdout.strip() == "Data and pipelines are up to date."
+    assert "failed" not in run(["dvc", "metrics", "show"], project).stdout
+    assert max(map(len, run(["dvc", "dag"], project).stdout.splitlines())) < 200  # the default alone: 172 columns
+
+
+def tree_digest(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_a_params_typo_keeps_the_outputs(project):
+    """A params mistake stops the stage with one line, and DVC's deleted outputs come back unchanged."""
+    before = tree_digest(project / "distill")
+    good = (project / "params.yaml").read_text()
+    params = yaml.safe_load(good)
+    params["distill"]["lrr"] = 0.1
+    write_params(project, params)
+    failed = run(["dvc", "repro"], project, check=False)
+    assert failed.returncode != 0
+    errors = [line for line in failed.stderr.splitlines() if "error:" in line]
+    assert errors == ["[distill] error: params.yaml: distill.lrr is not a known key (valid keys: "
+                      + errors[0].split("(valid keys: ")[1]], failed.stderr[-2000:]
+    assert "Traceback" not in failed.stdout + failed.stderr
+    assert tree_digest(project / "distill") == before
+    (project / "params.yaml").write_text(good)
+    assert ran(run(["dvc", "repro"], project).stdout) == []  # the outputs are the lock's: nothing to redo
+
+
 @pytest.mark.slow
 def test_repro_rerun_param_edit_and_experiments(tmp_path):
     project = make_project(tmp_path / "project", tiny_params())
@@ -24,6 +61,7 @@ def test_repro_rerun_param_edit_and_experiments(tmp_path):
 
     again = run(["dvc", "repro"], project)
     assert ran(again.stdout) == []
+    assert_quiet_about_other_pipelines(project)
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["distill"]["lr"] = 1e-4
@@ -33,6 +71,7 @@ def test_repro_rerun_param_edit_and_experiments(tmp_path):
 
     shown = run(["dvc", "metrics", "show", "--json"], project)
     assert "speedup" in shown.stdout
+    assert_a_params_typo_keeps_the_outputs(project)
     plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
     for name in ("teacher loss", "critic losses", "distill generator losses", "distill critic losses",
                  "finetune generator losses"):
@@ -46,7 +85,11 @@ def test_repro_rerun_param_edit_and_experiments(tmp_path):
 
     run(["dvc", "exp", "run", "--queue", "-n", "dmd1", "-S", "distill.objective=dmd", "-S", "finetune.objective=dmd"],
         project)
+    workspace = (project / "params.yaml").read_text()
     queued = run(["dvc", "exp", "run", "--run-all", "--jobs", "1"], project)
+    noise = [l for l in (queued.stdout + queued.stderr).splitlines() if "pipelines/" in l or "No file hash" in l]
+    assert not noise, noise[:5]
+    assert (project / "params.yaml").read_text() == workspace  # a queued experiment leaves the workspace alone
     # The objective is a param of critic onward: prepare/teacher/trajectories come from the cache.
     assert ran(queued.stdout) == ["critic", "distill", "finetune", "evaluate"], queued.stdout[-2000:]
 

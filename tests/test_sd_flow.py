@@ -1,4 +1,5 @@
 """`prefect deployment run distill/sdxl` (and distill/sd15) against a local Prefect server, on tiny teachers."""
+import re
 import subprocess
 import sys
 import time
@@ -9,6 +10,50 @@ import pytest
 from sd_fixtures import assets, make_sd_project, project_env, sd_params, sdxl_project  # noqa: F401 (assets: fixture)
 
 STAGES = ["encode", "trajectories", "critic", "distill", "finetune", "export", "evaluate"]
+
+
+def _serve(project, env, log_path):
+    """flows/serve.py in the background, once its deployments are registered."""
+    prefect = str(Path(sys.executable).parent / "prefect")
+    log = open(log_path, "w")
+    server = subprocess.Popen([sys.executable, "flows/serve.py"], cwd=project, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while subprocess.run([prefect, "deployment", "inspect", "distill/sdxl"], env=env, capture_output=True).returncode:
+        assert server.poll() is None and time.time() < deadline, Path(log_path).read_text()[-3000:]
+        time.sleep(1)
+    return server, log
+
+
+@pytest.mark.slow
+def test_sdxl_deployment_without_weights_fails_in_one_line(tmp_path, prefect_server, assets):
+    """The normal first try: no SDXL weights. The run's state and log say which path is missing, which
+    params key sets it and where the README explains it; no traceback anywhere."""
+    import shutil
+
+    project = sdxl_project(tmp_path, assets)
+    shutil.rmtree(project / "models")
+    e = project_env(project) | {"FEWSTEP_CACHE_DIR": str(tmp_path / "cache"), "PREFECT_API_URL": prefect_server["url"]}
+    prefect = str(Path(sys.executable).parent / "prefect")
+    server, log = _serve(project, e, tmp_path / "serve.log")
+    try:
+        proc = subprocess.run([prefect, "deployment", "run", "distill/sdxl", "--watch"], env=e,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+    line = ("models/tiny-sdxl not found: stage encode reads it (set by teacher.path in pipelines/sdxl/params.yaml); "
+            'how to get it: pipelines/README.md, "Inputs"')
+    watched = " ".join((proc.stdout + proc.stderr).split())  # rich wraps long lines
+    assert proc.returncode == 1 and line in watched, watched[-3000:]
+    served = (tmp_path / "serve.log").read_text()
+    assert line in served and "Traceback" not in served, served[-3000:]
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", watched)
+    assert run_id, watched[:2000]
+    if run_id:  # the run's state message itself (what the UI and `flow-run inspect` show)
+        state = subprocess.run([prefect, "flow-run", "inspect", run_id.group(1)], env=e, capture_output=True, text=True)
+        assert line.split(";")[0] in " ".join(state.stdout.split()), state.stdout[-2000:]
 
 
 @pytest.mark.slow
