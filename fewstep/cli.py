@@ -1,5 +1,5 @@
 """The `fewstep` command: sample a saved teacher or student into a grid PNG; check or write the stage
-dependencies that the code's imports imply."""
+dependencies that the code's imports imply; render DVC's plots as an offline page."""
 from __future__ import annotations
 
 import argparse
@@ -63,6 +63,47 @@ def sample(args) -> None:
     print(f"{info['role']} {args.model}: {n} samples, {nfe(info, args.steps)} NFE -> {args.out}")
 
 
+def plots(args) -> int:
+    """`fewstep plots`: DVC's plots as one self-contained HTML page. `dvc plots show` draws its charts with
+    Vega from a CDN, so offline only its images appear; here vl-convert renders each chart to SVG locally."""
+    import base64
+    import html
+    import json
+    import subprocess
+
+    from .io import atomic_output
+
+    project = args.project
+    proc = subprocess.run(["dvc", "plots", "show", "--json"], cwd=project, capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1].removeprefix("ERROR: ")
+        print(f"fewstep plots: error: dvc plots show failed in {project}: {reason}", file=sys.stderr)
+        return 1
+    import vl_convert
+
+    sections = []
+    for name, entries in (json.loads(proc.stdout).get("data") or {}).items():
+        for entry in entries:
+            if entry["type"] == "vega":
+                body = vl_convert.vegalite_to_svg(entry["content"])
+            elif entry["type"] == "image":
+                png = base64.b64encode(Path(entry["url"]).read_bytes()).decode()
+                body = f'<img src="data:image/png;base64,{png}" alt="{html.escape(name)}">'
+            else:
+                continue
+            sections.append(f"<section><h2>{html.escape(name)}</h2>{body}</section>")
+    if not sections:
+        print(f"fewstep plots: error: no plots in {project} (run the pipeline first: dvc repro)", file=sys.stderr)
+        return 1
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>fewstep plots</title></head><body>"
+            + "\n".join(sections) + "</body></html>\n")
+    out = project / args.out if not args.out.is_absolute() else args.out
+    with atomic_output(out) as tmp:
+        tmp.write_text(page)
+    print(f"{len(sections)} plots -> {out}")
+    return 0
+
+
 def deps(args) -> int:
     """`fewstep deps --check`: one line per stage whose code deps differ from its import closure (exit 1);
     `--write`: rewrite them."""
@@ -112,9 +153,16 @@ def main(argv: list[str] | None = None) -> None:
     mode.add_argument("--check", action="store_true", help="report differences and exit 1 (default)")
     mode.add_argument("--write", action="store_true", help="rewrite the deps lists in place")
     d.add_argument("dvcfiles", nargs="*", help="dvc.yaml files (default: dvc.yaml and pipelines/*/dvc.yaml)")
+    p = sub.add_parser("plots", help="write DVC's plots as one offline HTML page (charts as SVG, no CDN)")
+    p.add_argument("--project", type=Path, default=Path("."),
+                   help="the DVC project: the root, or pipelines/<name> (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("dvc_plots/offline.html"),
+                   help="the page to write, relative to the project (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.command == "deps":
         sys.exit(deps(args))
+    if args.command == "plots":
+        sys.exit(plots(args))
     for name in ("steps", "rows"):
         value = getattr(args, name)
         if value is not None and value < 1:

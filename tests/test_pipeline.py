@@ -78,6 +78,9 @@ def test_repro_rerun_param_edit_and_experiments(tmp_path):
         values = plots[name][0]["content"]["data"]["values"]
         assert values and all("step" in row for row in values), name
     assert any(key.endswith("student_1.png") for key in plots)
+    page = run(["fewstep", "plots"], project)  # the offline page: every chart an inline SVG, no script at all
+    html = (project / "dvc_plots/offline.html").read_text()
+    assert "7 plots" in page.stdout and html.count("<svg") == 5 and html.count("<img") == 2 and "<script" not in html
 
     # The README's ablation recipe: queue an objective change, run the queue, read it in `dvc exp show`.
     run(["git", "add", "-A"], project)
@@ -93,6 +96,19 @@ def test_repro_rerun_param_edit_and_experiments(tmp_path):
     # The objective is a param of critic onward: prepare/teacher/trajectories come from the cache.
     assert ran(queued.stdout) == ["critic", "distill", "finetune", "evaluate"], queued.stdout[-2000:]
 
+    table = run(["dvc", "exp", "show", "--only-changed", "--keep", r"Experiment|.*\.fid$", "--drop",
+                 r"[^.]*$|.*/|.*\.(py|yaml|fid_std|precision|recall|cond_accuracy|latency_ms)$"], project).stdout  # README's narrow view
+    assert "dmd1" in table and "distill.objective" in table and "student@1.fid" in table, table
+    assert max(map(len, table.splitlines())) < 160, table
+    # README's way in and back: apply the experiment, then return to the committed baseline
+    baseline = tree_digest(project / "finetune")
+    run(["dvc", "exp", "apply", "dmd1"], project)
+    assert yaml.safe_load((project / "params.yaml").read_text())["distill"]["objective"] == "dmd"
+    assert tree_digest(project / "finetune") != baseline
+    run(["git", "restore", "."], project)
+    run(["dvc", "checkout"], project)
+    assert tree_digest(project / "finetune") == baseline
+    assert run(["dvc", "status"], project).stdout.strip() == "Data and pipelines are up to date."
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     experiments = [exp for commit in shown for exp in (commit.get("experiments") or [])]
     (dmd1,) = [exp for exp in experiments if exp.get("name") == "dmd1"]
