@@ -10,6 +10,7 @@ unpickled (an audit hook in every subprocess records pickle.find_class and opens
 import json
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -468,3 +469,12 @@ def test_divergence_stops_with_step_and_leaves_nothing(upstream, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("[teacher] error: teacher loss is nan at step 0")
     assert snapshot(work) == before
+
+
+def test_sample_help_shows_the_defaults():
+    proc = subprocess.run([str(Path(sys.executable).parent / "fewstep"), "sample", "--help"], capture_output=True,
+                          text=True, check=True)
+    text = " ".join(proc.stdout.split())
+    for default in ("(default: grid.png)", "(default: 10)", "(default: 0)", "(default: cpu)",
+                    "(default: one class per column)"):
+        assert default in text, text

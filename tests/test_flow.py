@@ -49,9 +49,15 @@ def test_cached_rerun_param_edit_and_corruption(tmp_path, prefect_server):
 @pytest.mark.slow
 def test_unknown_pipeline_is_one_clear_line(tmp_path, prefect_server):
     project = make_project(tmp_path / "project", tiny_params())
-    proc = flow(project, tmp_path / "cache", "--pipeline", "sdxl", check=False)
+    proc = flow(project, tmp_path / "cache", "--pipeline", "sdlx", check=False)
     assert proc.returncode == 1
-    assert "distill: error: pipeline 'sdxl' does not exist yet: no pipelines/sdxl/dvc.yaml" in proc.stderr
+    assert ("distill: error: pipeline 'sdlx' does not exist yet: no pipelines/sdlx/dvc.yaml "
+            "(available: default, sd15, sdxl)") in proc.stderr
+    # a pipeline that exists but whose teacher weights were never downloaded: the path, its key, the guide
+    proc = flow(project, tmp_path / "cache", "--pipeline", "sdxl", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
+    assert ("distill: error: models/stable-diffusion-xl-base-1.0 not found: stage encode reads it (set by "
+            'teacher.path in pipelines/sdxl/params.yaml); how to get it: pipelines/README.md, "Inputs"') in proc.stderr
 
 
 @pytest.mark.slow
