@@ -199,6 +199,7 @@ class EvaluateParams(Section):
     batch_size: int = Field(250, gt=0)  # also the batch at which latency is timed
     knn_k: int = Field(3, gt=0)
     grid_size: int = Field(10, gt=0)
+    floor_splits: int = Field(20, gt=0)  # random halvings of the held-out images that the floor averages
 
 
 class RunParams(Section):

@@ -352,13 +352,21 @@ def _metrics_artifact(metrics_file: Path, grids: list[Path], records: dict[str, 
     then where each stage ran."""
     metrics = json.loads(metrics_file.read_text())
     models = {name: m for name, m in metrics.items() if isinstance(m, dict) and "nfe" in m}
-    order = ["fid", "clip_score", "precision", "recall", "cond_accuracy", "nfe", "latency_ms"]
+    order = ["fid", "kid", "fid_t", "clip_score", "precision", "recall", "cond_accuracy", "pixel_w1", "nfe", "latency_ms"]
     keys = [k for k in order if any(k in m for m in models.values())]
-    rows = [f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.4g}" for k in keys) + " |"
-            for name, m in models.items()]
+
+    def cell(m: dict, key: str) -> str:
+        value = f"{m.get(key, float('nan')):.4g}"
+        interval = m.get(f"{key}_ci95")
+        return value + (f" [{interval[0]:.3g}, {interval[1]:.3g}]" if interval else "")
+
+    rows = [f"| {name} | " + " | ".join(cell(m, k) for k in keys) + " |" for name, m in models.items()]
     table = "\n".join([f"| model | {' | '.join(keys)} |", "|---" * (len(keys) + 1) + "|", *rows])
-    notes = [f"data floor FID: {metrics['data_floor']['fid']:.4g}"] if "data_floor" in metrics else []
-    notes += [f"speedup: {metrics.get('speedup', float('nan')):.1f}x", *metrics.get("skipped", [])]
+    floor = metrics.get("floor")
+    notes = ([f"floor (held-out half vs half, {floor['num_images']} images): FID {floor['fid']:.4g}; the teacher "
+              f"at that count {floor['teacher']['fid']:.4g}"] if floor else [])
+    notes += ["[a, b]: 95% interval over sampling seeds", f"speedup: {metrics.get('speedup', float('nan')):.1f}x",
+              *metrics.get("skipped", [])]
     where = "\n".join(f"| {name} | {r['where']} | {r['seconds']} |" for name, r in records.items())
     extra = "\n\n" + "; ".join(notes) + "\n\n| stage | computed on | seconds |\n|---|---|---|\n" + where + "\n"
     images = "".join(f"\n\n**{g.stem}**\n\n![{g.stem}](data:image/png;base64,{base64.b64encode(g.read_bytes()).decode()})"

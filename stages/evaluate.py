@@ -1,5 +1,7 @@
-"""evaluate: teacher and student scored in the same run against the held-out real split — FID,
-precision/recall, conditioning accuracy (featurizer), NFE and per-image latency — plus sample grids."""
+"""evaluate: teacher and student scored in the same run against the held-out real split — FID and KID with
+95% intervals over sampling seeds, FID-T (against the teacher's own samples), precision/recall, conditioning accuracy
+(featurizer), a pixel-intensity view, NFE and per-image latency — plus an honest floor and sample grids."""
+import time
 from pathlib import Path
 
 import torch
@@ -9,7 +11,7 @@ from fewstep.evaluation import batched, seed_noise, student_sampler
 from fewstep.grid import save_grid
 from fewstep.io import atomic_output, load_trajectories, write_json
 from fewstep.data import load_prepared
-from fewstep.metrics import Evaluator
+from fewstep.metrics import Evaluator, fid, kid, pixel_view, seed_interval
 from fewstep.models import Featurizer, load_model
 from fewstep.sampling import heun_sample, student_sigmas_for
 
@@ -27,9 +29,42 @@ def mean_over_seeds(runs: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def per_seed(pairs: list[tuple[torch.Tensor, torch.Tensor]], suffix: str = "") -> dict:
+    """FID and KID of (reference, sample) feature pairs, one pair per sampling seed: means over the seeds and
+    95% t-intervals over them. `suffix` "_t": against the teacher's own samples (FID-T, KID-T)."""
+    out = {}
+    for name, metric in (("fid", fid), ("kid", kid)):
+        values = [metric(r, f) for r, f in pairs]
+        out[f"{name}{suffix}"] = sum(values) / len(values)
+        if (interval := seed_interval(values)) is not None:
+            out[f"{name}{suffix}_ci95"] = interval
+    return out
+
+
+def honest_floor(real: torch.Tensor, teacher: torch.Tensor, splits: int, seed: int) -> dict:
+    """The floor scored the way models are, on data the featurizer never trained on: one half of the held-out
+    images against the other half, next to as many of the teacher's samples against the same half, over
+    `splits` random halvings (mean, and the 2.5-97.5 percentiles over the halvings). FID's bias grows as the
+    count falls, so only these two numbers compare with each other, not with the rows above."""
+    generator = runtime.seeded(seed, "evaluate/floor")
+    floor, teacher_fids = [], []
+    for _ in range(splits):
+        order = torch.randperm(len(real), generator=generator)
+        half, reference = real[order[: len(real) // 2]], real[order[len(real) // 2:]]
+        floor.append(fid(reference, half))
+        teacher_fids.append(fid(reference, teacher[torch.randperm(len(teacher), generator=generator)[: len(half)]]))
+
+    def summary(values):
+        v = torch.tensor(values, dtype=torch.float64)
+        return {"fid": float(v.mean()), "fid_range95": v.quantile(torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()}
+
+    return {**summary(floor), "teacher": summary(teacher_fids), "teacher_wins": sum(t < f for t, f in zip(teacher_fids, floor)),
+            "splits": splits, "num_images": len(real) // 2, "num_reference": len(real) - len(real) // 2}
+
+
 def main(params, args, device):
     p = params.evaluate
-    _, data = load_prepared(args.prepare, splits=("train", "test"))
+    _, data = load_prepared(args.prepare, splits=("test",))
     evaluator = Evaluator(Featurizer.load(args.prepare / "featurizer"), data["test_images"], k=p.knn_k)
     teacher, _ = load_model(args.teacher, device)
     student, student_info = load_model(args.student, device)
@@ -46,8 +81,10 @@ def main(params, args, device):
         nfes[f"student@{k}"] = k
 
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in samplers}
+    features: dict[str, list[torch.Tensor]] = {name: [] for name in samplers}
     timings: dict[str, list[float]] = {name: [] for name in samplers}  # ms per image, one per batch
     first: dict[str, torch.Tensor] = {}
+    started = time.perf_counter()
     for i in range(p.seeds):
         noise = seed_noise(traj["noise"], params.seed, i)
         for name, make in samplers.items():
@@ -55,7 +92,8 @@ def main(params, args, device):
                 images = traj["images"]  # seed 0 is the trajectories' noise: their teacher images
             else:
                 images = batched(make(i), noise, labels, p.batch_size, device, f"{name} seed {i}", timings[name])
-            runs[name].append(evaluator.score(images, labels))
+            features[name].append(evaluator.features(images))
+            runs[name].append(evaluator.score(images, labels, features[name][-1]))
             first.setdefault(name, images)
 
     # Latency: the median over the batches generated above (same batch size, process and device for every
@@ -63,21 +101,33 @@ def main(params, args, device):
     if not timings["teacher"]:
         batched(samplers["teacher"](0), traj["noise"][:p.batch_size], labels[:p.batch_size], p.batch_size,
                 device, timings=timings["teacher"])
+    generated = time.perf_counter()
+    print(f"[evaluate] samples of {len(samplers)} models x {p.seeds} seeds in {generated - started:.1f} s", flush=True)
     metrics = {}
+    real, reference = evaluator.real_features, features["teacher"][0]  # FID-T's reference: the teacher, seed 0
     for name in samplers:
         latency = float(torch.tensor(timings[name]).median())
-        metrics[name] = {**mean_over_seeds(runs[name]), "nfe": nfes[name], "latency_ms": latency}
+        own = features[name][1:] if name == "teacher" else features[name]  # the teacher against its other seeds
+        metrics[name] = {**mean_over_seeds(runs[name]),
+                         **per_seed([(real, f) for f in features[name]]),
+                         **(per_seed([(reference, f) for f in own], "_t") if own else {}),
+                         "nfe": nfes[name], "latency_ms": latency}
         print(f"[evaluate] {name:13s} " + " ".join(f"{k}={v:.4g}" for k, v in metrics[name].items()
                                                     if not isinstance(v, list)), flush=True)
     full = f"student@{num_steps}"
-    metrics["data_floor"] = {"fid": evaluator.fid_of(data["train_images"])}
+    metrics["floor"] = honest_floor(real, features["teacher"][0], p.floor_splits, params.seed)
+    print(f"[evaluate] metrics in {time.perf_counter() - generated:.1f} s", flush=True)
     metrics["speedup"] = metrics["teacher"]["latency_ms"] / metrics[full]["latency_ms"]
+    metrics["real_pixel_faint"] = pixel_view(data["test_images"], data["test_images"])["pixel_faint"]
     metrics["student_steps"] = num_steps
     metrics["seeds"] = p.seeds
     metrics["num_samples"] = len(labels)
     metrics["num_reference"] = len(data["test_images"])
-    print(f"[evaluate] data floor FID {metrics['data_floor']['fid']:.3f}, speedup {metrics['speedup']:.1f}x "
-          f"({full} vs teacher), FIDs averaged over {p.seeds} sampling seeds", flush=True)
+    floor = metrics["floor"]
+    print(f"[evaluate] floor: held-out half vs half FID {floor['fid']:.3f}, the teacher at that count "
+          f"{floor['teacher']['fid']:.3f} ({floor['num_images']} vs {floor['num_reference']} images, "
+          f"mean of {floor['splits']} halvings; the teacher lower in {floor['teacher_wins']}); speedup "
+          f"{metrics['speedup']:.1f}x ({full} vs teacher); FIDs averaged over {p.seeds} sampling seeds", flush=True)
 
     n = min(p.grid_size ** 2, len(labels))
     with atomic_output(args.samples) as out:

@@ -57,7 +57,7 @@ def test_repro_rerun_param_edit_and_experiments(tmp_path):
     first = run(["dvc", "repro"], project)
     assert ran(first.stdout) == ALL_STAGES
     metrics = json.loads((project / "evaluate/metrics.json").read_text())
-    assert {"teacher", "student@1", "data_floor", "speedup"} <= set(metrics)
+    assert {"teacher", "student@1", "floor", "speedup"} <= set(metrics)
 
     again = run(["dvc", "repro"], project)
     assert ran(again.stdout) == []

@@ -80,7 +80,16 @@ def test_evaluate_metrics_shape(workdir):
         assert metrics[model]["fid"] == pytest.approx(sum(metrics[model]["fid_per_seed"]) / 3)
     assert metrics["teacher"]["nfe"] == 5 and metrics["student@1"]["nfe"] == 1 and metrics["student_steps"] == 1
     assert metrics["speedup"] == pytest.approx(metrics["teacher"]["latency_ms"] / metrics["student@1"]["latency_ms"])
-    assert metrics["data_floor"]["fid"] >= 0
+    for model in ("teacher", "student@1"):
+        m = metrics[model]
+        for key in ("fid", "kid", "fid_t", "kid_t"):  # the teacher's FID-T: against its own seed-0 samples
+            low, high = m[f"{key}_ci95"]
+            assert low <= m[key] <= high, (model, key)
+        assert 0 <= m["pixel_faint"] <= 1 and m["pixel_w1"] >= 0
+    floor = metrics["floor"]
+    assert floor["num_images"] + floor["num_reference"] == metrics["num_reference"]
+    assert floor["splits"] == 20 and 0 <= floor["teacher_wins"] <= 20
+    assert floor["fid_range95"][0] <= floor["fid"] <= floor["fid_range95"][1] and floor["teacher"]["fid"] > 0
     for name in ("teacher.png", "student_1.png"):
         assert (workdir / "evaluate/samples" / name).stat().st_size > 100
 
