@@ -1,5 +1,5 @@
 """The `fewstep` command: sample a saved teacher or student into a grid PNG; check or write the stage
-dependencies that the code's imports imply; render DVC's plots as an offline page."""
+dependencies that the code's imports imply; render DVC's plots as an offline page; compare two models."""
 from __future__ import annotations
 
 import argparse
@@ -61,6 +61,30 @@ def sample(args) -> None:
     with atomic_output(args.out) as out:
         save_grid(images, out, nrow=args.rows)
     print(f"{info['role']} {args.model}: {n} samples, {nfe(info, args.steps)} NFE -> {args.out}")
+
+
+def compare(args) -> int:
+    """`fewstep compare A B`: both models on the same noise and labels, a grid and a metrics table."""
+    from .compare import compare as run_compare
+    from .io import ArtifactError, atomic_output
+    from .params import ParamsError
+
+    for path, what in ((args.prepare / "featurizer", "--prepare"), (args.out.parent, "--out's folder")):
+        if not path.exists():
+            print(f"fewstep compare: error: {what} {path} does not exist"
+                  + (" (run the prepare stage: dvc repro prepare)" if what == "--prepare" else ""), file=sys.stderr)
+            return 1
+    try:
+        table = run_compare(args.a, args.b, args.prepare, args.out, seeds=args.seeds, samples=args.samples,
+                            rows=args.rows, seed=args.seed, device=args.device)
+    except (ArtifactError, ParamsError) as exc:
+        print(f"fewstep compare: error: {exc}", file=sys.stderr)
+        return 1
+    if args.table is not None:
+        with atomic_output(args.table) as out:
+            out.write_text(table)
+    print(table + f"grid -> {args.out}" + (f", table -> {args.table}" if args.table else ""))
+    return 0
 
 
 def plots(args) -> int:
@@ -153,6 +177,19 @@ def main(argv: list[str] | None = None) -> None:
     mode.add_argument("--check", action="store_true", help="report differences and exit 1 (default)")
     mode.add_argument("--write", action="store_true", help="rewrite the deps lists in place")
     d.add_argument("dvcfiles", nargs="*", help="dvc.yaml files (default: dvc.yaml and pipelines/*/dvc.yaml)")
+    c = sub.add_parser("compare", help="two model directories side by side: same noise and labels, a grid "
+                                         "and a metrics table with 95%% intervals")
+    c.add_argument("a", type=Path, help="a model directory, e.g. teacher/model")
+    c.add_argument("b", type=Path, help="another, e.g. finetune/student")
+    c.add_argument("--prepare", type=Path, default=Path("prepare"),
+                   help="the prepare stage's output: featurizer and held-out images (default: %(default)s)")
+    c.add_argument("--out", type=Path, default=Path("compare.png"), help="the grid: A's row above B's (default: %(default)s)")
+    c.add_argument("--table", type=Path, default=None, help="also write the markdown table here")
+    c.add_argument("--seeds", type=int, default=3, help="sampling seeds the intervals span (default: %(default)s)")
+    c.add_argument("--samples", type=int, default=2000, help="samples per model and seed (default: %(default)s)")
+    c.add_argument("--rows", type=int, default=5, help="row pairs in the grid (default: %(default)s)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the noise (default: %(default)s)")
+    c.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     p = sub.add_parser("plots", help="write DVC's plots as one offline HTML page (charts as SVG, no CDN)")
     p.add_argument("--project", type=Path, default=Path("."),
                    help="the DVC project: the root, or pipelines/<name> (default: %(default)s)")
@@ -163,6 +200,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(deps(args))
     if args.command == "plots":
         sys.exit(plots(args))
+    if args.command == "compare":
+        for name in ("seeds", "samples", "rows"):
+            if getattr(args, name) < 1:
+                c.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        sys.exit(compare(args))
     for name in ("steps", "rows"):
         value = getattr(args, name)
         if value is not None and value < 1:

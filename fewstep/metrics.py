@@ -63,6 +63,18 @@ def seed_interval(values: list[float]) -> list[float] | None:
     return [float(v.mean()) - half, float(v.mean()) + half]
 
 
+def over_seeds(pairs: list[tuple[torch.Tensor, torch.Tensor]], suffix: str = "") -> dict:
+    """FID and KID of (reference, sample) feature pairs, one pair per sampling seed: means over the seeds and
+    95% t-intervals over them. `suffix` "_t": against the teacher's own samples (FID-T, KID-T)."""
+    out = {}
+    for name, metric in (("fid", fid), ("kid", kid)):
+        values = [metric(r, f) for r, f in pairs]
+        out[f"{name}{suffix}"] = sum(values) / len(values)
+        if (interval := seed_interval(values)) is not None:
+            out[f"{name}{suffix}_ci95"] = interval
+    return out
+
+
 def differ(a: dict, b: dict, key: str = "fid") -> bool:
     """Whether two rows of metrics.json differ in `key` beyond their 95% intervals (the intervals do not
     overlap: conservative, as a comparison should be when each row is one training run). Rows without an

@@ -11,7 +11,7 @@ from fewstep.evaluation import batched, seed_noise, student_sampler
 from fewstep.grid import save_grid
 from fewstep.io import atomic_output, load_trajectories, write_json
 from fewstep.data import load_prepared
-from fewstep.metrics import Evaluator, fid, kid, pixel_view, seed_interval
+from fewstep.metrics import Evaluator, fid, over_seeds, pixel_view
 from fewstep.models import Featurizer, load_model
 from fewstep.sampling import heun_sample, student_sigmas_for
 
@@ -26,18 +26,6 @@ def mean_over_seeds(runs: list[dict[str, float]]) -> dict[str, float]:
     fids = torch.tensor([r["fid"] for r in runs], dtype=torch.float64)
     out["fid_std"] = float(fids.std()) if len(runs) > 1 else 0.0
     out["fid_per_seed"] = [r["fid"] for r in runs]
-    return out
-
-
-def per_seed(pairs: list[tuple[torch.Tensor, torch.Tensor]], suffix: str = "") -> dict:
-    """FID and KID of (reference, sample) feature pairs, one pair per sampling seed: means over the seeds and
-    95% t-intervals over them. `suffix` "_t": against the teacher's own samples (FID-T, KID-T)."""
-    out = {}
-    for name, metric in (("fid", fid), ("kid", kid)):
-        values = [metric(r, f) for r, f in pairs]
-        out[f"{name}{suffix}"] = sum(values) / len(values)
-        if (interval := seed_interval(values)) is not None:
-            out[f"{name}{suffix}_ci95"] = interval
     return out
 
 
@@ -109,8 +97,8 @@ def main(params, args, device):
         latency = float(torch.tensor(timings[name]).median())
         own = features[name][1:] if name == "teacher" else features[name]  # the teacher against its other seeds
         metrics[name] = {**mean_over_seeds(runs[name]),
-                         **per_seed([(real, f) for f in features[name]]),
-                         **(per_seed([(reference, f) for f in own], "_t") if own else {}),
+                         **over_seeds([(real, f) for f in features[name]]),
+                         **(over_seeds([(reference, f) for f in own], "_t") if own else {}),
                          "nfe": nfes[name], "latency_ms": latency}
         print(f"[evaluate] {name:13s} " + " ".join(f"{k}={v:.4g}" for k, v in metrics[name].items()
                                                     if not isinstance(v, list)), flush=True)

@@ -185,3 +185,24 @@ def test_latency_is_timed_on_the_generated_batches(workdir):
         write_params(workdir, tiny_params())
     metrics = json.loads((workdir / "eval1/metrics.json").read_text())
     assert metrics["seeds"] == 1 and metrics["teacher"]["latency_ms"] > metrics["student@1"]["latency_ms"] > 0
+
+
+def test_compare_cli_grid_and_table(workdir, tmp_path):
+    """`fewstep compare`: both models on the same noise and labels; the table carries intervals and a verdict."""
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    from conftest import run
+
+    fewstep = str(Path(sys.executable).parent / "fewstep")
+    proc = run([fewstep, "compare", "teacher/model", "distill/student", "--samples", "40", "--seeds", "2",
+                "--rows", "2", "--out", str(tmp_path / "cmp.png"), "--table", str(tmp_path / "cmp.md")], workdir)
+    table = (tmp_path / "cmp.md").read_text()
+    assert "| teacher/model |" in table and "| distill/student |" in table and " [" in table
+    assert "against teacher/model's samples" in table and ("differ" in table)
+    assert Image.open(tmp_path / "cmp.png").size[1] > Image.open(tmp_path / "cmp.png").size[0] / 10 * 3
+    bad = run([fewstep, "compare", "teacher/model", "distill/student", "--prepare", "nowhere"], workdir, check=False)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "fewstep compare: error: --prepare nowhere/featurizer does not exist (run the prepare stage: dvc repro prepare)"]

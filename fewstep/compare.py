@@ -1,0 +1,69 @@
+"""`fewstep compare A B`: two saved models side by side for the same noise and labels — one PNG grid (A's row
+above B's, same noise and label in each column) and a markdown table of their metrics with 95% intervals over
+sampling seeds, scored like the evaluate stage against a prepare stage's held-out images."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import runtime
+from .data import load_prepared
+from .evaluation import batched
+from .grid import save_grid
+from .io import ArtifactError, atomic_output
+from .metrics import Evaluator, differ, over_seeds
+from .models import Featurizer, load_model
+from .sampling import nfe, sample_model
+
+
+def compare(a: Path, b: Path, prepare: Path, grid: Path, seeds: int = 3, samples: int = 2000, rows: int = 5,
+            columns: int = 10, seed: int = 0, device: str = "cpu", batch_size: int = 250) -> str:
+    """Sample both models on the same noise and labels for `seeds` sampling seeds; write the grid; return the
+    markdown table."""
+    models = {str(path): load_model(path, device) for path in (a, b)}
+    (model_a, info_a), (model_b, info_b) = models.values()
+    if model_a.num_classes != model_b.num_classes or model_a.unet.config.sample_size != model_b.unet.config.sample_size:
+        raise ArtifactError(f"{a} and {b} do not make the same images (classes or resolution differ)")
+    _, data = load_prepared(prepare, splits=("test",))
+    evaluator = Evaluator(Featurizer.load(prepare / "featurizer"), data["test_images"])
+    c, size = model_a.unet.config.in_channels, model_a.unet.config.sample_size
+    labels = torch.arange(samples) % model_a.num_classes
+    features = {name: [] for name in models}
+    scores = {name: [] for name in models}
+    first = {}
+    for i in range(seeds):
+        noise = torch.randn((samples, c, size, size), generator=runtime.seeded(seed, f"compare/{i}"))
+        for name, (model, info) in models.items():
+            generator = runtime.seeded(seed, f"compare/renoise/{i}")  # the same re-noising for both
+            images = batched(lambda n, y: sample_model(model, info, n, y, None, generator), noise, labels,
+                             batch_size, device, f"{Path(name).as_posix()} seed {i}")
+            features[name].append(evaluator.features(images))
+            scores[name].append(evaluator.score(images, labels, features[name][-1]))
+            first.setdefault(name, images)
+    scored = []
+    for name, (_, info) in models.items():
+        metrics = over_seeds([(evaluator.real_features, f) for f in features[name]])
+        rest = {k: sum(s[k] for s in scores[name]) / seeds for k in ("precision", "recall", "pixel_w1")}
+        scored.append((name, nfe(info), metrics, rest))
+    paired = over_seeds(list(zip(features[str(a)], features[str(b)])))
+
+    def interval(m: dict, key: str, scale: float = 1.0) -> str:
+        ci = m.get(f"{key}_ci95")
+        return f"{m[key] * scale:.4g}" + (f" [{ci[0] * scale:.3g}, {ci[1] * scale:.3g}]" if ci else "")
+
+    lines = ["| model | NFE | FID ↓ [95%] | KID ×100 [95%] | pixel W1 ↓ | precision | recall |", "|---" * 7 + "|"]
+    for name, steps, m, rest in scored:
+        lines.append(f"| {name} | {steps} | {interval(m, 'fid')} | {interval(m, 'kid', 100)} | "
+                     f"{rest['pixel_w1']:.4f} | {rest['precision']:.3f} | {rest['recall']:.3f} |")
+    verdict = "differ" if differ(scored[0][2], scored[1][2]) else "do not differ (the intervals overlap)"
+    lines += ["", f"FID of {b} against {a}'s samples for the same noise and labels: {interval(paired, 'fid')}.",
+              f"At 95% over {seeds} sampling seeds of {samples} samples, against {len(data['test_images'])} held-out "
+              f"images, the two FIDs {verdict}."]
+    columns = min(columns, samples)
+    chunks = []
+    for r in range(min(rows, samples // columns)):  # A's row, then B's row, on the same noise and labels
+        chunks += [first[str(a)][r * columns:(r + 1) * columns], first[str(b)][r * columns:(r + 1) * columns]]
+    with atomic_output(grid) as out:
+        save_grid(torch.cat(chunks), out, nrow=columns)
+    return "\n".join(lines) + "\n"
