@@ -12,7 +12,7 @@ from .data import load_prepared
 from .evaluation import batched
 from .grid import save_grid
 from .io import ArtifactError, atomic_output
-from .metrics import Evaluator, differ, over_seeds
+from .metrics import Evaluator, differ, fid_kid, kid, over_seeds
 from .models import Featurizer, load_model
 from .sampling import nfe, sample_model
 
@@ -22,7 +22,7 @@ def compare(a: Path, b: Path, prepare: Path, grid: Path, seeds: int = 3, samples
     """Sample both models on the same noise and labels for `seeds` sampling seeds; write the grid; return the
     markdown table."""
     models = {str(path): load_model(path, device) for path in (a, b)}
-    (model_a, info_a), (model_b, info_b) = models.values()
+    (model_a, _), (model_b, _) = models.values()
     if model_a.num_classes != model_b.num_classes or model_a.unet.config.sample_size != model_b.unet.config.sample_size:
         raise ArtifactError(f"{a} and {b} do not make the same images (classes or resolution differ)")
     _, data = load_prepared(prepare, splits=("test",))
@@ -43,10 +43,11 @@ def compare(a: Path, b: Path, prepare: Path, grid: Path, seeds: int = 3, samples
             first.setdefault(name, images)
     scored = []
     for name, (_, info) in models.items():
-        metrics = over_seeds([(evaluator.real_features, f) for f in features[name]])
+        metrics = over_seeds({"fid": [s["fid"] for s in scores[name]],  # scored per seed above
+                              "kid": [kid(evaluator.real_features, f) for f in features[name]]})
         rest = {k: sum(s[k] for s in scores[name]) / seeds for k in ("precision", "recall", "pixel_w1")}
         scored.append((name, nfe(info), metrics, rest))
-    paired = over_seeds(list(zip(features[str(a)], features[str(b)])))
+    paired = over_seeds(fid_kid(list(zip(features[str(a)], features[str(b)]))))
 
     def interval(m: dict, key: str, scale: float = 1.0) -> str:
         ci = m.get(f"{key}_ci95")

@@ -63,16 +63,20 @@ def seed_interval(values: list[float]) -> list[float] | None:
     return [float(v.mean()) - half, float(v.mean()) + half]
 
 
-def over_seeds(pairs: list[tuple[torch.Tensor, torch.Tensor]], suffix: str = "") -> dict:
-    """FID and KID of (reference, sample) feature pairs, one pair per sampling seed: means over the seeds and
-    95% t-intervals over them. `suffix` "_t": against the teacher's own samples (FID-T, KID-T)."""
+def over_seeds(values: dict[str, list[float]], suffix: str = "") -> dict:
+    """Per-sampling-seed values of each metric ({"fid": [...], "kid": [...]}) as their means over the seeds and
+    95% t-intervals. `suffix` "_t": scores against the teacher's own samples (FID-T, KID-T)."""
     out = {}
-    for name, metric in (("fid", fid), ("kid", kid)):
-        values = [metric(r, f) for r, f in pairs]
-        out[f"{name}{suffix}"] = sum(values) / len(values)
-        if (interval := seed_interval(values)) is not None:
+    for name, per_seed in values.items():
+        out[f"{name}{suffix}"] = sum(per_seed) / len(per_seed)
+        if (interval := seed_interval(per_seed)) is not None:
             out[f"{name}{suffix}_ci95"] = interval
     return out
+
+
+def fid_kid(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, list[float]]:
+    """FID and KID of (reference, sample) feature pairs, one pair per sampling seed."""
+    return {"fid": [fid(r, f) for r, f in pairs], "kid": [kid(r, f) for r, f in pairs]}
 
 
 def differ(a: dict, b: dict, key: str = "fid") -> bool:

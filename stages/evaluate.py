@@ -11,7 +11,7 @@ from fewstep.evaluation import batched, seed_noise, student_sampler
 from fewstep.grid import save_grid
 from fewstep.io import atomic_output, load_trajectories, write_json
 from fewstep.data import load_prepared
-from fewstep.metrics import Evaluator, fid, over_seeds, pixel_view
+from fewstep.metrics import Evaluator, fid, fid_kid, kid, over_seeds, pixel_view
 from fewstep.models import Featurizer, load_model
 from fewstep.sampling import heun_sample, student_sigmas_for
 
@@ -97,8 +97,9 @@ def main(params, args, device):
         latency = float(torch.tensor(timings[name]).median())
         own = features[name][1:] if name == "teacher" else features[name]  # the teacher against its other seeds
         metrics[name] = {**mean_over_seeds(runs[name]),
-                         **over_seeds([(real, f) for f in features[name]]),
-                         **(over_seeds([(reference, f) for f in own], "_t") if own else {}),
+                         **over_seeds({"fid": [r["fid"] for r in runs[name]],  # scored per seed above
+                                       "kid": [kid(real, f) for f in features[name]]}),
+                         **(over_seeds(fid_kid([(reference, f) for f in own]), "_t") if own else {}),
                          "nfe": nfes[name], "latency_ms": latency}
         print(f"[evaluate] {name:13s} " + " ".join(f"{k}={v:.4g}" for k, v in metrics[name].items()
                                                     if not isinstance(v, list)), flush=True)
