@@ -35,12 +35,12 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.states import Failed
 
 from fewstep import deps
 from fewstep.cache import StageSpec, stage_keys, stage_specs
 from fewstep.hashing import Hasher
+from fewstep.locking import SafeReadLockManager
 from fewstep.params import parse_yaml
 from fewstep.stagerun import OutputsLost, StageError, compute, materialize
 from fewstep.store import Store, StoreError, from_dvc, share_remote
@@ -173,7 +173,7 @@ def stage_task(run: Run, refresh: bool = False, lock: bool = True):
     perhaps in this very clone, takes it)."""
     keys, results = _blocks(run.store)
     isolation = {"isolation_level": "SERIALIZABLE",
-                 "lock_manager": FileSystemLockManager(lock_files_directory=run.root / ".fewstep" / "locks")}
+                 "lock_manager": SafeReadLockManager(lock_files_directory=run.root / ".fewstep" / "locks")}
     policy = CacheKeyFnPolicy(cache_key_fn=_key_from_argument, key_storage=keys, **(isolation if lock else {}))
     return run_stage.with_options(cache_policy=policy, persist_result=True, result_storage=results,
                                   result_serializer="json", refresh_cache=refresh)
