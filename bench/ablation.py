@@ -80,13 +80,14 @@ def table(rows: list[dict], sets: dict, command: str) -> str:
     lines = [f"Made by `{command}`" + (f" (global overrides {sets})" if sets else "") + ".",
              "FID: mean ± std over the evaluate stage's sampling seeds; lower is better. Train s: distill + "
              "finetune wall seconds.", "",
-             "| variant | objective | steps | backward sim | lr | model | FID | precision | recall | NFE | "
-             "ms/img | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | objective | steps | backward sim | lr | model | FID | precision | recall | FID-T | "
+             "pixel W1 | NFE | ms/img | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    extra = lambda m: f"{m['fid_t']:.3f} | {m['pixel_w1']:.4f}" if "pixel_w1" in m else "— | —"
     if done:
         t = done[0]["metrics"]["teacher"]
         lines.append(f"| teacher | — | — | — | — | teacher | {t['fid']:.3f} ± {t['fid_std']:.3f} | "
-                     f"{t['precision']:.3f} | {t['recall']:.3f} | {t['nfe']} | {t['latency_ms']:.3f} | — |")
+                     f"{t['precision']:.3f} | {t['recall']:.3f} | {extra(t)} | {t['nfe']} | {t['latency_ms']:.3f} | — |")
     for r in done:
         d, m = r["params"], r["metrics"]
         train_s = r["seconds"]["distill"] + r["seconds"]["finetune"]
@@ -95,10 +96,10 @@ def table(rows: list[dict], sets: dict, command: str) -> str:
             lines.append(f"| {r['variant']} | {d['objective']} | {d['student_steps']} | "
                          f"{'on' if d['backward_simulation'] else 'off'} | {d['lr']:g} | {key} | "
                          f"{s['fid']:.3f} ± {s['fid_std']:.3f} | {s['precision']:.3f} | {s['recall']:.3f} | "
-                         f"{s['nfe']} | {s['latency_ms']:.3f} | {train_s:.0f} |")
+                         f"{extra(s)} | {s['nfe']} | {s['latency_ms']:.3f} | {train_s:.0f} |")
     for r in rows:
         if "failed" in r:
-            lines.append(f"| {r['variant']} | failed in {r['failed']} | | | | | | | | | | |")
+            lines.append(f"| {r['variant']} | failed in {r['failed']} | | | | | | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 

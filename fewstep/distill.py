@@ -19,6 +19,7 @@ import torch
 from . import objectives, parallel
 from .hashing import Hasher
 from .checkpoint import CHECKPOINTS, Checkpointer, GeneratorState, fingerprint
+from .curves import QualityCurve
 from .data import load_prepared
 from .io import ArtifactError, load_trajectories
 from .models import (BottleneckTap, EDMDenoiser, GanHead, load_model, per_step_labels, save_model,
@@ -44,9 +45,11 @@ def student_sigmas(params, edm) -> list[float]:
 
 def fit(setup: objectives.Setup, params, out: Path, stage: str, train_generator: bool = True,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-        checkpoint: Checkpointer | None = None) -> dict[str, float]:
+        checkpoint: Checkpointer | None = None,
+        curve: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> dict[str, float]:
     """Train the critic (and the student, if `train_generator`) in place with `params.objective`.
-    The student's EMA weights are copied into it at the end. Returns the last logged losses."""
+    The student's EMA weights are copied into it at the end. `curve` scores a student module (the EMA weights,
+    every `params.eval_every` steps). Returns the last logged losses."""
     objective = objectives.build(params.objective, setup)
     phases = []
     critic_updates = objective.critic_updates if train_generator else 1
@@ -74,11 +77,22 @@ def fit(setup: objectives.Setup, params, out: Path, stage: str, train_generator:
           f"{f' ({params.simulate_with})' if params.backward_simulation else ''}"
           f"{' all steps per batch' if setup.all_steps_per_batch and len(setup.student_sigmas) > 1 else ''}", flush=True)
     last = train(phases, params.steps, out / "live", desc=stage, log_every=params.log_every, autocast=autocast,
-                 after_step=after_step,
-                 checkpoint=checkpoint)
+                 after_step=after_step, checkpoint=checkpoint,
+                 curve=(lambda: with_ema_weights(setup.student, ema, curve)) if curve and ema else None,
+                 curve_every=getattr(params, "eval_every", 0))
     if ema is not None:
         ema.copy_to(setup.student.parameters())
     return last
+
+
+def with_ema_weights(module: torch.nn.Module, ema, fn: Callable[[torch.nn.Module], dict]) -> dict:
+    """fn(module) with the EMA weights swapped in, the trained weights put back bit for bit afterwards."""
+    ema.store(module.parameters())
+    ema.copy_to(module.parameters())
+    try:
+        return fn(module)
+    finally:
+        ema.restore(module.parameters())
 
 
 class EmaSimulator:
@@ -147,7 +161,11 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
     hasher = Hasher()
     key = fingerprint(stage, params.model_dump(mode="json"), train_generator, [hasher.tree(d) for d in inputs])
     checkpoint = Checkpointer(CHECKPOINTS / parallel.checkpoint_name(stage), params.checkpoint_every, key, logs=out / "live")
-    last = fit(setup, params, out, stage, train_generator, autocast, checkpoint)
+    curve = None
+    if train_generator and params.eval_every and trajectories_dir is not None:
+        curve = QualityCurve(prepare_dir, trajectories_dir, sigmas, params.eval_samples,
+                             generator.initial_seed(), device)
+    last = fit(setup, params, out, stage, train_generator, autocast, checkpoint, curve)
 
     if train_generator:
         save_model(student.eval(), out / "student", role="student", student_sigmas=sigmas,

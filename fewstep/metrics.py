@@ -46,7 +46,9 @@ def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100) -> float:
                                          subset_size=min(len(real), len(fake)))
     metric.update(real, real=True)
     metric.update(fake, real=False)
-    return float(metric.compute()[0])
+    with torch.random.fork_rng(devices=[]):  # its subsets come from the global RNG: same sets, same KID, always
+        torch.manual_seed(0)
+        return float(metric.compute()[0])
 
 
 def seed_interval(values: list[float]) -> list[float] | None:

@@ -153,6 +153,8 @@ class DistillParams(TrainLoopParams):
     real_guidance: float = Field(1.0, ge=0)  # CFG on the real (teacher) score; 1 = none
     t_min: float = Field(0.02, ge=0, lt=1)  # DM timestep range as fractions of the Karras grid
     t_max: float = Field(0.98, gt=0, le=1)
+    eval_every: int = Field(0, ge=0)  # quality curve: score the EMA student every N steps; 0 = off
+    eval_samples: int = Field(500, gt=1)  # images per curve point (KID-T vs the teacher, FID vs held-out)
     dmd2: DMD2Params = DMD2Params()
     dmd: DMDParams = DMDParams()
     sid: SiDParams = SiDParams()

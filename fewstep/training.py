@@ -78,12 +78,15 @@ def _update(phase: Phase, step: int, autocast: Callable[[], contextlib.AbstractC
 def train(phases: list[Phase], steps: int, live_dir: Path, desc: str,
           after_step: Callable[[int], None] | None = None, log_every: int = 10,
           autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-          checkpoint=None) -> dict[str, float]:
+          checkpoint=None, curve: Callable[[], dict[str, float]] | None = None,
+          curve_every: int = 0) -> dict[str, float]:
     """Run `steps` training steps; each step runs every phase `updates` times in order.
 
     Losses (averaged over `log_every` steps) go to dvclive under `live_dir` for `dvc plots`.
     With a `fewstep.checkpoint.Checkpointer`, every phase's module, optimizer and LR schedule are
     checkpointed with whatever else the caller tracked, and a rerun resumes where the last one stopped.
+    With a `curve` (e.g. fewstep.curves.QualityCurve around the EMA student) and `curve_every` > 0, its values
+    are logged as `quality/<name>` before the first step and every `curve_every` steps (rank 0 only).
     Returns the last logged averages.
     """
     from dvclive import Live
@@ -98,6 +101,17 @@ def train(phases: list[Phase], steps: int, live_dir: Path, desc: str,
         start = checkpoint.restore()
     live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None, resume=start > 0)
     last: dict[str, float] = {}
+    curve_due = (lambda step: curve is not None and curve_every > 0 and parallel.world()[0] == 0
+                 and (step % curve_every == 0 or step == steps))
+
+    def log_curve(step: int) -> None:
+        live.step = step
+        for key, value in curve().items():
+            live.log_metric(f"quality/{key}", value)
+        live.make_summary()
+
+    if start == 0 and curve_due(0):
+        log_curve(0)
     bar = tqdm(range(start, steps), desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0,
                initial=start, total=steps)
     for step in bar:
@@ -114,6 +128,8 @@ def train(phases: list[Phase], steps: int, live_dir: Path, desc: str,
                 live.log_metric(key, value)
             live.make_summary()
             bar.set_postfix({k.split("/")[-1] if len(last) < 3 else k: f"{v:.3g}" for k, v in last.items()})
+        if curve_due(step + 1):
+            log_curve(step + 1)
         if checkpoint is not None and checkpoint.due(step, steps):
             checkpoint.save(step)
     live.end()

@@ -74,13 +74,14 @@ def test_repro_rerun_param_edit_and_experiments(tmp_path):
     assert_a_params_typo_keeps_the_outputs(project)
     plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
     for name in ("teacher loss", "critic losses", "distill generator losses", "distill critic losses",
-                 "finetune generator losses"):
+                 "finetune generator losses", "quality during training, FID on 500 samples (x = the stage's step)",
+                 "fidelity during training, KID-T and pixel W1"):
         values = plots[name][0]["content"]["data"]["values"]
         assert values and all("step" in row for row in values), name
     assert any(key.endswith("student_1.png") for key in plots)
     page = run(["fewstep", "plots"], project)  # the offline page: every chart an inline SVG, no script at all
     html = (project / "dvc_plots/offline.html").read_text()
-    assert "7 plots" in page.stdout and html.count("<svg") == 5 and html.count("<img") == 2 and "<script" not in html
+    assert "9 plots" in page.stdout and html.count("<svg") == 7 and html.count("<img") == 2 and "<script" not in html
 
     # The README's ablation recipe: queue an objective change, run the queue, read it in `dvc exp show`.
     run(["git", "add", "-A"], project)

@@ -43,6 +43,9 @@ def test_sdxl_pipeline_cached_rerun_param_edit_and_export(tmp_path, assets):
         assert {"nfe", "latency_ms", "clip_score", "fid"} <= set(metrics[name]), metrics[name]
     assert metrics["student"]["nfe"] == 4 and metrics["teacher"]["nfe"] == (2 * 3 - 1) * 2
     assert metrics["skipped"] == []
+    for name in ("teacher", "student"):  # fidelity to the teacher, in the configured featurizer's space
+        assert metrics[name]["fid_t"] >= 0 and metrics[name]["kid_t"] > -1 and metrics[name]["pixel_w1_t"] >= 0
+    assert metrics["fidelity_features"] == params["evaluate"]["fid"]["featurizer"]
     assert (project / "pipelines/sdxl/evaluate/samples/student.png").is_file()
     plots = json.loads(run(["dvc", "plots", "show", "--json"], project / "pipelines/sdxl").stdout)["data"]
     values = plots["distill generator losses"][0]["content"]["data"]["values"]
@@ -72,6 +75,9 @@ def test_sd15_pipeline_text_prompts_one_step(tmp_path, assets):
     assert metrics["student"]["nfe"] == 1 and "latency_ms" in metrics["student"]
     assert any(line.startswith("clip_score: skipped") for line in metrics["skipped"])
     assert any(line.startswith("fid: skipped") for line in metrics["skipped"])
+    # no featurizer, no reference: fidelity to the teacher still scored, in the teacher UNet's features
+    assert metrics["fidelity_features"].startswith("teacher UNet")
+    assert all(metrics[name]["fid_t"] >= 0 and metrics[name]["pixel_w1_t"] >= 0 for name in ("teacher", "student"))
 
     pipe = StableDiffusionPipeline.from_pretrained(project / "pipelines/sd15/export")
     pipe.scheduler.set_timesteps(1)

@@ -68,6 +68,34 @@ def test_guidance_is_one_batched_cfg_against_the_cached_negative(teachers):
         torch.testing.assert_close(model.guided(x, sigma, cond, 8.0), neg + 8.0 * (pos - neg), atol=1e-4, rtol=1e-4)
 
 
+def test_teacher_features_fid_t_floor_and_student_pairing(teachers):
+    """FID-T with nothing but the teacher: its UNet's pooled mid-block features, fixed per image; the teacher's
+    own other-noise half is the floor and every model is scored on the same halves."""
+    from fewstep.metrics import fid
+    from fewstep.sd import evaluate
+
+    path = teachers["sdxl"]
+    teacher = _denoiser(path)
+    cond, _ = _cond(path, ["a red square", "a blue circle", "a green dot"])
+    rounds, prompts = 4, 3
+    cond = cond[torch.arange(rounds * prompts) % prompts]
+    latents = torch.randn(rounds * prompts, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    feats = evaluate.teacher_features(teacher, latents, cond, 5, torch.device("cpu"), seed=0)
+    assert feats.shape == (12, teacher.unet.config.block_out_channels[-1])
+    assert torch.equal(feats, evaluate.teacher_features(teacher, latents, cond, 5, torch.device("cpu"), seed=0))
+    assert torch.allclose(feats, evaluate.teacher_features(teacher, latents, cond, 4, torch.device("cpu"), seed=0),
+                          atol=1e-5)  # batching changes only float rounding
+    first, second = evaluate.halves(12, rounds)
+    assert first.tolist() == list(range(6)) and second.tolist() == list(range(6, 12))
+    images = {"teacher": torch.rand(12, 3, 4, 4) * 2 - 1}
+    images["student"] = images["teacher"].clone()
+    same = evaluate.fidelity({"teacher": feats, "student": feats.clone()}, images, rounds)
+    assert same["student"] == same["teacher"]  # a student identical to the teacher scores the floor exactly
+    far = evaluate.fidelity({"teacher": feats, "student": feats + 5 * feats.std()}, images, rounds)
+    assert far["student"]["fid_t"] > same["teacher"]["fid_t"] + 1
+    assert far["teacher"]["fid_t"] == pytest.approx(fid(feats[second], feats[first]))
+
+
 def test_student_schedulers_replay_the_student_timesteps(teachers):
     from diffusers import EulerDiscreteScheduler, LCMScheduler
 

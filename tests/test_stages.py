@@ -65,6 +65,11 @@ def test_critic_distill_finetune_outputs(workdir):
         assert info["role"] == "student" and info["student_sigmas"] == [80.0]
         assert (workdir / stage / "live/plots/metrics/generator/dm.tsv").is_file()
     assert not (workdir / "critic/student").exists()  # the critic stage trains no student
+    # quality curves (eval_every 50/20 in params.yaml): before the first step and at the last, on the EMA student
+    for stage, last in (("distill", 3), ("finetune", 2)):
+        for name in ("kid_t", "fid", "pixel_w1"):
+            rows = (workdir / stage / f"live/plots/metrics/quality/{name}.tsv").read_text().split()
+            assert rows[0::2] == ["step", "0", str(last)] and all(float(v) >= 0 for v in rows[3::2]), (stage, name)
     # distillation moved the student away from its teacher initialization
     teacher, _ = load_model(workdir / "teacher/model")
     student, _ = load_model(workdir / "distill/student")

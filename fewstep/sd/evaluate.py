@@ -106,3 +106,49 @@ class FID:
         for chunk in images.split(self.batch_size):
             self.metric.update(chunk, real=False)
         return float(self.metric.compute())
+
+
+# --- fidelity to the teacher: needs nothing but the teacher -----------------------------------------
+
+FEATURE_TIMESTEP = 200  # DDPM timestep at which the teacher's UNet looks at a sample for its features
+
+
+@torch.no_grad()
+def teacher_features(teacher: nn.Module, latents: torch.Tensor, cond, batch_size: int, device,
+                     seed: int) -> torch.Tensor:
+    """(N, C) features every SD teacher gives with no other model: its UNet's mid-block output averaged over
+    space, for each latent noised to FEATURE_TIMESTEP (a fixed noise per image) under its own prompt. What
+    the teacher's denoiser sees of a sample; the stand-in for Inception when evaluate.fid.featurizer is unset."""
+    from ..evaluation import batched
+
+    captured: list[torch.Tensor] = []
+    hook = teacher.unet.mid_block.register_forward_hook(
+        lambda module, args, out: captured.append(out.float().mean(dim=(2, 3)).cpu()))
+    try:
+        sigma = teacher.sigma_of(FEATURE_TIMESTEP)
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+        batched(lambda x, c: teacher(x, sigma, c), latents.float() + sigma * noise, cond, batch_size, device)
+    finally:
+        hook.remove()
+    return torch.cat(captured)
+
+
+def halves(count: int, rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the first and the second half of the evaluation rounds (row i is round i // prompts of prompt
+    i % prompts): the same prompts in both halves, under different noise."""
+    prompts = count // rounds
+    cut = (rounds // 2) * prompts
+    return torch.arange(cut), torch.arange(cut, 2 * cut)
+
+
+def fidelity(features: dict[str, torch.Tensor], images: dict[str, torch.Tensor], rounds: int) -> dict[str, dict]:
+    """FID-T and KID-T (and pixel W1 to the teacher's images): each model's first-half samples against the
+    teacher's second half. The teacher's own first half against its second is the floor: same prompts, other
+    noise. Both halves hold as many images, so the student's numbers compare with the teacher's."""
+    from ..metrics import fid, kid, pixel_view
+
+    first, second = halves(len(features["teacher"]), rounds)
+    reference, reference_images = features["teacher"][second], images["teacher"][second]
+    return {name: {"fid_t": fid(reference, f[first]), "kid_t": kid(reference, f[first]),
+                   "pixel_w1_t": pixel_view(images[name][first], reference_images)["pixel_w1"]}
+            for name, f in features.items()}

@@ -1,5 +1,7 @@
 """evaluate: the student against the teacher on the held-out prompts, same noise: NFE and per-image
-latency always (both in latent space, same batch, same process); CLIP score when evaluate.clip_path is
+latency always (both in latent space, same batch, same process); fidelity to the teacher always (FID-T,
+KID-T, pixel W1 against the teacher's other samples of the same prompts; the teacher's own score is the
+floor), in the configured featurizer's space or else the teacher UNet's; CLIP score when evaluate.clip_path is
 set and FID when evaluate.fid.featurizer and evaluate.fid.reference are set (otherwise the metrics say
 what was skipped and why); decoded sample grids."""
 from pathlib import Path
@@ -33,6 +35,15 @@ def image_metrics(p, images: dict, prompts: list[str], resolution: int) -> tuple
         skipped.append("fid: skipped (set evaluate.fid.featurizer to a feature network and evaluate.fid.reference "
                        "to a folder of reference images)")
     return scores, skipped
+
+
+def fidelity_features(p, teacher, latents, images, cond, device, seed: int) -> torch.Tensor:
+    """Features for FID-T / KID-T: the configured featurizer on the decoded images, else the teacher's own."""
+    if p.fid.featurizer:
+        net = evaluate.load_featurizer(p.fid.featurizer, images.shape[-1])
+        with torch.no_grad():
+            return torch.cat([net(chunk).float() for chunk in images.split(p.batch_size)])
+    return evaluate.teacher_features(teacher, latents, cond, p.batch_size, device, seed)
 
 
 def main(params, args, device):
@@ -69,6 +80,16 @@ def main(params, args, device):
     del vae.encoder  # decoding only: the encoder's work was cached by the encode stage
     images = {name: encode.to_images(vae, x, p.batch_size, device) for name, x in latents.items()}
     scores, skipped = image_metrics(p, images, prompts, held_out.index["resolution"])
+    rounds = len(cond) // len(held_out.texts)  # trajectories.eval_per_prompt samples of each held-out prompt
+    if rounds >= 2:
+        features = {name: fidelity_features(p, teacher, latents[name], images[name], cond, device, params.seed)
+                    for name in latents}
+        for name, values in evaluate.fidelity(features, images, rounds).items():
+            scores[name].update(values)
+        metrics["fidelity_features"] = p.fid.featurizer or f"teacher UNet mid-block, t={evaluate.FEATURE_TIMESTEP}"
+    else:
+        skipped.append("fid_t: skipped (set trajectories.eval_per_prompt >= 2: the teacher's other samples of a "
+                       "prompt are FID-T's reference)")
     for name in images:
         metrics[name].update(scores[name])
         print(f"[evaluate] {name:8s} " + " ".join(f"{k}={v:.4g}" for k, v in metrics[name].items()
