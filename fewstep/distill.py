@@ -79,7 +79,7 @@ def fit(setup: objectives.Setup, params, out: Path, stage: str, train_generator:
     last = train(phases, params.steps, out / "live", desc=stage, log_every=params.log_every, autocast=autocast,
                  after_step=after_step, checkpoint=checkpoint,
                  curve=(lambda: with_ema_weights(setup.student, ema, curve)) if curve and ema else None,
-                 curve_every=getattr(params, "eval_every", 0))
+                 curve_every=params.eval_every if curve else 0)  # SD params have no curve (yet)
     if ema is not None:
         ema.copy_to(setup.student.parameters())
     return last

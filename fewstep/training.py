@@ -6,6 +6,7 @@ never knows which objective it runs. DMD2's TTUR is simply a critic phase with `
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -104,12 +105,17 @@ def train(phases: list[Phase], steps: int, live_dir: Path, desc: str,
     curve_due = (lambda step: curve is not None and curve_every > 0 and parallel.world()[0] == 0
                  and (step % curve_every == 0 or step == steps))
 
+    curve_seconds = []
+
     def log_curve(step: int) -> None:
+        started = time.perf_counter()
         live.step = step
         for key, value in curve().items():
             live.log_metric(f"quality/{key}", value)
         live.make_summary()
+        curve_seconds.append(time.perf_counter() - started)
 
+    loop_started = time.perf_counter()
     if start == 0 and curve_due(0):
         log_curve(0)
     bar = tqdm(range(start, steps), desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0,
@@ -133,6 +139,10 @@ def train(phases: list[Phase], steps: int, live_dir: Path, desc: str,
         if checkpoint is not None and checkpoint.due(step, steps):
             checkpoint.save(step)
     live.end()
+    if curve_seconds:
+        total = time.perf_counter() - loop_started
+        print(f"[{desc}] quality curve: {len(curve_seconds)} points in {sum(curve_seconds):.1f} s "
+              f"({100 * sum(curve_seconds) / total:.1f}% of {total:.0f} s of training)", flush=True)
     if checkpoint is not None:
         checkpoint.finish()
     return last
