@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Callable
 
 from fewstep.data import load_prepared
-from fewstep.evaluation import batched, seed_noise, student_sampler
+from fewstep.evaluation import seed_noise, student_sampler
 from fewstep.io import load_trajectories
 from fewstep.metrics import Evaluator
 from fewstep.models import Featurizer, load_model
 from fewstep.params import load
-from fewstep.sampling import heun_sample
+from fewstep.sampling import batched, heun_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 

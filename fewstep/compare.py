@@ -9,12 +9,12 @@ import torch
 
 from . import runtime
 from .data import load_prepared
-from .evaluation import batched
 from .grid import save_grid
 from .io import ArtifactError, atomic_output
-from .metrics import Evaluator, differ, fid_kid, kid, over_seeds
+from .distances import kid
+from .metrics import Evaluator, differ, fid_kid, over_seeds
 from .models import Featurizer, load_model
-from .sampling import nfe, sample_model
+from .sampling import batched, nfe, sample_model
 
 
 def compare(a: Path, b: Path, prepare: Path, grid: Path, seeds: int = 3, samples: int = 2000, rows: int = 5,

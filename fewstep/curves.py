@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 
 from .data import load_prepared
-from .evaluation import batched
 from .io import load_trajectories
-from .metrics import fid, kid, pixel_view
+from .distances import fid, kid, pixel_view
 from .models import Featurizer
-from .sampling import student_sample
+from .sampling import batched, student_sample
 
 KID_SUBSETS = 50
 

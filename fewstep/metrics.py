@@ -1,6 +1,5 @@
-"""Evaluation metrics on the featurizer's features: FID and KID (torchmetrics) with 95% intervals,
-k-NN precision/recall, conditioning accuracy; a pixel-intensity view the featurizer does not shape; and
-per-image latency."""
+"""The evaluate stage's metrics: FID, KID (fewstep.distances) and the pixel view per sampling seed, summarized
+with 95% intervals over the seeds; k-NN precision/recall, conditioning accuracy; per-image latency."""
 from __future__ import annotations
 
 import time
@@ -8,47 +7,8 @@ from typing import Callable
 
 import torch
 
+from .distances import fid, kid, pixel_view
 from .models import Featurizer
-
-
-class _Given(torch.nn.Module):
-    """The 'feature network' of a torchmetrics FID/KID fed features computed once: it passes them on."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features
-
-
-def fid(real: torch.Tensor, fake: torch.Tensor, chunk: int = 500) -> float:
-    """Fréchet distance of two feature sets (torchmetrics' FID on given features)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance  # seconds to import: only evaluate pays
-
-    metric = FrechetInceptionDistance(feature=_Given(real.shape[1]))
-    for part, is_real in ((real, True), (fake, False)):
-        for piece in part.split(chunk):  # the chunking of the featurizer's own batches: same sums, same FID
-            metric.update(piece, real=is_real)
-    return float(metric.compute())
-
-
-def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100) -> float:
-    """Kernel Inception Distance (unbiased MMD², cubic polynomial kernel; torchmetrics), averaged over
-    `subsets` random subsets as large as the smaller set. Unlike FID it has no bias from the sample count."""
-    import warnings
-
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "will save all extracted features": they are given
-        metric = KernelInceptionDistance(feature=_Given(real.shape[1]), subsets=subsets,
-                                         subset_size=min(len(real), len(fake)))
-    metric.update(real, real=True)
-    metric.update(fake, real=False)
-    with torch.random.fork_rng(devices=[]):  # its subsets come from the global RNG: same sets, same KID, always
-        torch.manual_seed(0)
-        return float(metric.compute()[0])
 
 
 def seed_interval(values: list[float]) -> list[float] | None:
@@ -90,16 +50,6 @@ def differ(a: dict, b: dict, key: str = "fid") -> bool:
     (a_low, a_high), (b_low, b_high) = a[f"{key}_ci95"], b[f"{key}_ci95"]
     return a_high < b_low or b_high < a_low
 
-
-def pixel_view(images: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
-    """What a classifier's features may ignore: the 1-D Wasserstein distance of pixel intensities (in [0, 1])
-    to the real images', and the share of faint pixels, in (0.03, 0.2) — background speckle."""
-    from scipy.stats import wasserstein_distance
-
-    fake = ((images.double() + 1) / 2).clamp(0, 1).flatten()
-    ref = ((real.double() + 1) / 2).clamp(0, 1).flatten()
-    return {"pixel_w1": float(wasserstein_distance(fake.numpy(), ref.numpy())),
-            "pixel_faint": float(((fake > 0.03) & (fake < 0.2)).double().mean())}
 
 
 class Evaluator:

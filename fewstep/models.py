@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .io import ArtifactError, first_line, load_tensors, read_json, save_tensors, tensor_shapes, write_json
 

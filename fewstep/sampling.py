@@ -1,7 +1,11 @@
 """Samplers: the teacher's deterministic EDM Heun ODE solver and the few-step student."""
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import torch
+from tqdm.auto import tqdm
 
 from .models import EDMDenoiser
 
@@ -78,3 +82,19 @@ def nfe(info: dict, steps: int | None = None) -> int:
     if info["role"] == "teacher":
         return 2 * (steps or info.get("sampling_steps", 18)) - 1
     return steps or len(info["student_sigmas"])
+
+
+@torch.no_grad()
+def batched(fn: Callable, noise: torch.Tensor, cond, batch_size: int, device,
+            desc: str | None = None, timings: list[float] | None = None) -> torch.Tensor:
+    """fn(noise, cond) over batches on `device`, gathered on the CPU; a progress bar when `desc` is given.
+    `cond` is anything sliceable with a `.to(device)`: class labels, or the SD pipelines' SDCond.
+    With `timings`, each batch's wall time per image (ms, up to its outputs on the CPU) is appended to it."""
+    outputs = []
+    for i in tqdm(range(0, len(noise), batch_size), desc=desc, unit="batch", disable=desc is None):
+        start = time.perf_counter()
+        n = noise[i:i + batch_size]
+        outputs.append(fn(n.to(device), cond[i:i + batch_size].to(device)).cpu())
+        if timings is not None:
+            timings.append((time.perf_counter() - start) / len(n) * 1e3)
+    return torch.cat(outputs)

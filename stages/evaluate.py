@@ -7,13 +7,14 @@ from pathlib import Path
 import torch
 
 from fewstep import runtime
-from fewstep.evaluation import batched, seed_noise, student_sampler
+from fewstep.evaluation import seed_noise, student_sampler
 from fewstep.grid import save_grid
 from fewstep.io import atomic_output, load_trajectories, write_json
 from fewstep.data import load_prepared
-from fewstep.metrics import Evaluator, fid, fid_kid, kid, over_seeds, pixel_view
+from fewstep.distances import fid, kid, pixel_view
+from fewstep.metrics import Evaluator, fid_kid, over_seeds
 from fewstep.models import Featurizer, load_model
-from fewstep.sampling import heun_sample, student_sigmas_for
+from fewstep.sampling import batched, heun_sample, student_sigmas_for
 
 
 def student_step_counts(num_steps: int) -> list[int]:

@@ -35,6 +35,9 @@ def test_fine_grained_evaluation_code_is_not_a_dep_of_training():
     for training in ("prepare", "teacher", "trajectories", "critic", "distill", "finetune"):
         assert not stages[training] & {"fewstep/metrics.py", "fewstep/evaluation.py", "stages/evaluate.py"}, training
     assert {"fewstep/metrics.py", "fewstep/evaluation.py"} <= stages["evaluate"]
+    # the quality curves logged while training share their distances (FID, KID, pixel W1) with evaluate
+    assert {"fewstep/curves.py", "fewstep/distances.py"} <= stages["distill"] & stages["finetune"]
+    assert "fewstep/distances.py" in stages["evaluate"]
     # the objective registry imports every objective module, so every objective is a dep of distill
     assert {f"fewstep/objectives/{m}.py" for m in ("dmd2", "dmd", "sid", "consistency", "base")} <= stages["distill"]
 

@@ -71,7 +71,7 @@ def test_guidance_is_one_batched_cfg_against_the_cached_negative(teachers):
 def test_teacher_features_fid_t_floor_and_student_pairing(teachers):
     """FID-T with nothing but the teacher: its UNet's pooled mid-block features, fixed per image; the teacher's
     own other-noise half is the floor and every model is scored on the same halves."""
-    from fewstep.metrics import fid
+    from fewstep.distances import fid
     from fewstep.sd import evaluate
 
     path = teachers["sdxl"]

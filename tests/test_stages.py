@@ -173,7 +173,7 @@ def test_step_subsets_reproduces_evaluate(workdir, tmp_path):
 def test_latency_is_timed_on_the_generated_batches(workdir):
     """One timing per generated batch (per image, ms); with a single seed the teacher, whose seed-0 images come
     from the trajectories, is still timed."""
-    from fewstep.evaluation import batched
+    from fewstep.sampling import batched
 
     timings = []
     out = batched(lambda n, c: n * 2, torch.ones(10, 1, 2, 2), torch.zeros(10), 4, "cpu", timings=timings)

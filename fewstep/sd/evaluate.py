@@ -119,7 +119,7 @@ def teacher_features(teacher: nn.Module, latents: torch.Tensor, cond, batch_size
     """(N, C) features every SD teacher gives with no other model: its UNet's mid-block output averaged over
     space, for each latent noised to FEATURE_TIMESTEP (a fixed noise per image) under its own prompt. What
     the teacher's denoiser sees of a sample; the stand-in for Inception when evaluate.fid.featurizer is unset."""
-    from ..evaluation import batched
+    from ..sampling import batched
 
     captured: list[torch.Tensor] = []
     hook = teacher.unet.mid_block.register_forward_hook(
@@ -145,7 +145,7 @@ def fidelity(features: dict[str, torch.Tensor], images: dict[str, torch.Tensor],
     """FID-T and KID-T (and pixel W1 to the teacher's images): each model's first-half samples against the
     teacher's second half. The teacher's own first half against its second is the floor: same prompts, other
     noise. Both halves hold as many images, so the student's numbers compare with the teacher's."""
-    from ..metrics import fid, kid, pixel_view
+    from ..distances import fid, kid, pixel_view
 
     first, second = halves(len(features["teacher"]), rounds)
     reference, reference_images = features["teacher"][second], images["teacher"][second]

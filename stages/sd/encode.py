@@ -2,7 +2,6 @@
 VAE latents, cached as sharded safetensors. No later stage runs a text encoder or the VAE encoder."""
 from pathlib import Path
 
-import torch
 
 from fewstep import runtime
 from fewstep.io import atomic_output, write_json

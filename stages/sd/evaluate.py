@@ -9,11 +9,10 @@ from pathlib import Path
 import torch
 
 from fewstep import runtime
-from fewstep.evaluation import batched
 from fewstep.grid import save_grid
 from fewstep.io import atomic_output, write_json
 from fewstep.metrics import latency_ms
-from fewstep.sampling import heun_sample, student_sample
+from fewstep.sampling import batched, heun_sample, student_sample
 from fewstep.sd import encode, evaluate, models, teacher as teachers
 from fewstep.sd.store import Encoded, load_trajectories
 
