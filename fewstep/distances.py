@@ -21,7 +21,7 @@ def fid(real: torch.Tensor, fake: torch.Tensor, chunk: int = 500) -> float:
     """Fréchet distance of two feature sets (torchmetrics' FID on given features)."""
     from torchmetrics.image.fid import FrechetInceptionDistance  # seconds to import: only evaluate pays
 
-    metric = FrechetInceptionDistance(feature=_Given(real.shape[1]))
+    metric = FrechetInceptionDistance(feature=_Given(real.shape[1]), sync_on_compute=False)  # per process (curves under torchrun)
     for part, is_real in ((real, True), (fake, False)):
         for piece in part.split(chunk):  # the chunking of the featurizer's own batches: same sums, same FID
             metric.update(piece, real=is_real)
@@ -38,7 +38,7 @@ def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "will save all extracted features": they are given
         metric = KernelInceptionDistance(feature=_Given(real.shape[1]), subsets=subsets,
-                                         subset_size=min(len(real), len(fake)))
+                                         subset_size=min(len(real), len(fake)), sync_on_compute=False)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     with torch.random.fork_rng(devices=[]):  # its subsets come from the global RNG: same sets, same KID, always

@@ -61,3 +61,6 @@ def test_two_process_distillation_runs_and_saves_once(tmp_path):
     assert "batch=4x1" in proc.stdout  # 8 samples per update, 4 on each of the 2 processes
     assert (tmp_path / "distill/student/unet/diffusion_pytorch_model.safetensors").is_file()
     assert (tmp_path / "distill/live/plots/metrics/generator/dm.tsv").is_file()
+    # rank 0 alone scores the quality curve, its torchmetrics kept off the process group (no hang, no sync)
+    rows = (tmp_path / "distill/live/plots/metrics/quality/kid_t.tsv").read_text().split()
+    assert rows[0::2] == ["step", "0", "3"]
