@@ -4,6 +4,7 @@ import json
 import os
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -28,22 +29,23 @@ def setup_pools(m, within: int | None = None) -> None:
     m.sh(str(BIN / "prefect"), "--no-prompt", "deploy", "--all")
 
 
-def stage_runs(api: str) -> dict[str, list[tuple[str, str]]]:
-    """{deployment name: [(stage, final state)]} of every fewstep-stage flow run a worker ran (runs of the
-    flow called directly, by another test on this session's server, have no deployment)."""
+def stage_runs(api: str, since) -> dict[str, list[tuple[str, str]]]:
+    """{deployment name: [(stage, final state)]} of every fewstep-stage flow run a worker ran since `since`
+    (this session's server also holds other tests' runs: direct calls, and earlier tests' deployment runs)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterDeploymentId
+    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterDeploymentId,
+                                                FlowRunFilterStartTime)
 
     os.environ["PREFECT_API_URL"] = api
     with get_client(sync_client=True) as client:
-        # deployment runs only: the server answers at most 200 runs, and other tests on this session's server
-        # call the flow directly, which could push this test's runs off that page
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["fewstep-stage"])),
-                                     flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(is_null_=False)),
-                                     limit=200)
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["fewstep-stage"])),
+            flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(is_null_=False),
+                                          start_time=FlowRunFilterStartTime(after_=since)),
+            limit=200)
         names = {}
         out: dict[str, list] = {}
-        for r in (r for r in runs if r.deployment_id is not None):
+        for r in runs:
             if r.deployment_id not in names:
                 names[r.deployment_id] = client.read_deployment(r.deployment_id).name
             out.setdefault(names[r.deployment_id], []).append((r.parameters["stage"], r.state.name))
@@ -66,9 +68,11 @@ def test_worker_team_s3_stages_on_gpu_and_cpu_workers_then_a_third_clone_compute
         workers = [gpu.worker("gpu"), cpu.worker("cpu")]
 
         # the deployment README names: the orchestrating flow itself runs on the cpu worker
+        since = datetime.now(timezone.utc)
         run = cpu.sh(str(BIN / "prefect"), "deployment", "run", "distill/digits", "--watch", "--watch-timeout", "900")
         assert "Completed" in run.stdout, run.stdout[-3000:]
-        recorded = stage_runs(api)
+        recorded = stage_runs(api, since)
+        assert "gpu" in recorded, (recorded, run.stdout[-3000:])
         assert sorted(s for s, _ in recorded["gpu"]) == sorted(GPU)
         assert sorted(s for s, _ in recorded["cpu"]) == ["evaluate", "prepare"]
         assert all(state == "Completed" for runs in recorded.values() for _, state in runs)
