@@ -69,7 +69,10 @@ def test_worker_team_s3_stages_on_gpu_and_cpu_workers_then_a_third_clone_compute
 
         # the deployment README names: the orchestrating flow itself runs on the cpu worker
         since = datetime.now(timezone.utc)
-        run = cpu.sh(str(BIN / "prefect"), "deployment", "run", "distill/digits", "--watch", "--watch-timeout", "900")
+        # placement named explicitly: other tests on this session's server serve a `distill/digits` of their own
+        # (flows/serve.py, placement local), and the run took those parameters in CI
+        run = cpu.sh(str(BIN / "prefect"), "deployment", "run", "distill/digits", "--param", 'placement="workers"',
+                     "--watch", "--watch-timeout", "900")
         assert "Completed" in run.stdout, run.stdout[-3000:]
         recorded = stage_runs(api, since)
         assert "gpu" in recorded, (recorded, run.stdout[-3000:])
