@@ -1,5 +1,5 @@
 """Optional image metrics of the SD evaluate stage, each from a local model the user points at:
-CLIP score (torchmetrics, a CLIP directory) and FID (torchmetrics, a featurizer + reference images).
+CLIP score (torchmetrics, a CLIP directory) and FID (fewstep.distances, a featurizer + reference images).
 A metric whose inputs are not configured is skipped with a notice saying what would enable it."""
 from __future__ import annotations
 
@@ -50,19 +50,6 @@ def clip_score(clip_path: str, images: torch.Tensor, prompts: list[str], batch_s
     return float(metric.compute())
 
 
-class _Featurizer(nn.Module):
-    """A saved feature network (float images in [-1, 1] -> (N, D)) with the `num_features` torchmetrics asks for."""
-
-    def __init__(self, net: nn.Module, resolution: int):
-        super().__init__()
-        self.net = net
-        with torch.no_grad():  # torchmetrics sizes its statistics from this
-            self.num_features = int(net(torch.zeros(1, 3, resolution, resolution)).shape[-1])
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images.float())
-
-
 def load_featurizer(path: str, resolution: int) -> nn.Module:
     """A torch.export program (.pt2, batch dimension dynamic), a TorchScript module, or a fewstep featurizer
     directory (e.g. the digits pipeline's prepare/featurizer)."""
@@ -73,7 +60,9 @@ def load_featurizer(path: str, resolution: int) -> nn.Module:
         return Featurizer.load(p)
     try:
         net = torch.export.load(str(p)).module() if p.suffix == ".pt2" else torch.jit.load(str(p), map_location="cpu")
-        return _Featurizer(net, resolution)
+        with torch.no_grad():  # it must take this resolution's images: say so at load, in this line
+            net(torch.zeros(1, 3, resolution, resolution))
+        return net
     except (RuntimeError, ValueError, OSError) as exc:
         raise ArtifactError(f"evaluate.fid.featurizer: {path} is not a torch.export program (.pt2), a TorchScript "
                             f"module or a fewstep featurizer directory ({str(exc).splitlines()[0]})") from None
@@ -88,24 +77,11 @@ def reference_images(folder: str, resolution: int) -> torch.Tensor:
     return image_tensor([Image.open(f) for f in files], resolution)
 
 
-class FID:
-    """torchmetrics' Fréchet distance with a custom feature network, real statistics computed once."""
-
-    def __init__(self, featurizer: nn.Module, reference: torch.Tensor, batch_size: int):
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
-        self.metric = FrechetInceptionDistance(feature=featurizer, reset_real_features=False)
-        self.batch_size = batch_size
-        with torch.no_grad():
-            for chunk in reference.split(batch_size):
-                self.metric.update(chunk, real=True)
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> float:
-        self.metric.reset()
-        for chunk in images.split(self.batch_size):
-            self.metric.update(chunk, real=False)
-        return float(self.metric.compute())
+@torch.no_grad()
+def embed(net: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N, D) features of images in [-1, 1] from a loaded featurizer, computed once per image set so that FID
+    against the reference and fidelity to the teacher share them."""
+    return torch.cat([net(chunk.float()).float() for chunk in images.split(batch_size)])
 
 
 # --- fidelity to the teacher: needs nothing but the teacher -----------------------------------------

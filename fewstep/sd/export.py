@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from ..io import write_json
 from ..params import ParamsError
 from . import teacher as teachers

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from fewstep import runtime
+from fewstep.distances import fid
 from fewstep.grid import save_grid
 from fewstep.io import atomic_output, write_json
 from fewstep.metrics import latency_ms
@@ -17,32 +18,24 @@ from fewstep.sd import encode, evaluate, models, teacher as teachers
 from fewstep.sd.store import Encoded, load_trajectories
 
 
-def image_metrics(p, images: dict, prompts: list[str], resolution: int) -> tuple[dict, list[str]]:
-    """{model: {metric: value}} for the optional metrics, and a notice for each one skipped."""
+def image_metrics(p, images: dict, prompts: list[str], resolution: int,
+                  features: dict[str, torch.Tensor] | None, net) -> tuple[dict, list[str]]:
+    """{model: {metric: value}} for the optional metrics, and a notice for each one skipped. `features`: each
+    model's images in the configured featurizer `net` (None when unset)."""
     scores, skipped = {name: {} for name in images}, []
     if p.clip_path:
         for name, x in images.items():
             scores[name]["clip_score"] = evaluate.clip_score(p.clip_path, x, prompts, p.batch_size)
     else:
         skipped.append("clip_score: skipped (set evaluate.clip_path to a local CLIP model directory)")
-    if p.fid.featurizer and p.fid.reference:
-        fid = evaluate.FID(evaluate.load_featurizer(p.fid.featurizer, resolution),
-                           evaluate.reference_images(p.fid.reference, resolution), p.batch_size)
-        for name, x in images.items():
-            scores[name]["fid"] = fid(x)
+    if features is not None and p.fid.reference:
+        reference = evaluate.embed(net, evaluate.reference_images(p.fid.reference, resolution), p.batch_size)
+        for name, f in features.items():
+            scores[name]["fid"] = fid(reference, f)
     else:
         skipped.append("fid: skipped (set evaluate.fid.featurizer to a feature network and evaluate.fid.reference "
                        "to a folder of reference images)")
     return scores, skipped
-
-
-def fidelity_features(p, teacher, latents, images, cond, device, seed: int) -> torch.Tensor:
-    """Features for FID-T / KID-T: the configured featurizer on the decoded images, else the teacher's own."""
-    if p.fid.featurizer:
-        net = evaluate.load_featurizer(p.fid.featurizer, images.shape[-1])
-        with torch.no_grad():
-            return torch.cat([net(chunk).float() for chunk in images.split(p.batch_size)])
-    return evaluate.teacher_features(teacher, latents, cond, p.batch_size, device, seed)
 
 
 def main(params, args, device):
@@ -78,12 +71,15 @@ def main(params, args, device):
     vae = teachers.load_vae(path)
     del vae.encoder  # decoding only: the encoder's work was cached by the encode stage
     images = {name: encode.to_images(vae, x, p.batch_size, device) for name, x in latents.items()}
-    scores, skipped = image_metrics(p, images, prompts, held_out.index["resolution"])
+    resolution = held_out.index["resolution"]
+    net = evaluate.load_featurizer(p.fid.featurizer, resolution) if p.fid.featurizer else None
+    features = {name: evaluate.embed(net, x, p.batch_size) for name, x in images.items()} if net else None
+    scores, skipped = image_metrics(p, images, prompts, resolution, features, net)
     rounds = len(cond) // len(held_out.texts)  # trajectories.eval_per_prompt samples of each held-out prompt
-    if rounds >= 2:
-        features = {name: fidelity_features(p, teacher, latents[name], images[name], cond, device, params.seed)
-                    for name in latents}
-        for name, values in evaluate.fidelity(features, images, rounds).items():
+    if rounds >= 2:  # fidelity in the featurizer's space, else in the teacher UNet's (needs no other model)
+        fidelity_space = features or {name: evaluate.teacher_features(teacher, x, cond, p.batch_size, device, params.seed)
+                                      for name, x in latents.items()}
+        for name, values in evaluate.fidelity(fidelity_space, images, rounds).items():
             scores[name].update(values)
         metrics["fidelity_features"] = p.fid.featurizer or f"teacher UNet mid-block, t={evaluate.FEATURE_TIMESTEP}"
     else:
