@@ -36,8 +36,11 @@ def stage_runs(api: str, since) -> dict[str, list[tuple[str, str]]]:
     from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterDeploymentId,
                                                 FlowRunFilterStartTime)
 
-    os.environ["PREFECT_API_URL"] = api
-    with get_client(sync_client=True) as client:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # named, not taken from os.environ: Prefect reads its settings once per process, and another test in this
+    # pytest process may have imported prefect before this server existed (then the client asked another API)
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=["fewstep-stage"])),
             flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(is_null_=False),
@@ -69,10 +72,7 @@ def test_worker_team_s3_stages_on_gpu_and_cpu_workers_then_a_third_clone_compute
 
         # the deployment README names: the orchestrating flow itself runs on the cpu worker
         since = datetime.now(timezone.utc)
-        # placement named explicitly: other tests on this session's server serve a `distill/digits` of their own
-        # (flows/serve.py, placement local), and the run took those parameters in CI
-        run = cpu.sh(str(BIN / "prefect"), "deployment", "run", "distill/digits", "--param", 'placement="workers"',
-                     "--watch", "--watch-timeout", "900")
+        run = cpu.sh(str(BIN / "prefect"), "deployment", "run", "distill/digits", "--watch", "--watch-timeout", "900")
         assert "Completed" in run.stdout, run.stdout[-3000:]
         recorded = stage_runs(api, since)
         assert "gpu" in recorded, (recorded, run.stdout[-3000:])
