@@ -37,6 +37,7 @@ class StageSpec:
     uncached: list[str] = field(default_factory=list)  # outs DVC does not cache (metrics files)
     pool: str = "cpu"       # where Prefect places it: dvc.yaml `meta: {pool: gpu}` for training stages
     project: str = "."      # the DVC project holding the dvc.yaml (pipelines/<name> is its own project)
+    always_changed: bool = False  # DVC runs it every time (an `inputs` stage: it records what no dep can name)
 
     @property
     def target(self) -> str:
@@ -84,7 +85,7 @@ def stage_specs(root: str | Path = ".", dvcfile: str | None = None) -> list[Stag
             uncached = [relpath(o.fs_path, root) for o in stage.outs if not o.use_cache]
             pool = (stage.meta or {}).get("pool", "cpu")
             specs.append(StageSpec(stage.name, cmd, deps, params, params_file, outs, relpath(stage.wdir, root),
-                                   relpath(stage.path, root), uncached, pool, project))
+                                   relpath(stage.path, root), uncached, pool, project, bool(stage.always_changed)))
         return specs
     finally:
         repo.close()
@@ -143,6 +144,11 @@ def code_closure(spec: StageSpec, root: Path) -> list[str]:
     return sorted(files)
 
 
+def _tree_digest(path: Path, root: Path, hasher: Hasher) -> str:
+    tree = {relpath(p, root): d for p, d in hasher.tree(path).items()}
+    return xxhash.xxh3_128_hexdigest(json.dumps(tree, sort_keys=True).encode())
+
+
 def stage_key(spec: StageSpec, specs: list[StageSpec], keys: dict[str, StageKey], root: str | Path,
               hasher: Hasher) -> StageKey:
     """The Merkle key of one stage, given the keys of the stages before it. Raises on a missing input:
@@ -158,15 +164,22 @@ def stage_key(spec: StageSpec, specs: list[StageSpec], keys: dict[str, StageKey]
         if dep in code:
             continue
         made_by = producer(dep, specs)
-        if made_by is not None and made_by.name != spec.name:
+        if made_by is not None and made_by.name != spec.name and made_by.always_changed:
+            data[dep] = _tree_digest(root / dep, root, hasher)  # it ran already: what this stage reads of it
+        elif made_by is not None and made_by.name != spec.name:
             upstream[dep] = keys[made_by.name].key
         elif (root / dep).suffix == ".py" and (root / dep).is_file():
             continue  # a code dep outside the closure: `fewstep deps --check` reports it; it is not read
         else:
             if not (root / dep).exists():
                 raise MissingInput(dep, spec, params)
-            tree = {relpath(p, root): d for p, d in hasher.tree(root / dep).items()}
-            data[dep] = xxhash.xxh3_128_hexdigest(json.dumps(tree, sort_keys=True).encode())
+            data[dep] = _tree_digest(root / dep, root, hasher)
+    if spec.always_changed:  # run before any key is computed (flows.distill.prepare_run): it is what it wrote
+        for out in spec.outs:
+            if not (root / out).exists():
+                raise FileNotFoundError(f"{out}: output of stage {spec.name}, which runs before keys are computed, "
+                                        f"is missing")
+            data[out] = _tree_digest(root / out, root, hasher)
     parts = {"cmd": spec.cmd, "code": {f: hasher.file(root / f) for f in code},
              "params": params_subset(params, spec.params, spec.params_file), "upstream": upstream, "data": data}
     return StageKey(xxhash.xxh3_128_hexdigest(json.dumps(parts, sort_keys=True, default=str).encode()), parts)

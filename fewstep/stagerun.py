@@ -78,6 +78,14 @@ def write_lock_entry(root: Path, spec: StageSpec, entry: dict) -> None:
     os.replace(tmp, path)
 
 
+def run_always_changed(root: Path, spec: StageSpec, log: Callable[[str], None] = print) -> None:
+    """Run a stage DVC runs every time (an `inputs` stage) before any key is computed: its outputs are parts
+    of the keys after it (fewstep.cache)."""
+    rc, lines = dvc(root / spec.project, "repro", "--single-item", spec.target, log=log)
+    if rc != 0:
+        raise StageError(f"stage {spec.name}: dvc repro failed: {_reason(lines, rc)}")
+
+
 def compute(root: Path, spec: StageSpec, store: Store, force: bool = False,
             log: Callable[[str], None] = print) -> dict:
     """Run the stage through DVC (which keeps dvc.lock truthful and may find it current), publish its

@@ -41,7 +41,7 @@ from fewstep.cache import StageSpec, stage_keys, stage_specs
 from fewstep.hashing import Hasher
 from fewstep.locking import SafeReadLockManager
 from fewstep.params import parse_yaml
-from fewstep.stagerun import OutputsLost, StageError, compute, materialize
+from fewstep.stagerun import OutputsLost, StageError, compute, materialize, run_always_changed
 from fewstep.store import Store, StoreError, from_dvc, share_remote
 
 ROOT = Path(os.environ.get("FEWSTEP_ROOT", Path(__file__).resolve().parents[1])).resolve()
@@ -123,6 +123,11 @@ def prepare_run(pipeline: str, root: Path = ROOT, params_text: str | None = None
         share_remote(root, specs[0].project)
     except StoreError as exc:
         raise PipelineError(str(exc)) from None
+    for spec in (s for s in specs if s.always_changed):  # e.g. `inputs`: its outputs are parts of later keys
+        try:
+            run_always_changed(root, spec, log=lambda line: None)
+        except StageError as exc:
+            raise PipelineError(str(exc)) from None
     hasher = Hasher(root / ".fewstep" / "hash-memo.json")
     try:
         keys = {name: k.key for name, k in stage_keys(specs, root, hasher).items()}
@@ -340,7 +345,7 @@ def distill(pipeline: str = "default", overrides: dict[str, Any] | None = None, 
     except (StageError, StoreError, PipelineError) as exc:
         return failed(str(exc))
     logger.info(f"{len(run.specs)} stages in {time.perf_counter() - started:.2f} s of flow time")
-    metrics = [run.root / o for s in wanted for o in s.outs if o.endswith("metrics.json")]
+    metrics = [run.root / o for s in wanted if s.name == "evaluate" for o in s.outs if o.endswith("metrics.json")]
     if metrics and metrics[0].is_file():
         _metrics_artifact(metrics[0], sorted((metrics[0].parent / "samples").glob("*.png")), records)
     return report

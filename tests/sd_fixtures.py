@@ -168,6 +168,46 @@ def tiny_featurizer(path: Path, seed: int = 0) -> Path:
     return path
 
 
+class _InceptionLike(torch.nn.Module):
+    """The FID Inception's calling convention (inception-2015-12-05.pt): pixel values in [0, 255], any size,
+    pool features only with return_features=True (logits otherwise). It refuses images in [-1, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.logits = torch.nn.Linear(8, 5)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        torch._assert(bool(img.max() > 1.5), "expects pixel values in [0, 255]")
+        x = torch.nn.functional.interpolate(img / 127.5 - 1, size=(19, 19), mode="bilinear", align_corners=False)
+        features = torch.nn.functional.adaptive_avg_pool2d(torch.nn.functional.silu(self.conv(x)), 1).flatten(1)
+        return features if return_features else self.logits(features)
+
+
+def tiny_inception(path: Path, seed: int = 0) -> Path:
+    """A TorchScript stand-in for the FID Inception (same interface, random weights, 8 features)."""
+    torch.manual_seed(seed)
+    torch.jit.script(_InceptionLike()).save(str(path))
+    return path
+
+
+def write_caption_folder(folder: Path, count: int = 10, size: int = 20) -> Path:
+    """A local text-to-image benchmark as `datasets` imagefolder reads it: images + metadata.jsonl."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    lines = []
+    for i in range(count):
+        colour = rng.integers(0, 256, 3, dtype=np.uint8)
+        pixels = np.broadcast_to(colour, (size, size + 4, 3)).copy()
+        pixels[: size // 2] //= 2
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+        lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": f"{PROMPTS[i % len(PROMPTS)]}, picture {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
 def write_image_folder(folder: Path, count: int = 12, size: int = 24) -> Path:
     """Reference images for the FID: flat colour fields as PNG."""
     from PIL import Image
@@ -223,7 +263,8 @@ def make_sd_project(folder: Path, name: str, params: dict, teacher: Path, prompt
     (folder / "pipelines").mkdir()
     shutil.copytree(ROOT / "pipelines" / name, folder / "pipelines" / name,
                     ignore=shutil.ignore_patterns("dvc.lock", "tmp", "cache", "config.local", "encode", "trajectories", "critic",
-                                                  "distill", "finetune", "export", "evaluate"))
+                                                  "distill", "finetune", "export", "evaluate",
+                                                  "benchmark", "inputs"))
     (folder / "models").mkdir()
     shutil.copytree(teacher, folder / "models" / teacher.name)
     (folder / "data").mkdir()
@@ -283,12 +324,18 @@ def assets(tmp_path_factory):
             "dataset": write_prompt_dataset(root / "prompts-with-images"),
             "text": write_prompt_file(root / "prompts.txt"), "clip": tiny_clip(root / "clip"),
             "featurizer": tiny_featurizer(root / "featurizer.pt2"),
-            "reference": write_image_folder(root / "reference")}
+            "reference": write_image_folder(root / "reference"),
+            "inception": tiny_inception(root / "inception.pt"), "captions": write_caption_folder(root / "coco-tiny")}
 
 
-def sdxl_project(tmp_path: Path, assets: dict) -> Path:
-    """The SDXL pipeline on a prompt dataset with images, CLIP score and FID configured."""
-    params = sd_params("sdxl", prompts={"text_column": "caption", "image_column": "image"},
-                       evaluate={"clip_path": str(assets["clip"]),
-                                 "fid": {"featurizer": str(assets["featurizer"]), "reference": str(assets["reference"])}})
+def sdxl_project(tmp_path: Path, assets: dict, **sections) -> Path:
+    """The SDXL pipeline on a prompt dataset with images, CLIP score and FID configured, and the text-to-image
+    benchmark on a tiny caption folder with an Inception stand-in."""
+    benchmark = {"source": str(assets["captions"]), "featurizer": str(assets["inception"]), "clip_path": str(assets["clip"]),
+                 "count": 0, "batch_size": 4, "bootstrap": 10, "grid_size": 2, **sections.pop("benchmark", {})}
+    params = sd_params("sdxl", **{"prompts": {"text_column": "caption", "image_column": "image"},
+                                  "evaluate": {"clip_path": str(assets["clip"]),
+                                               "fid": {"featurizer": str(assets["featurizer"]),
+                                                       "reference": str(assets["reference"])}},
+                                  "benchmark": benchmark, **sections})
     return make_sd_project(tmp_path / "project", "sdxl", params, assets["sdxl"], assets["dataset"])

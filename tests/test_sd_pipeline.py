@@ -6,9 +6,10 @@ import time
 import pytest
 import yaml
 
+import sd_fixtures
 from sd_fixtures import assets, make_sd_project, run, sd_params, sdxl_project  # noqa: F401 (assets: fixture)
 
-STAGES = ["encode", "trajectories", "critic", "distill", "finetune", "export", "evaluate"]
+STAGES = ["inputs", "encode", "trajectories", "critic", "distill", "finetune", "export", "evaluate", "benchmark"]
 
 
 def ran(output: str) -> list[str]:
@@ -20,7 +21,10 @@ def test_sdxl_pipeline_cached_rerun_param_edit_and_export(tmp_path, assets):
     import torch
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
-    project = sdxl_project(tmp_path, assets)
+    import shutil
+
+    inception = shutil.copy(assets["inception"], tmp_path / "inception.pt")  # a file this test may change
+    project = sdxl_project(tmp_path, assets, benchmark={"featurizer": str(inception)})
     started = time.perf_counter()
     first = run(["dvc", "repro"], project / "pipelines/sdxl")
     print(f"tiny sdxl pipeline: {time.perf_counter() - started:.1f} s")
@@ -28,15 +32,20 @@ def test_sdxl_pipeline_cached_rerun_param_edit_and_export(tmp_path, assets):
     assert "real images: yes" in first.stdout + first.stderr
 
     again = run(["dvc", "repro"], project / "pipelines/sdxl")
-    assert ran(again.stdout) == []
+    assert ran(again.stdout) == ["inputs"]  # always run: it hashes the optional inputs (memoized)
+
+    # An optional input changes on disk (no param changes): only the stage that reads it reruns
+    sd_fixtures.tiny_inception(inception, seed=1)
+    changed = run(["dvc", "repro"], project / "pipelines/sdxl")
+    assert ran(changed.stdout) == ["inputs", "benchmark"]
 
     params_file = project / "pipelines/sdxl/params.yaml"
     params = yaml.safe_load(params_file.read_text())
     params["distill"]["lr"] = 1e-6
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     edited = run(["dvc", "repro"], project / "pipelines/sdxl")
-    assert ran(edited.stdout)[0] == "distill"
-    assert sorted(ran(edited.stdout)) == ["distill", "evaluate", "export", "finetune"]
+    assert ran(edited.stdout)[:2] == ["inputs", "distill"]
+    assert sorted(ran(edited.stdout)) == ["benchmark", "distill", "evaluate", "export", "finetune", "inputs"]
 
     metrics = json.loads((project / "pipelines/sdxl/evaluate/metrics.json").read_text())
     for name in ("teacher", "student"):
@@ -47,6 +56,17 @@ def test_sdxl_pipeline_cached_rerun_param_edit_and_export(tmp_path, assets):
         assert metrics[name]["fid_t"] >= 0 and metrics[name]["kid_t"] > -1 and metrics[name]["pixel_w1_t"] >= 0
     assert metrics["fidelity_features"] == params["evaluate"]["fid"]["featurizer"]
     assert (project / "pipelines/sdxl/evaluate/samples/student.png").is_file()
+
+    # DMD2's text-to-image protocol: every caption of the folder, FID against its images, CLIP against its text
+    bench = json.loads((project / "pipelines/sdxl/benchmark/metrics.json").read_text())
+    assert bench["protocol"]["pairs"] == 10 and bench["protocol"]["resolution"] == 512
+    for name in ("teacher", "student"):
+        m = bench[name]
+        assert {"fid", "fid_ci95", "kid", "clip_score", "clip_score_ci95", "nfe"} <= set(m), m
+        assert m["fid_ci95"][0] <= m["fid_ci95"][1] and m["clip_score_ci95"][0] <= m["clip_score"] <= m["clip_score_ci95"][1]
+    assert "clip_score" in bench["reference"]
+    for grid in ("teacher", "student", "reference"):
+        assert (project / f"pipelines/sdxl/benchmark/samples/{grid}.png").is_file()
     plots = json.loads(run(["dvc", "plots", "show", "--json"], project / "pipelines/sdxl").stdout)["data"]
     values = plots["distill generator losses"][0]["content"]["data"]["values"]
     assert values and all("step" in row for row in values)
@@ -69,7 +89,9 @@ def test_sd15_pipeline_text_prompts_one_step(tmp_path, assets):
     first = run(["dvc", "repro"], project / "pipelines/sd15")
     assert sorted(ran(first.stdout)) == sorted(STAGES)
     assert "real data: teacher samples" in first.stdout + first.stderr
-    assert ran(run(["dvc", "repro"], project / "pipelines/sd15").stdout) == []
+    assert ran(run(["dvc", "repro"], project / "pipelines/sd15").stdout) == ["inputs"]
+    off = json.loads((project / "pipelines/sd15/benchmark/metrics.json").read_text())
+    assert off == {"skipped": [off["skipped"][0]]} and off["skipped"][0].startswith("benchmark: off (set benchmark.source")
 
     metrics = json.loads((project / "pipelines/sd15/evaluate/metrics.json").read_text())
     assert metrics["student"]["nfe"] == 1 and "latency_ms" in metrics["student"]

@@ -9,10 +9,12 @@ from .denoiser import SDCond
 
 
 @torch.no_grad()
-def encode_texts(pipe, texts: list[str], family: str, batch_size: int, device: torch.device) -> SDCond:
+def encode_texts(pipe, texts: list[str], family: str, batch_size: int, device: torch.device,
+                 progress: bool = True) -> SDCond:
     """Prompt embeddings (SDXL: both encoders' hidden states concatenated, plus the pooled embedding)."""
     parts = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="prompts", unit="batch", mininterval=1.0):
+    for start in tqdm(range(0, len(texts), batch_size), desc="prompts", unit="batch", mininterval=1.0,
+                      disable=not progress):
         batch = texts[start:start + batch_size]
         out = pipe.encode_prompt(batch, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
         parts.append(SDCond(out[0].float().cpu(), out[2].float().cpu() if family == "sdxl" else None))

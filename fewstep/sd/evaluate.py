@@ -1,5 +1,5 @@
 """Optional image metrics of the SD evaluate stage, each from a local model the user points at:
-CLIP score (torchmetrics, a CLIP directory) and FID (fewstep.distances, a featurizer + reference images).
+CLIP score (a transformers CLIP directory) and FID (fewstep.distances, a featurizer + reference images).
 A metric whose inputs are not configured is skipped with a notice saying what would enable it."""
 from __future__ import annotations
 
@@ -18,41 +18,79 @@ def uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-class _ClipFeatures(nn.Module):
-    """transformers 5 returns output objects from get_*_features (the projected embedding in
-    pooler_output); torchmetrics' CLIP score expects the tensor."""
+class ClipScorer:
+    """Per-image CLIP score, 100 * cos(image embedding, caption embedding), from a local transformers CLIP
+    directory: torchmetrics' CLIPScore is their mean clamped at 0 (tests check it); the per-image values
+    give the mean its interval."""
 
-    def __init__(self, model):
+    def __init__(self, path: str, device, key: str = "evaluate.clip_path"):
+        from transformers import CLIPModel, CLIPProcessor
+
+        if not Path(path).is_dir():
+            raise ArtifactError(f"{key}: {path} is not a local CLIP model directory")
+        try:
+            self.model = CLIPModel.from_pretrained(path).to(device).eval()
+            self.processor = CLIPProcessor.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{key}: {path} is not a CLIP model directory ({str(exc).splitlines()[0]})") from None
+        self.device = device
+
+    @staticmethod
+    def _tensor(out) -> torch.Tensor:  # transformers 5: an output object with the projection in pooler_output
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        max_length = self.model.config.text_config.max_position_embeddings
+        text = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        pixels = self.processor(images=list(uint8(images)), return_tensors="pt")["pixel_values"]
+        image = self._tensor(self.model.get_image_features(pixel_values=pixels.to(self.device)))
+        caption = self._tensor(self.model.get_text_features(input_ids=text["input_ids"].to(self.device),
+                                                             attention_mask=text["attention_mask"].to(self.device)))
+        image, caption = image / image.norm(dim=-1, keepdim=True), caption / caption.norm(dim=-1, keepdim=True)
+        return (100 * (image * caption).sum(-1)).float().cpu()
+
+
+def mean_interval(values: torch.Tensor) -> tuple[float, list[float]]:
+    """The mean and its normal-approximation 95% interval (1.96 standard errors): per-image scores are
+    independent draws, one per caption."""
+    values = values.double()
+    mean = float(values.mean())
+    half = 1.96 * float(values.std()) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    return mean, [mean - half, mean + half]
+
+
+def clip_score(clip_path: str, images: torch.Tensor, prompts: list[str], batch_size: int,
+               device="cpu") -> tuple[float, list[float]]:
+    """Mean CLIP score of images and their prompts, and its 95% interval."""
+    scorer = ClipScorer(clip_path, device)
+    scores = torch.cat([scorer(images[i:i + batch_size], prompts[i:i + batch_size])
+                        for i in range(0, len(images), batch_size)])
+    return mean_interval(scores)
+
+
+class InceptionFeatures(nn.Module):
+    """The FID Inception of StyleGAN2-ADA and clean-fid (inception-2015-12-05.pt, TorchScript): it takes pixel
+    values in [0, 255] at any size (resizing to 299 inside) and gives its 2048 pool features when asked with
+    return_features=True. Wrapped to the convention of every other featurizer here: images in [-1, 1]."""
+
+    def __init__(self, net):
         super().__init__()
-        self.model, self.config = model, model.config
+        self.net = net
 
-    def get_image_features(self, *args, **kwargs):
-        out = self.model.get_image_features(*args, **kwargs)
-        return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-    def get_text_features(self, *args, **kwargs):
-        out = self.model.get_text_features(*args, **kwargs)
-        return out if isinstance(out, torch.Tensor) else out.pooler_output
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net((images.float() + 1) * 127.5, return_features=True)
 
 
-def clip_score(clip_path: str, images: torch.Tensor, prompts: list[str], batch_size: int) -> float:
-    """torchmetrics CLIPScore (100 * cosine of CLIP image and text embeddings) from a local CLIP directory."""
-    from torchmetrics.multimodal.clip_score import CLIPScore
-    from transformers import CLIPModel, CLIPProcessor
-
-    if not Path(clip_path).is_dir():
-        raise ArtifactError(f"evaluate.clip_path: {clip_path} is not a local CLIP model directory")
-    metric = CLIPScore(model_name_or_path=lambda: (_ClipFeatures(CLIPModel.from_pretrained(clip_path)),
-                                                   CLIPProcessor.from_pretrained(clip_path)))
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            metric.update(uint8(images[start:start + batch_size]), prompts[start:start + batch_size])
-    return float(metric.compute())
+def _takes_return_features(net) -> bool:
+    schema = getattr(getattr(net, "forward", None), "schema", None)
+    return schema is not None and any(a.name == "return_features" for a in schema.arguments)
 
 
-def load_featurizer(path: str, resolution: int) -> nn.Module:
-    """A torch.export program (.pt2, batch dimension dynamic), a TorchScript module, or a fewstep featurizer
-    directory (e.g. the digits pipeline's prepare/featurizer)."""
+def load_featurizer(path: str, resolution: int, key: str = "evaluate.fid.featurizer") -> nn.Module:
+    """A torch.export program (.pt2, batch dimension dynamic), a TorchScript module (the FID Inception among
+    them, recognized by its return_features argument), or a fewstep featurizer directory (e.g. the digits
+    pipeline's prepare/featurizer). `key` names the params key in the error line."""
     from ..models import Featurizer
 
     p = Path(path)
@@ -60,12 +98,14 @@ def load_featurizer(path: str, resolution: int) -> nn.Module:
         return Featurizer.load(p)
     try:
         net = torch.export.load(str(p)).module() if p.suffix == ".pt2" else torch.jit.load(str(p), map_location="cpu")
+        if _takes_return_features(net):
+            net = InceptionFeatures(net)
         with torch.no_grad():  # it must take this resolution's images: say so at load, in this line
             net(torch.zeros(1, 3, resolution, resolution))
         return net
     except (RuntimeError, ValueError, OSError) as exc:
-        raise ArtifactError(f"evaluate.fid.featurizer: {path} is not a torch.export program (.pt2), a TorchScript "
-                            f"module or a fewstep featurizer directory ({str(exc).splitlines()[0]})") from None
+        raise ArtifactError(f"{key}: {path} is not a torch.export program (.pt2), a TorchScript module or a fewstep "
+                            f"featurizer directory ({str(exc).splitlines()[0]})") from None
 
 
 def reference_images(folder: str, resolution: int) -> torch.Tensor:
@@ -78,10 +118,10 @@ def reference_images(folder: str, resolution: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed(net: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(N, D) features of images in [-1, 1] from a loaded featurizer, computed once per image set so that FID
-    against the reference and fidelity to the teacher share them."""
-    return torch.cat([net(chunk.float()).float() for chunk in images.split(batch_size)])
+def embed(net: nn.Module, images: torch.Tensor, batch_size: int, device="cpu") -> torch.Tensor:
+    """(N, D) features of images in [-1, 1] from a loaded featurizer (on `device`), computed once per image set
+    so that FID against the reference and fidelity to the teacher share them."""
+    return torch.cat([net(chunk.to(device, torch.float32)).float().cpu() for chunk in images.split(batch_size)])
 
 
 # --- fidelity to the teacher: needs nothing but the teacher -----------------------------------------

@@ -68,6 +68,11 @@ def frozen_dtype(device, precision: str) -> torch.dtype:
     return dtype if dtype is not None and torch.device(device).type != "cpu" else torch.float32
 
 
+def teacher_nfe(steps: int, guidance: float) -> int:
+    """UNet evaluations per teacher sample: Heun's 2 * steps - 1, twice over under CFG."""
+    return (2 * steps - 1) * (1 if guidance == 1 else 2)
+
+
 def teacher_denoiser(teacher_path: Path, negative: SDCond, device, precision: str = "fp32") -> SDDenoiser:
     """The frozen real score. On GPU with bf16/fp16 its weights are stored in that dtype (half the memory)."""
     model = denoiser(teachers.load_unet(teacher_path, frozen_dtype(device, precision)), teacher_path, negative, device,

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ..inputs import InputPath
 from ..params import (ConsistencyParams, DMD2Params, DMDParams, GanParams, Pair, RunParams, Section, SiDParams,
                       TrainLoopParams)
 from ..params import load as _load
@@ -107,8 +108,8 @@ class FinetuneParams(DistillParams):
 
 
 class FidParams(Section):
-    featurizer: str | None = None  # torch.export .pt2 / TorchScript (images in [-1, 1] -> features) or a fewstep featurizer dir
-    reference: str | None = None   # a folder of reference images (searched recursively)
+    featurizer: InputPath = None  # .pt2 / TorchScript (images in [-1, 1] -> features; or the FID Inception) or a fewstep featurizer dir
+    reference: InputPath = None   # a folder of reference images (searched recursively)
 
 
 class EvaluateParams(Section):
@@ -116,8 +117,30 @@ class EvaluateParams(Section):
     latency_batch: int = Field(4, gt=0)
     latency_repeats: int = Field(3, gt=0)
     grid_size: int = Field(4, gt=0)
-    clip_path: str | None = None             # a local CLIP model directory: enables the CLIP score
+    clip_path: InputPath = None              # a local CLIP model directory: enables the CLIP score
     fid: FidParams = FidParams()
+
+
+class BenchmarkParams(Section):
+    """DMD2's text-to-image protocol on local caption/image pairs (fewstep.sd.benchmark); off while source is unset."""
+
+    source: InputPath = None         # an imagefolder (images + metadata.jsonl: file_name, text) or a save_to_disk dataset
+    text_column: str = "text"
+    image_column: str = "image"
+    count: int = Field(0, ge=0)      # pairs drawn by a seeded shuffle; 0 = all (DMD2: 10k COCO-2014 for SDXL, 30k for SD1.5)
+    resolution: int = Field(512, gt=0)  # both image sets are resized to this before the featurizer (DMD2: 512 / 256)
+    featurizer: InputPath = None     # FID's network: the FID Inception (inception-2015-12-05.pt, TorchScript), a .pt2, ...
+    clip_path: InputPath = None      # a local CLIP model directory (transformers CLIPModel) for the CLIP score
+    teacher: bool = True             # also sample the teacher (trajectories' steps and guidance) on every caption
+    batch_size: int = Field(8, gt=0)
+    bootstrap: int = Field(100, ge=0)  # resamples of the generated images for FID's 95% interval; 0 = none
+    grid_size: int = Field(4, gt=0)
+
+    @model_validator(mode="after")
+    def _something_to_score(self):
+        if self.source and not (self.featurizer or self.clip_path):
+            raise ValueError("source is set but neither featurizer nor clip_path: nothing to score")
+        return self
 
 
 class SDParams(Section):
@@ -131,6 +154,7 @@ class SDParams(Section):
     distill: DistillParams = DistillParams()
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
+    benchmark: BenchmarkParams = BenchmarkParams()
 
 
 def load(path: str | Path) -> SDParams:

@@ -25,7 +25,8 @@ def image_metrics(p, images: dict, prompts: list[str], resolution: int,
     scores, skipped = {name: {} for name in images}, []
     if p.clip_path:
         for name, x in images.items():
-            scores[name]["clip_score"] = evaluate.clip_score(p.clip_path, x, prompts, p.batch_size)
+            scores[name]["clip_score"], scores[name]["clip_score_ci95"] = evaluate.clip_score(
+                p.clip_path, x, prompts, p.batch_size)
     else:
         skipped.append("clip_score: skipped (set evaluate.clip_path to a local CLIP model directory)")
     if features is not None and p.fid.reference:

@@ -41,7 +41,7 @@ def main(params, args, device):
     path = teacher.resolve(params.teacher.path, params.teacher.family)
     splits = {name: Encoded.load(args.encode, name) for name in ("train", "eval")}
     model = models.teacher_denoiser(path, splits["train"].negative, device, params.run.precision)
-    nfe = (2 * p.sampling_steps - 1) * (1 if p.guidance == 1 else 2)  # CFG: two UNet passes per step
+    nfe = models.teacher_nfe(p.sampling_steps, p.guidance)
     print(f"[trajectories] {p.num_samples} train + {len(splits['eval'].texts) * p.eval_per_prompt} eval teacher "
           f"samples, {p.sampling_steps} Heun steps, guidance {p.guidance} ({nfe} UNet evaluations each)", flush=True)
     shape = splits["train"].index["latent_shape"]
