@@ -276,6 +276,31 @@ def _known_keys_hint(model: type[BaseModel], loc: tuple) -> str:
     return f" (valid keys: {', '.join(model.model_fields)})"
 
 
+#: What makes the student itself: finetune continues distill's student, so these may only repeat distill's values.
+STUDENT_KEYS = ("objective", "student_steps", "student_sigmas", "student_timesteps", "lora")
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def inherit_distill(raw: dict) -> dict:
+    """The finetune section states only what differs from distill: it is distill's section deep-merged with
+    its own keys (init_student aside: finetune starts from the distilled student), so `-S distill.x=...`
+    reaches both stages. A student key restated with another value is a mistake, said in one line."""
+    distill, finetune = raw.get("distill") or {}, raw.get("finetune") or {}
+    if not isinstance(distill, dict) or not isinstance(finetune, dict):
+        return raw  # validation names the section that is not a mapping
+    for key in STUDENT_KEYS:
+        if key in finetune and key in distill and finetune[key] != distill[key]:
+            raise ParamsError(f"finetune.{key} is {finetune[key]!r} but distill.{key} is {distill[key]!r}: finetune "
+                              f"continues distill's student and inherits its {key}; set distill.{key} only")
+    return {**raw, "finetune": _deep_merge({k: v for k, v in distill.items() if k != "init_student"}, finetune)}
+
+
 def validate(raw: Any, schema: type[BaseModel] = Params) -> BaseModel:
     """Validate a params mapping against `schema` (the default pipeline's `Params`, or another
     pipeline's, e.g. fewstep.sd.params.SDParams)."""
@@ -283,6 +308,8 @@ def validate(raw: Any, schema: type[BaseModel] = Params) -> BaseModel:
         raw = {}
     if not isinstance(raw, dict):
         raise ParamsError(f"params must be a mapping of stage sections, got {type(raw).__name__}")
+    if {"distill", "finetune"} <= set(schema.model_fields):
+        raw = inherit_distill(raw)
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:

@@ -52,6 +52,10 @@ CASES = [
     ({"distil": {"lr": 1}}, "distil is not a known key (valid keys: seed, run, data,"),
     ({"finetune": {"init_student": "distill/student"}},
      "finetune.init_student must be null: finetune continues the distilled student"),
+    ({"distill": {"student_steps": 1}, "finetune": {"student_steps": 4}},
+     "finetune.student_steps is 4 but distill.student_steps is 1: finetune continues distill's student and inherits "
+     "its student_steps; set distill.student_steps only"),
+    ({"finetune": {"lr": -1}}, "finetune.lr must be > 0, got -1"),
 ]
 
 
@@ -62,6 +66,25 @@ def test_bad_params_one_line(raw, message):
     text = str(info.value)
     assert "\n" not in text
     assert text.startswith(message), text
+
+
+def test_finetune_inherits_distill_and_states_only_what_differs():
+    from fewstep.sd.params import SDParams
+
+    params = load(ROOT / "params.yaml")
+    assert (params.finetune.steps, params.finetune.lr, params.finetune.eval_every) == (60, 5e-5, 20)
+    assert params.finetune.model_dump(exclude={"steps", "lr", "eval_every", "init_student"}) == \
+        params.distill.model_dump(exclude={"steps", "lr", "eval_every", "init_student"})
+    raw = {"distill": {"student_steps": 4, "t_max": 0.9, "dmd2": {"gan": {"critic_weight": 0.05}}, "init_student": "x"},
+           "finetune": {"lr": 1e-5, "dmd2": {"ttur": 1}}}
+    tuned = validate(raw)
+    assert tuned.finetune.student_steps == 4 and tuned.finetune.t_max == 0.9 and tuned.finetune.lr == 1e-5
+    assert tuned.finetune.dmd2.ttur == 1 and tuned.finetune.dmd2.gan.critic_weight == 0.05  # merged, not replaced
+    assert tuned.finetune.init_student is None  # finetune starts from the distilled student
+    assert validate({"distill": {"student_steps": 4}, "finetune": {"student_steps": 4}}).finetune.student_steps == 4
+    sd = validate({"teacher": {"path": "t"}, "prompts": {"source": "p"}, "distill": {"student_timesteps": [399]}},
+                  SDParams)
+    assert sd.finetune.student_timesteps == [399] and sd.finetune.steps == 50  # the finetune default where unstated
 
 
 def test_defaults_validate():

@@ -87,7 +87,7 @@ def test_repro_rerun_param_edit_and_experiments(tmp_path):
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "results"], project)
 
-    run(["dvc", "exp", "run", "--queue", "-n", "dmd1", "-S", "distill.objective=dmd", "-S", "finetune.objective=dmd"],
+    run(["dvc", "exp", "run", "--queue", "-n", "dmd1", "-S", "distill.objective=dmd"],
         project)
     workspace = (project / "params.yaml").read_text()
     queued = run(["dvc", "exp", "run", "--run-all", "--jobs", "1"], project)
