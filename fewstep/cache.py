@@ -51,10 +51,16 @@ def dvc_project(dvcfile: str | Path, root: str | Path = ".") -> str:
     .dvc directory. The extra pipelines are projects of their own (`dvc init --subdir`), so the root
     project's `dvc status`, `metrics show` or `checkout` never see pipelines a user has not set up."""
     root = Path(root).resolve()
-    folder = (root / dvcfile).resolve().parent
+    folder = (root / dvcfile).parent.resolve()  # the file's own folder, even where it links to another's
     while folder != root and not (folder / ".dvc").is_dir() and root in folder.parents:
         folder = folder.parent
     return relpath(folder, root)
+
+
+def _own_path(dvcfile: str | Path, root: Path) -> str:
+    """A dvc.yaml's path relative to the root, as its pipeline names it (not the file a link points to)."""
+    path = Path(dvcfile)
+    return relpath(path.parent, root) + "/" + path.name if relpath(path.parent, root) != "." else path.name
 
 
 def stage_specs(root: str | Path = ".", dvcfile: str | None = None) -> list[StageSpec]:
@@ -69,8 +75,8 @@ def stage_specs(root: str | Path = ".", dvcfile: str | None = None) -> list[Stag
         graph = repo.index.graph
         order = [s for s in reversed(list(nx.topological_sort(graph))) if hasattr(s, "cmd")]
         if dvcfile is not None:
-            wanted = (root / dvcfile).resolve()
-            order = [s for s in order if Path(s.path).resolve() == wanted]
+            wanted = (root / dvcfile).parent.resolve() / Path(dvcfile).name
+            order = [s for s in order if Path(s.path).parent.resolve() / Path(s.path).name == wanted]
         specs = []
         for stage in order:
             deps, params, params_file = [], [], "params.yaml"
@@ -85,7 +91,7 @@ def stage_specs(root: str | Path = ".", dvcfile: str | None = None) -> list[Stag
             uncached = [relpath(o.fs_path, root) for o in stage.outs if not o.use_cache]
             pool = (stage.meta or {}).get("pool", "cpu")
             specs.append(StageSpec(stage.name, cmd, deps, params, params_file, outs, relpath(stage.wdir, root),
-                                   relpath(stage.path, root), uncached, pool, project, bool(stage.always_changed)))
+                                   _own_path(stage.path, root), uncached, pool, project, bool(stage.always_changed)))
         return specs
     finally:
         repo.close()

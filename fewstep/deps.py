@@ -126,8 +126,12 @@ def closure(script: str | Path, root: str | Path) -> Closure:
 # ---- dvc.yaml side ---------------------------------------------------------------------------------
 
 def pipeline_files(root: str | Path) -> list[Path]:
-    root = Path(root)
-    return [p for pattern in PIPELINE_GLOBS for p in sorted(root.glob(pattern))]
+    """Every dvc.yaml, once: a pipeline whose dvc.yaml links to another's (pipelines/sd15 -> sdxl) adds nothing."""
+    root, files = Path(root), {}
+    for path in (p for pattern in PIPELINE_GLOBS for p in sorted(root.glob(pattern))):
+        if path.resolve() not in files or files[path.resolve()].is_symlink():
+            files[path.resolve()] = path
+    return list(files.values())
 
 
 def stage_scripts(cmd: str, base: Path) -> list[Path]:
@@ -252,10 +256,11 @@ def write(root: str | Path, dvcfiles: list[Path] | None = None) -> list[str]:
             info = stages[name]
             data = [d for d in stage.get("deps") or [] if str(d if isinstance(d, str) else next(iter(d))) not in info.code]
             stage["deps"] = info.expected + data
-        tmp = dvcfile.with_name(f".{dvcfile.name}.tmp")
+        target = dvcfile.resolve()  # through a link: the file every linked pipeline shares
+        tmp = target.with_name(f".{target.name}.tmp")
         with open(tmp, "w") as f:
             yaml.dump(doc, f)
-        tmp.replace(dvcfile)
+        tmp.replace(target)
         changed.append(_rel(dvcfile, root))
     return changed
 

@@ -101,7 +101,9 @@ def _status(repo: Path) -> dict:
     for project in _projects(repo):
         with Repo(str(project)) as dvc:
             status |= dvc.status()
-    return status
+    # an `inputs` stage is always changed by design (it hashes optional inputs); what else changed counts
+    status = {stage: [r for r in reasons if r != "always changed"] for stage, reasons in status.items()}
+    return {stage: reasons for stage, reasons in status.items() if reasons}
 
 
 def _placeholders(repo: Path) -> None:

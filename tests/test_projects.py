@@ -17,8 +17,10 @@ def test_sd_pipelines_are_projects_read_with_root_relative_paths():
         encode = specs["encode"]
         assert encode.project == f"pipelines/{name}" and encode.target == "encode"
         assert encode.outs == [f"pipelines/{name}/encode"] and encode.params_file == f"pipelines/{name}/params.yaml"
-        assert "stages/sd/encode.py" in encode.deps and encode.cmd.startswith("cd ../.. && ")
+        assert "stages/sd/encode.py" in encode.deps and encode.cmd == "python ../../stages/sd/encode.py --out encode"
         assert f"pipelines/{name}/encode" in specs["distill"].deps
+    # one dvc.yaml for every SD pipeline: sd15's is a link to sdxl's, so they cannot drift apart
+    assert (ROOT / "pipelines/sd15/dvc.yaml").resolve() == (ROOT / "pipelines/sdxl/dvc.yaml").resolve()
     default = stage_specs(ROOT, "dvc.yaml")
     assert {s.project for s in default} == {"."} and not any(s.outs[0].startswith("pipelines/") for s in default)
 

@@ -118,6 +118,6 @@ def configure(ap):
 
 
 if __name__ == "__main__":
-    from fewstep.sd.params import SDParams
+    from fewstep.sd import launch
 
-    runtime.run("benchmark", main, configure, schema=SDParams)
+    launch.run("benchmark", main, configure)

@@ -5,7 +5,6 @@ from pathlib import Path
 from fewstep import runtime
 from fewstep import parallel
 from fewstep.sd import distill
-from fewstep.sd.params import SDParams
 
 
 def main(params, args, device):
@@ -29,4 +28,6 @@ def configure(ap):
 
 
 if __name__ == "__main__":
-    runtime.run("critic", main, configure, schema=SDParams)
+    from fewstep.sd import launch
+
+    launch.run("critic", main, configure)

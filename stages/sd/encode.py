@@ -3,10 +3,8 @@ VAE latents, cached as sharded safetensors. No later stage runs a text encoder o
 from pathlib import Path
 
 
-from fewstep import runtime
 from fewstep.io import atomic_output, write_json
 from fewstep.sd import encode, prompts, store, teacher
-from fewstep.sd.params import SDParams
 
 
 def main(params, args, device):
@@ -46,4 +44,6 @@ def configure(ap):
 
 
 if __name__ == "__main__":
-    runtime.run("encode", main, configure, schema=SDParams)
+    from fewstep.sd import launch
+
+    launch.run("encode", main, configure)

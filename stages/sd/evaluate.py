@@ -113,6 +113,6 @@ def configure(ap):
 
 
 if __name__ == "__main__":
-    from fewstep.sd.params import SDParams
+    from fewstep.sd import launch
 
-    runtime.run("evaluate", main, configure, schema=SDParams)
+    launch.run("evaluate", main, configure)

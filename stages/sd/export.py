@@ -4,10 +4,8 @@ StableDiffusionPipeline for SD1.5) loads it and generates with num_inference_ste
 guidance_scale = 0."""
 from pathlib import Path
 
-from fewstep import runtime
 from fewstep.io import ArtifactError, atomic_output, read_json
 from fewstep.sd import export, teacher as teachers
-from fewstep.sd.params import SDParams
 
 
 def main(params, args, device):
@@ -28,4 +26,6 @@ def configure(ap):
 
 
 if __name__ == "__main__":
-    runtime.run("export", main, configure, schema=SDParams)
+    from fewstep.sd import launch
+
+    launch.run("export", main, configure)

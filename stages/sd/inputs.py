@@ -5,7 +5,6 @@ once the digests are memoized. Writes <out>/<section>.json per params section wi
 import json
 from pathlib import Path
 
-from fewstep import runtime
 from fewstep.hashing import Hasher
 from fewstep.inputs import declared, record
 from fewstep.io import atomic_output
@@ -31,6 +30,6 @@ def configure(ap):
 
 
 if __name__ == "__main__":
-    from fewstep.sd.params import SDParams
+    from fewstep.sd import launch
 
-    runtime.run("inputs", main, configure, schema=SDParams)
+    launch.run("inputs", main, configure)

@@ -10,7 +10,6 @@ from fewstep import runtime
 from fewstep.io import atomic_output, save_tensors, write_json
 from fewstep.sampling import heun_sample
 from fewstep.sd import models, teacher
-from fewstep.sd.params import SDParams
 from fewstep.sd.store import Encoded
 
 
@@ -65,4 +64,6 @@ def configure(ap):
 
 
 if __name__ == "__main__":
-    runtime.run("trajectories", main, configure, schema=SDParams)
+    from fewstep.sd import launch
+
+    launch.run("trajectories", main, configure)

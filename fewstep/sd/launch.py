@@ -1,0 +1,27 @@
+"""Start-up of the SD stage scripts. Their commands run in the pipeline's own folder (`python
+../../stages/sd/encode.py --out encode`), which is what lets one dvc.yaml serve every SD pipeline
+(pipelines/sd15/dvc.yaml is a link to pipelines/sdxl/dvc.yaml): nothing in it names the folder. Paths in
+params.yaml stay relative to the repository root, so a stage makes its path arguments root-relative and
+continues there."""
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+
+from .. import runtime
+from .params import SDParams
+
+
+def run(stage: str, main, configure) -> None:
+    """runtime.run with the SD schema, `main` running from the repository root (<root>/stages/sd/<stage>.py)."""
+    root = Path(inspect.getfile(main)).resolve().parents[2]
+
+    def from_root(params, args, device):
+        for name, value in vars(args).items():
+            if isinstance(value, Path):
+                setattr(args, name, Path(os.path.relpath(value.absolute(), root)))
+        os.chdir(root)
+        main(params, args, device)
+
+    runtime.run(stage, from_root, configure, schema=SDParams)
