@@ -124,12 +124,10 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
     Under torchrun each rank draws its own noise and labels for batch_size / ranks samples, gradients are
     averaged (the global batch stays `batch_size`)."""
     device = parallel.init(device)
-    rank, ranks = parallel.world()
-    if ranks > 1:
-        if params.batch_size % ranks:
-            raise ParamsError(f"{stage}.batch_size ({params.batch_size}) must divide over {ranks} processes")
-        generator.manual_seed(generator.initial_seed() + rank)
-        params = params.model_copy(update={"batch_size": params.batch_size // ranks})
+    try:
+        params = parallel.per_rank(params, stage, generator)
+    except ValueError as exc:
+        raise ParamsError(str(exc)) from None
     teacher, _ = load_model(teacher_dir, device)
     teacher.requires_grad_(False)
     edm = _edm_of(teacher)

@@ -61,6 +61,20 @@ def checkpoint_name(stage: str) -> str:
     return stage if size == 1 else f"{stage}-rank{rank}of{size}"
 
 
+def per_rank(settings, stage: str, generator: torch.Generator):
+    """A training section's `batch_size` is the global batch, whatever the family: each rank draws its own
+    noise and conditions (a rank-salted generator) for batch_size / ranks samples, and gradients are averaged.
+    Returns the settings this rank trains with."""
+    rank, size = world()
+    if size == 1:
+        return settings
+    if settings.batch_size % size:
+        raise ValueError(f"{stage}.batch_size ({settings.batch_size}) must divide over {size} processes (it is "
+                         f"the global batch: e.g. {settings.batch_size * size} for {settings.batch_size} per process)")
+    generator.manual_seed(generator.initial_seed() + rank)
+    return settings.model_copy(update={"batch_size": settings.batch_size // size})
+
+
 def mine(batch: torch.Tensor) -> torch.Tensor:
     """This rank's equal share of a global batch drawn identically on every rank: averaged gradients then
     equal the one-process gradient of the whole batch."""

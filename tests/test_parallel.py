@@ -64,3 +64,22 @@ def test_two_process_distillation_runs_and_saves_once(tmp_path):
     # rank 0 alone scores the quality curve, its torchmetrics kept off the process group (no hang, no sync)
     rows = (tmp_path / "distill/live/plots/metrics/quality/kid_t.tsv").read_text().split()
     assert rows[0::2] == ["step", "0", "3"]
+
+
+@pytest.mark.parametrize("family", ["default", "sd"])
+def test_batch_size_is_the_global_batch_for_every_family(family, monkeypatch):
+    """Rank 1 of 2 trains on half of `batch_size` with its own rank-salted noise, for the digits and the SD
+    params alike; a batch that does not divide is one line naming the key."""
+    from fewstep.parallel import per_rank
+    from fewstep.params import DistillParams
+    from fewstep.sd.params import DistillParams as SDDistillParams
+
+    settings = (DistillParams if family == "default" else SDDistillParams)(batch_size=8)
+    assert per_rank(settings, "distill", torch.Generator().manual_seed(5)) is settings  # one process: as written
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    generator = torch.Generator().manual_seed(5)
+    mine = per_rank(settings, "distill", generator)
+    assert mine.batch_size == 4 and settings.batch_size == 8 and generator.initial_seed() == 6
+    with pytest.raises(ValueError, match=r"^distill.batch_size \(7\) must divide over 2 processes"):
+        per_rank(settings.model_copy(update={"batch_size": 7}), "distill", generator)

@@ -93,12 +93,15 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
         train_generator: bool = True,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, float]:
     """Train per `settings` (a DistillParams-shaped section) and write student/ (if trained), critic/, live/.
-    Under torchrun every rank trains on its own noise and prompts with averaged gradients; rank 0 saves."""
+    Under torchrun each rank trains on its own noise and prompts for batch_size / ranks samples with averaged
+    gradients (the global batch stays `batch_size`); rank 0 saves."""
     t, run_p = params.teacher, params.run
     device = parallel.init(device)
     rank, ranks = parallel.world()
-    if ranks > 1:
-        generator.manual_seed(generator.initial_seed() + rank)  # each rank its own noise and prompts
+    try:  # batch_size is the global batch, as for every family
+        settings = parallel.per_rank(settings, stage, generator)
+    except ValueError as exc:
+        raise ParamsError(str(exc)) from None
     path = teachers.resolve(t.path, t.family)
     train = Encoded.load(encode_dir, "train")
     traj = load_trajectories(trajectories_dir, "train", with_states=settings.objective == "consistency")
@@ -128,8 +131,8 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
     inputs = [d for d in (path, encode_dir, trajectories_dir, student_dir, critic_dir) if d is not None]
     key = fingerprint(stage, settings.model_dump(mode="json"), train_generator, [Hasher().tree(d) for d in inputs])
     # one checkpoint folder per pipeline, stage and rank: pipelines/sdxl's distill never resumes another's
-    checkpoint = Checkpointer(CHECKPOINTS / f"{pipeline}-{stage}{f'-rank{rank}' if rank else ''}",
-                              settings.checkpoint_every, key, logs=out / "live")
+    checkpoint = Checkpointer(CHECKPOINTS / parallel.checkpoint_name(f"{pipeline}-{stage}"), settings.checkpoint_every,
+                              key, logs=out / "live")
     last = fit(setup, settings, out, stage, train_generator, autocast, checkpoint)
     if ranks > 1:
         print(f"[{stage}] rank {rank}/{ranks}: trained weights digest "
