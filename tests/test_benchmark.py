@@ -128,6 +128,9 @@ def test_caption_folder_pairs_count_and_errors(tmp_path):
         load_pairs(str(folder), "text", "image", 9, seed=0)
     with pytest.raises(DataError, match=r"^benchmark.text_column: .* has no column 'caption'"):
         load_pairs(str(folder), "caption", "image", 0, seed=0)
+    (folder / "003.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"^benchmark.source: .*003.png is not a readable image"):
+        load_pairs(str(folder), "text", "image", 0, seed=0).images(0, 6)
     (folder / "metadata.jsonl").unlink()
     with pytest.raises(DataError, match=r"^benchmark.source: .* has no metadata.jsonl"):
         load_pairs(str(folder), "text", "image", 0, seed=0)

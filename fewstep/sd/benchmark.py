@@ -8,6 +8,7 @@ their own size. Everything streams batch by batch: only features and per-image s
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,21 @@ class CaptionedImages:
     image_column: str
 
     def images(self, start: int, stop: int) -> list:
-        return [im for im in self.dataset[start:stop][self.image_column]]
+        """PIL images of pairs start..stop-1; an unreadable file is one error line naming it."""
+        from datasets import Image as ImageFeature
+        from PIL import Image
+
+        rows = self.dataset.select(range(start, stop)).cast_column(self.image_column, ImageFeature(decode=False))
+        out = []
+        for row in rows[self.image_column]:
+            try:
+                image = Image.open(io.BytesIO(row["bytes"]) if row.get("bytes") else row["path"])
+                image.load()
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise DataError(f"benchmark.source: {row.get('path') or 'a row'} is not a readable image "
+                                f"({type(exc).__name__})") from None
+            out.append(image)
+        return out
 
 
 def load_pairs(source: str, text_column: str, image_column: str, count: int, seed: int) -> CaptionedImages:
