@@ -2,8 +2,8 @@
 of captioned reference images): the params keys typed `InputPath` that are set, and their content digests.
 
 DVC cannot list a dep that exists only when a param is set, so each pipeline with such keys has an `inputs`
-stage (always run; it only hashes, memoized by size and mtime) that records the digests in `inputs.json`; the
-stages that read the paths depend on that file. A changed model file reruns them; an unchanged one does not,
+stage (always run; it only hashes, memoized by size and mtime) that records the digests in one file per params
+section (`inputs/<section>.json`); the stages that read the paths depend on their section's file. A changed model file reruns them; an unchanged one does not,
 and the record is the same on every machine that holds the same files, so a colleague's outputs stay valid.
 """
 from __future__ import annotations

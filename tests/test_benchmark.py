@@ -75,8 +75,9 @@ def test_clip_score_per_image_averages_to_torchmetrics(tmp_path):
     path = sd.tiny_clip(tmp_path / "clip")
     images = torch.rand(6, 3, 20, 20, generator=torch.Generator().manual_seed(2)) * 2 - 1  # a positive mean
     prompts = sd.PROMPTS[:6]
-    per_image = ClipScorer(str(path), "cpu")(images, prompts)
-    mean, (low, high) = clip_score(str(path), images, prompts, batch_size=4)
+    scorer = ClipScorer(str(path), "cpu")
+    per_image = scorer(images, prompts)
+    mean, (low, high) = clip_score(scorer, images, prompts, batch_size=4)
 
     class Tensors(torch.nn.Module):  # transformers 5 returns output objects; torchmetrics wants tensors
         def __init__(self, model):

@@ -60,10 +60,8 @@ def mean_interval(values: torch.Tensor) -> tuple[float, list[float]]:
     return mean, [mean - half, mean + half]
 
 
-def clip_score(clip_path: str, images: torch.Tensor, prompts: list[str], batch_size: int,
-               device="cpu") -> tuple[float, list[float]]:
+def clip_score(scorer: ClipScorer, images: torch.Tensor, prompts: list[str], batch_size: int) -> tuple[float, list[float]]:
     """Mean CLIP score of images and their prompts, and its 95% interval."""
-    scorer = ClipScorer(clip_path, device)
     scores = torch.cat([scorer(images[i:i + batch_size], prompts[i:i + batch_size])
                         for i in range(0, len(images), batch_size)])
     return mean_interval(scores)

@@ -19,14 +19,15 @@ from fewstep.sd.store import Encoded, load_trajectories
 
 
 def image_metrics(p, images: dict, prompts: list[str], resolution: int,
-                  features: dict[str, torch.Tensor] | None, net) -> tuple[dict, list[str]]:
+                  features: dict[str, torch.Tensor] | None, net, device) -> tuple[dict, list[str]]:
     """{model: {metric: value}} for the optional metrics, and a notice for each one skipped. `features`: each
     model's images in the configured featurizer `net` (None when unset)."""
     scores, skipped = {name: {} for name in images}, []
     if p.clip_path:
+        scorer = evaluate.ClipScorer(p.clip_path, device)  # loaded once for every model's images
         for name, x in images.items():
             scores[name]["clip_score"], scores[name]["clip_score_ci95"] = evaluate.clip_score(
-                p.clip_path, x, prompts, p.batch_size)
+                scorer, x, prompts, p.batch_size)
     else:
         skipped.append("clip_score: skipped (set evaluate.clip_path to a local CLIP model directory)")
     if features is not None and p.fid.reference:
@@ -75,7 +76,7 @@ def main(params, args, device):
     resolution = held_out.index["resolution"]
     net = evaluate.load_featurizer(p.fid.featurizer, resolution) if p.fid.featurizer else None
     features = {name: evaluate.embed(net, x, p.batch_size) for name, x in images.items()} if net else None
-    scores, skipped = image_metrics(p, images, prompts, resolution, features, net)
+    scores, skipped = image_metrics(p, images, prompts, resolution, features, net, device)
     rounds = len(cond) // len(held_out.texts)  # trajectories.eval_per_prompt samples of each held-out prompt
     if rounds >= 2:  # fidelity in the featurizer's space, else in the teacher UNet's (needs no other model)
         fidelity_space = features or {name: evaluate.teacher_features(teacher, x, cond, p.batch_size, device, params.seed)
