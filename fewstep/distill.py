@@ -61,7 +61,8 @@ def fit(setup: objectives.Setup, params, out: Path, stage: str, train_generator:
     ema = None
     setup.student.requires_grad_(train_generator)
     if train_generator:
-        ema = ema_for(setup.student, params.ema_decay, params.ema_warmup)
+        if params.ema_decay > 0:  # at 0 the average is the weights themselves: no shadow copy to hold
+            ema = ema_for(setup.student, params.ema_decay, params.ema_warmup)
         phases.append(Phase("generator", setup.student, adamw(setup.student, params), objective.generator_loss,
                             grad_clip=params.grad_clip, warmup_steps=params.warmup_steps, accumulate=params.grad_accum))
     after_step = (lambda step: ema.step(setup.student.parameters())) if ema else None
@@ -78,7 +79,8 @@ def fit(setup: objectives.Setup, params, out: Path, stage: str, train_generator:
           f"{' all steps per batch' if setup.all_steps_per_batch and len(setup.student_sigmas) > 1 else ''}", flush=True)
     last = train(phases, params.steps, out / "live", desc=stage, log_every=params.log_every, autocast=autocast,
                  after_step=after_step, checkpoint=checkpoint,
-                 curve=(lambda: with_ema_weights(setup.student, ema, curve)) if curve and ema else None,
+                 curve=(lambda: with_ema_weights(setup.student, ema, curve)) if curve and ema else
+                 (lambda: curve(setup.student)) if curve else None,
                  curve_every=params.eval_every if curve else 0)  # SD params have no curve (yet)
     if ema is not None:
         ema.copy_to(setup.student.parameters())

@@ -249,12 +249,20 @@ _PHRASES = {
 }
 
 
+#: Keys another family's schema has: say where they apply rather than "not a known key".
+ELSEWHERE = {
+    "run.parallel": "does not apply to this pipeline: FSDP sharding is for the SD pipelines' UNets "
+                    "(pipelines/*/params.yaml); here every process trains whole copies",
+    "run.shard_teacher": "does not apply to this pipeline: it is an option of FSDP sharding in the SD pipelines",
+}
+
+
 def _one_line(err: dict[str, Any], section: tuple = ()) -> str:
     loc = [str(p) for p in (*section, *err["loc"]) if not isinstance(p, int)]
     key = ".".join(loc) or "params"
     kind, ctx = err["type"], err.get("ctx", {})
     if kind == "extra_forbidden":
-        return f"{key} is not a known key"
+        return f"{key} {ELSEWHERE[key]}" if key in ELSEWHERE else f"{key} is not a known key"
     if kind == "missing":
         return f"{key} is required"
     if kind == "value_error":
@@ -315,7 +323,7 @@ def validate(raw: Any, schema: type[BaseModel] = Params) -> BaseModel:
     except ValidationError as exc:
         err = exc.errors()[0]
         line = _one_line(err)
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and not line.endswith(tuple(ELSEWHERE.values())):
             line += _known_keys_hint(schema, err["loc"])
         more = len(exc.errors()) - 1
         raise ParamsError(line + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")) from None

@@ -45,15 +45,19 @@ def adamw(module: nn.Module, opt) -> torch.optim.AdamW:
 @contextlib.contextmanager
 def frozen(*modules: nn.Module):
     """Let gradients flow *through* modules without accumulating into their weights."""
-    flags = [[p.requires_grad for p in m.parameters()] for m in modules]
+    params = [list(m.parameters()) for m in modules]
+    flags = [[p.requires_grad for p in ps] for ps in params]
     for m in modules:
         m.requires_grad_(False)
     try:
         yield
     finally:
-        for m, fl in zip(modules, flags):
-            for p, f in zip(m.parameters(), fl):
-                p.requires_grad_(f)
+        # under FSDP2 `parameters()` yields the shards or, while a root module is gathered, the gathered
+        # weights (which take the shards' flag only when gathered): restore both sets, or one keeps False
+        for m, ps, fl in zip(modules, params, flags):
+            for group in (ps, list(m.parameters())):
+                for p, f in zip(group, fl):
+                    p.requires_grad_(f)
 
 
 def _update(phase: Phase, step: int, autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:

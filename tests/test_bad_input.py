@@ -56,6 +56,8 @@ CASES = [
      "finetune.student_steps is 4 but distill.student_steps is 1: finetune continues distill's student and inherits "
      "its student_steps; set distill.student_steps only"),
     ({"finetune": {"lr": -1}}, "finetune.lr must be > 0, got -1"),
+    ({"run": {"parallel": "fsdp"}}, "run.parallel does not apply to this pipeline: FSDP sharding is for the SD "
+                                    "pipelines' UNets"),
 ]
 
 

@@ -39,6 +39,10 @@ class Setup:
     # multi-step: split every batch evenly over the student's steps (class-label conditions only), instead of
     # training one random step per batch (DMD2)
     all_steps_per_batch: bool = False
+    # draws that decide how many network calls a batch makes (the student step k): seeded alike on every rank
+    # under torchrun, so the global batch has one k as in one process, and under FSDP every rank makes the
+    # same calls (each gathers shards from all the others); None = `generator`
+    step_generator: torch.Generator | None = None
 
 
 @dataclass
@@ -90,7 +94,7 @@ class Objective:
             steps = torch.arange(self.p.batch_size, device=self.s.device) % len(sigmas)
             x, cond = self.student_inputs(steps)
             return Generated(self.s.student(x, torch.tensor(sigmas, device=self.s.device)[steps], cond), cond, steps)
-        k = int(torch.randint(len(sigmas), (1,), generator=self.s.generator))
+        k = int(torch.randint(len(sigmas), (1,), generator=self.s.step_generator or self.s.generator))
         x, cond = self.student_input(k)
         return Generated(self.s.student(x, sigmas[k], cond), cond, k)
 

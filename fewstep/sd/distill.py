@@ -12,12 +12,12 @@ import xxhash
 
 from .. import objectives
 from ..hashing import Hasher
-from ..checkpoint import CHECKPOINTS, Checkpointer, fingerprint
+from ..checkpoint import CHECKPOINTS, Checkpointer, GeneratorState, fingerprint
 from ..distill import fit
 from ..models import BottleneckTap, GanHead
 from ..params import ParamsError
 from ..training import Minibatches
-from .. import parallel
+from .. import fsdp, parallel
 from . import models, teacher as teachers
 from .denoiser import SDDenoiser
 from .store import CondSampler, Encoded, RealSampler, load_trajectories
@@ -96,8 +96,10 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
     Under torchrun each rank trains on its own noise and prompts for batch_size / ranks samples with averaged
     gradients (the global batch stays `batch_size`); rank 0 saves."""
     t, run_p = params.teacher, params.run
-    device = parallel.init(device)
+    sharded = run_p.parallel == "fsdp"
+    device = fsdp.init(device) if sharded else parallel.init(device)
     rank, ranks = parallel.world()
+    global_settings, seed = settings, generator.initial_seed()
     try:  # batch_size is the global batch, as for every family
         settings = parallel.per_rank(settings, stage, generator)
     except ValueError as exc:
@@ -106,35 +108,60 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
     train = Encoded.load(encode_dir, "train")
     traj = load_trajectories(trajectories_dir, "train", with_states=settings.objective == "consistency")
 
-    # --- the four networks ---------------------------------------------------------------------------
-    teacher = models.teacher_denoiser(path, train.negative, device, run_p.precision)
+    # --- the four networks (FSDP: trained ones built on the CPU, then sharded onto the device) -----------
+    build_on = torch.device("cpu") if sharded else device
+    teacher = models.teacher_denoiser(path, train.negative, build_on if run_p.shard_teacher else device, run_p.precision)
     lora = bool(settings.lora.rank) and train_generator
-    student = load_student(path, student_dir, settings, train.negative, train.index["latent_shape"][1], device, run_p,
-                           lora, stage)
-    fake, head = load_critic(path, critic_dir, train.negative, device, run_p)
-    parallel.synchronize(*([student] if train_generator else []), fake, head)
+    latent_size = train.index["latent_shape"][1]
+    student = load_student(path, student_dir, settings, train.negative, latent_size, build_on, run_p, lora, stage)
+    fake, head = load_critic(path, critic_dir, train.negative, build_on, run_p)
+    tap = BottleneckTap(fake.unet)
+    if sharded:
+        fsdp.broadcast(head.to(device))  # a fresh head is random per rank; the UNets are the same files
+        compute = models.AUTOCAST[run_p.precision]
+        for module in ([student] if train_generator else []) + [fake, head] + ([teacher] if run_p.shard_teacher else []):
+            fsdp.shard(module, device, compute)
+        if not train_generator:
+            student.to(device)
+    else:
+        parallel.synchronize(*([student] if train_generator else []), fake, head)
 
     # --- the objective's view of them ------------------------------------------------------------------
     sigmas = [teacher.sigma_of(s) for s in settings.student_timesteps]
     setup = objectives.Setup(
-        teacher=teacher, student=student, fake=fake, head=head, tap=BottleneckTap(fake.unet),
+        teacher=teacher, student=student, fake=fake, head=head, tap=tap,
         real=real_data(train, traj, settings.batch_size, generator, device),
         conditions=CondSampler(train, generator, device),
         noise_levels=noise_levels(teacher, settings.t_min, settings.t_max, generator, device),
         student_sigmas=sigmas, params=settings, generator=generator, device=device, sigma_data=1.0,
-        trajectories=trajectory_batches(traj, train, settings.batch_size, generator, device))
+        trajectories=trajectory_batches(traj, train, settings.batch_size, generator, device),
+        step_generator=torch.Generator().manual_seed(seed) if sharded or ranks > 1 else None)
     print(f"[{stage}] {t.family} student timesteps {list(settings.student_timesteps)} "
           f"(sigmas {[round(s, 4) for s in sigmas]}), lora rank {settings.lora.rank if lora else 'off (full UNet)'}, "
-          f"real data: {'cached images' if train.latents is not None else 'teacher samples'}", flush=True)
+          f"real data: {'cached images' if train.latents is not None else 'teacher samples'}, "
+          f"parallel: {run_p.parallel} on {ranks} process(es)", flush=True)
 
     # --- train (resumable), then save on rank 0 --------------------------------------------------------
     inputs = [d for d in (path, encode_dir, trajectories_dir, student_dir, critic_dir) if d is not None]
-    key = fingerprint(stage, settings.model_dump(mode="json"), train_generator, [Hasher().tree(d) for d in inputs])
-    # one checkpoint folder per pipeline, stage and rank: pipelines/sdxl's distill never resumes another's
-    checkpoint = Checkpointer(CHECKPOINTS / parallel.checkpoint_name(f"{pipeline}-{stage}"), settings.checkpoint_every,
-                              key, logs=out / "live")
+    key = fingerprint(stage, global_settings.model_dump(mode="json"), train_generator, [Hasher().tree(d) for d in inputs])
+    # one checkpoint folder per pipeline and stage (and rank, unless sharded: FSDP checkpoints reshard)
+    name = f"{pipeline}-{stage}"
+    checkpoint = (fsdp.ShardedCheckpointer(CHECKPOINTS / name, settings.checkpoint_every, key, logs=out / "live")
+                  if sharded else
+                  Checkpointer(CHECKPOINTS / parallel.checkpoint_name(name), settings.checkpoint_every, key,
+                               logs=out / "live"))
+    if setup.step_generator is not None:
+        checkpoint.track(step_rng=GeneratorState(setup.step_generator))
     last = fit(setup, settings, out, stage, train_generator, autocast, checkpoint)
-    if ranks > 1:
+    if sharded:  # rank 0 saves plain models (built as at the start) holding the gathered weights
+        cpu = torch.device("cpu")
+        trained = ([student] if train_generator else []) + [fake, head]
+        rebuild = lambda: ([load_student(path, student_dir, settings, train.negative, latent_size, cpu, run_p, lora,
+                                         stage)] if train_generator else []) + list(
+            load_critic(path, critic_dir, train.negative, cpu, run_p))
+        *trained_student, fake, head = fsdp.unsharded(trained, rebuild)
+        student = trained_student[0] if train_generator else student
+    elif ranks > 1:
         print(f"[{stage}] rank {rank}/{ranks}: trained weights digest "
               f"{_digest(student if train_generator else fake)}", flush=True)
     parallel.finish()

@@ -19,6 +19,10 @@ from ..params import load as _load
 class SDRunParams(RunParams):
     gradient_checkpointing: bool = False  # trade compute for memory in every trained UNet (GPU runs)
     launcher: str = "python"  # how critic/distill/finetune start, e.g. "torchrun --standalone --nproc_per_node=8"
+    # how the launcher's processes share the training: ddp = full copies + averaged gradients; fsdp = FSDP2
+    # (each process holds 1/N of the trained weights, gradients and optimizer states; docs/gpu.md)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    shard_teacher: bool = False  # fsdp: shard the frozen teacher too (else each process keeps a whole copy)
 
 
 class TeacherParams(Section):
@@ -64,7 +68,7 @@ class SDLoopParams(TrainLoopParams):
     batch_size: int = Field(4, gt=0)
     lr: float = Field(5e-7, gt=0)            # DMD2's SDXL learning rate
     betas: Pair = (0.9, 0.999)  # DMD2 reference AdamW
-    ema_decay: float = Field(0.0, ge=0, lt=1)  # DMD2's reference keeps no EMA
+    ema_decay: float = Field(0.0, ge=0, lt=1)  # DMD2's reference keeps no EMA (0: no shadow copy is held)
     checkpoint_every: int = Field(100, ge=0)
 
 

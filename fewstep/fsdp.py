@@ -1,0 +1,274 @@
+"""FSDP2 for the training stages (`run.parallel: fsdp`): torch's own `fully_shard`, nothing home-made.
+
+Each trained network (student, fake score, GAN head) is sharded block by block (every entry of a diffusers
+UNet's `down_blocks`/`up_blocks`, its `mid_block`, every block of a transformer), then at its root, so each
+rank holds 1/N of the weights, gradients and AdamW states and gathers one block at a time for compute.
+Gradients are reduce-scattered and averaged by FSDP itself: the per-parameter all-reduce hooks of
+`fewstep.parallel.synchronize` (the `ddp` path) are not used. The frozen teacher is replicated by default
+(`run.shard_teacher: true` shards it too, for when its copy does not fit beside the trained shards).
+
+Checkpoints go through `torch.distributed.checkpoint` with its Hugging Face storage: every rank writes its
+shards as safetensors (offsets in the file header), read back with resharding, so a run saved by 2 ranks
+resumes on 1 or 4. Nothing in them is a pickle: the rest of the state is JSON and per-rank safetensors.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from . import parallel
+from .checkpoint import Checkpointer, GeneratorState, fingerprint
+from .io import ArtifactError, load_tensors, save_tensors
+
+# child lists / children whose entries become FSDP units: diffusers UNets and DiT-style transformers
+BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")
+BLOCKS = ("mid_block",)
+
+
+def init(device: torch.device) -> torch.device:
+    """Join (or, for a plain `python` launch, create a one-process) group: FSDP needs one even alone."""
+    device = parallel.init(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
+    return device
+
+
+def blocks(module: nn.Module) -> list[nn.Module]:
+    """The per-block FSDP units inside `module`: the outermost entries of BLOCK_LISTS and BLOCKS (a UNet's
+    down block is one unit with the transformer blocks inside it)."""
+    found: dict[str, nn.Module] = {}
+    for name, child in module.named_modules():
+        parts = name.split(".")
+        is_block = parts[-1] in BLOCKS or (len(parts) > 1 and parts[-2] in BLOCK_LISTS and parts[-1].isdigit())
+        if is_block and not any(name.startswith(outer + ".") for outer in found):
+            found[name] = child
+    return list(found.values())
+
+
+def shard(module: nn.Module, device: torch.device, compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """fully_shard every block, then the root (which keeps what no block owns: conv_in, time embedding...).
+    With a compute dtype (bf16 on GPU), blocks are gathered in it and gradients reduced in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
+        if compute_dtype is not None and device.type != "cpu" else MixedPrecisionPolicy()
+    for block in blocks(module):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(module, mesh=mesh, mp_policy=policy)
+    return module
+
+
+def broadcast(*modules: nn.Module) -> None:
+    """Every rank starts from rank 0's weights (a freshly initialized GAN head differs per rank)."""
+    if dist.get_world_size() > 1:
+        for module in modules:
+            for tensor in module.state_dict().values():
+                dist.broadcast(tensor, src=0)
+
+
+def trained_bytes(*objects: Any) -> int:
+    """Bytes this rank holds of the given modules' parameters and gradients and optimizers' states
+    (a DTensor counts its local shard)."""
+    def size(t: torch.Tensor) -> int:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    total = 0
+    for obj in objects:
+        if isinstance(obj, torch.optim.Optimizer):
+            total += sum(size(v) for state in obj.state.values() for v in state.values()
+                         if isinstance(v, torch.Tensor))
+        else:
+            for p in obj.parameters():
+                total += size(p) + (size(p.grad) if p.grad is not None else 0)
+    return total
+
+
+def unsharded(modules: list[nn.Module], rebuild) -> list[nn.Module]:
+    """Gather the whole weights of sharded `modules` (every rank must call this); rank 0 gets plain models
+    from `rebuild()` (same architecture, on the CPU) holding them, to save as usual. Other ranks get `modules`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    states = [get_model_state_dict(module, options=options) for module in modules]
+    if dist.get_rank() != 0:
+        return modules
+    plain = rebuild()
+    for module, state in zip(plain, states):
+        module.load_state_dict(state)
+    return plain
+
+
+class ModelState:
+    """A sharded module's state through torch.distributed.checkpoint.state_dict (DTensor shards)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.module)
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.module, state)
+
+
+class OptimizerState:
+    """An optimizer's state keyed by parameter names (torch.distributed.checkpoint.state_dict), so a
+    checkpoint reshards onto another number of ranks."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer):
+        self.module, self.optimizer = module, optimizer
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.module, self.optimizer)
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.module, self.optimizer, state)
+
+
+def _split(value: Any, shards: dict, local: dict, path: str) -> Any:
+    """JSON skeleton of a nested state: DTensors go to `shards` (written by DCP), tensors to `local`."""
+    if isinstance(value, DTensor):
+        shards[path] = value
+        return {"__dtensor__": path}
+    if isinstance(value, torch.Tensor):
+        local[path] = value.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: _split(v, shards, local, f"{path}.{k}") for k, v in value.items()}
+        return {"__items__": [[k, _split(v, shards, local, f"{path}.{k}")] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return [_split(v, shards, local, f"{path}.{i}") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot checkpoint a {type(value).__name__} at {path}")
+
+
+def _join(value: Any, shards: dict, local: dict) -> Any:
+    if isinstance(value, dict):
+        if "__dtensor__" in value:
+            return shards[value["__dtensor__"]]
+        if "__tensor__" in value:
+            return local[value["__tensor__"]]
+        if "__items__" in value:
+            return {k: _join(v, shards, local) for k, v in value["__items__"]}
+        return {k: _join(v, shards, local) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join(v, shards, local) for v in value]
+    return value
+
+
+class ShardedCheckpointer(Checkpointer):
+    """`fewstep.checkpoint.Checkpointer` for sharded runs: one folder for all ranks,
+
+        shards/              torch.distributed.checkpoint, HuggingFaceStorageWriter: each rank's DTensor shards
+        rank<r>.safetensors  what each rank holds whole (its random streams, optimizer step counters, buffers)
+        state.json           rank 0's skeleton of the whole state, the run's key, step and number of ranks
+
+    Modules and optimizers go through torch.distributed.checkpoint.state_dict (ModelState, OptimizerState:
+    optimizer states keyed by parameter name). Resuming on another number of ranks reshards
+    the shards, takes rank 0's whole tensors, and restarts each rank's random streams from a seed derived
+    from the step (the old ranks' streams do not map onto the new ones)."""
+
+    def track(self, **objects: Any) -> None:
+        for name, obj in objects.items():
+            if isinstance(obj, nn.Module):
+                obj = ModelState(obj)
+            elif isinstance(obj, torch.optim.Optimizer):
+                module = self.objects.get(name.rsplit(".", 1)[0] + ".module")
+                if module is None:
+                    raise ValueError(f"track {name.rsplit('.', 1)[0]}.module before its optimizer")
+                obj = OptimizerState(module.module, obj)
+            self.objects[name] = obj
+
+    def save(self, step: int) -> None:
+        from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+
+        rank, ranks = dist.get_rank(), dist.get_world_size()
+        shards: dict[str, DTensor] = {}
+        local: dict[str, torch.Tensor] = {}
+        skeleton = {name: _split(obj.state_dict(), shards, local, name) for name, obj in self.objects.items()}
+        tmp = self.folder.with_name(self.folder.name + ".tmp")
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        save(shards, storage_writer=HuggingFaceStorageWriter(str(tmp / "shards"), save_distributed=True))
+        save_tensors(local, tmp / f"rank{rank}.safetensors")
+        if rank == 0:
+            import json
+
+            (tmp / "state.json").write_text(json.dumps({"key": self.key, "step": step + 1, "ranks": ranks,
+                                                        "state": skeleton}))
+            if self.logs is not None and self.logs.exists():
+                shutil.copytree(self.logs, tmp / "logs")
+        dist.barrier()
+        if rank == 0:  # swap it in: a kill at any moment leaves the last complete checkpoint
+            old = self.folder.with_name(self.folder.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            if self.folder.exists():
+                os.replace(self.folder, old)
+            os.replace(tmp, self.folder)
+            shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    def restore(self) -> int:
+        import json
+
+        from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+
+        rank, ranks = dist.get_rank(), dist.get_world_size()
+        old = self.folder.with_name(self.folder.name + ".old")
+        if rank == 0 and not self.folder.is_dir() and old.is_dir():
+            os.replace(old, self.folder)  # killed mid-swap
+        dist.barrier()
+        meta_file = self.folder / "state.json"
+        if not meta_file.is_file():
+            return 0
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError:
+            raise ArtifactError(f"{meta_file}: damaged checkpoint (delete {self.folder} to start over)") from None
+        if meta.get("key") != self.key:
+            print(f"[checkpoint] {self.folder} belongs to other params or inputs; starting fresh", flush=True)
+            return 0
+        shards: dict[str, DTensor] = {}
+        _split({name: obj.state_dict() for name, obj in self.objects.items()}, shards, {}, "")
+        shards = {path[1:]: value for path, value in shards.items()}  # the same paths as save()'s
+        load(shards, storage_reader=HuggingFaceStorageReader(str(self.folder / "shards")))
+        same = meta["ranks"] == ranks
+        local = load_tensors(self.folder / f"rank{rank if same else 0}.safetensors")
+        for name, obj in self.objects.items():
+            if isinstance(obj, GeneratorState) and not same:
+                obj.generator.manual_seed(int(fingerprint(obj.generator.initial_seed(), meta["step"])[:15], 16))
+                continue
+            obj.load_state_dict(_join(meta["state"][name], shards, local))
+        if self.logs is not None and (self.folder / "logs").is_dir() and rank == 0:
+            shutil.rmtree(self.logs, ignore_errors=True)
+            shutil.copytree(self.folder / "logs", self.logs)
+        print(f"[checkpoint] resuming from step {meta['step']} ({self.folder}, saved by {meta['ranks']} rank(s), "
+              f"now {ranks}{'' if same else '; random streams reseeded'})", flush=True)
+        return meta["step"]
+
+    def finish(self) -> None:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(self.folder, ignore_errors=True)
