@@ -150,11 +150,6 @@ def code_closure(spec: StageSpec, root: Path) -> list[str]:
     return sorted(files)
 
 
-def _tree_digest(path: Path, root: Path, hasher: Hasher) -> str:
-    tree = {relpath(p, root): d for p, d in hasher.tree(path).items()}
-    return xxhash.xxh3_128_hexdigest(json.dumps(tree, sort_keys=True).encode())
-
-
 def stage_key(spec: StageSpec, specs: list[StageSpec], keys: dict[str, StageKey], root: str | Path,
               hasher: Hasher) -> StageKey:
     """The Merkle key of one stage, given the keys of the stages before it. Raises on a missing input:
@@ -171,7 +166,7 @@ def stage_key(spec: StageSpec, specs: list[StageSpec], keys: dict[str, StageKey]
             continue
         made_by = producer(dep, specs)
         if made_by is not None and made_by.name != spec.name and made_by.always_changed:
-            data[dep] = _tree_digest(root / dep, root, hasher)  # it ran already: what this stage reads of it
+            data[dep] = hasher.digest(root / dep, base=root)  # it ran already: what this stage reads of it
         elif made_by is not None and made_by.name != spec.name:
             upstream[dep] = keys[made_by.name].key
         elif (root / dep).suffix == ".py" and (root / dep).is_file():
@@ -179,13 +174,13 @@ def stage_key(spec: StageSpec, specs: list[StageSpec], keys: dict[str, StageKey]
         else:
             if not (root / dep).exists():
                 raise MissingInput(dep, spec, params)
-            data[dep] = _tree_digest(root / dep, root, hasher)
+            data[dep] = hasher.digest(root / dep, base=root)
     if spec.always_changed:  # run before any key is computed (flows.distill.prepare_run): it is what it wrote
         for out in spec.outs:
             if not (root / out).exists():
                 raise FileNotFoundError(f"{out}: output of stage {spec.name}, which runs before keys are computed, "
                                         f"is missing")
-            data[out] = _tree_digest(root / out, root, hasher)
+            data[out] = hasher.digest(root / out, base=root)
     parts = {"cmd": spec.cmd, "code": {f: hasher.file(root / f) for f in code},
              "params": params_subset(params, spec.params, spec.params_file), "upstream": upstream, "data": data}
     return StageKey(xxhash.xxh3_128_hexdigest(json.dumps(parts, sort_keys=True, default=str).encode()), parts)

@@ -82,7 +82,7 @@ class Checkpointer:
         return bool(self.every) and (step + 1) % self.every == 0 and step + 1 < steps
 
     def save(self, step: int) -> None:
-        """Write to a temporary sibling, then swap it in: a kill at any moment leaves the last good one."""
+        """Write to a temporary sibling, then swap it in."""
         tensors: dict[str, torch.Tensor] = {}
         skeleton = {name: _flatten(obj.state_dict(), tensors, name) for name, obj in self.objects.items()}
         tmp = self.folder.with_name(self.folder.name + ".tmp")
@@ -92,6 +92,10 @@ class Checkpointer:
         (tmp / "state.json").write_text(json.dumps({"key": self.key, "step": step + 1, "state": skeleton}))
         if self.logs is not None and self.logs.exists():
             shutil.copytree(self.logs, tmp / "logs")
+        self._swap_in(tmp)
+
+    def _swap_in(self, tmp: Path) -> None:
+        """Replace the checkpoint folder by `tmp`: a kill at any moment leaves one complete checkpoint."""
         old = self.folder.with_name(self.folder.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if self.folder.exists():
@@ -99,26 +103,40 @@ class Checkpointer:
         os.replace(tmp, self.folder)
         shutil.rmtree(old, ignore_errors=True)
 
-    def restore(self) -> int:
-        """Load the last checkpoint of this very run (same key); returns the step to continue from."""
-        if not self.folder.is_dir() and self.folder.with_name(self.folder.name + ".old").is_dir():
-            os.replace(self.folder.with_name(self.folder.name + ".old"), self.folder)  # killed mid-swap
+    def _recover_swap(self) -> None:
+        old = self.folder.with_name(self.folder.name + ".old")
+        if not self.folder.is_dir() and old.is_dir():
+            os.replace(old, self.folder)  # killed mid-swap
+
+    def _meta(self) -> dict | None:
+        """state.json of this very run's last checkpoint (same key), else None."""
         meta_file = self.folder / "state.json"
         if not meta_file.is_file():
-            return 0
+            return None
         try:
             meta = json.loads(meta_file.read_text())
         except json.JSONDecodeError:
             raise ArtifactError(f"{meta_file}: damaged checkpoint (delete {self.folder} to start over)") from None
         if meta.get("key") != self.key:
             print(f"[checkpoint] {self.folder} belongs to other params or inputs; starting fresh", flush=True)
+            return None
+        return meta
+
+    def _restore_logs(self) -> None:
+        if self.logs is not None and (self.folder / "logs").is_dir():
+            shutil.rmtree(self.logs, ignore_errors=True)
+            shutil.copytree(self.folder / "logs", self.logs)
+
+    def restore(self) -> int:
+        """Load the last checkpoint of this very run (same key); returns the step to continue from."""
+        self._recover_swap()
+        meta = self._meta()
+        if meta is None:
             return 0
         tensors = load_tensors(self.folder / "state.safetensors")
         for name, obj in self.objects.items():
             obj.load_state_dict(_unflatten(meta["state"][name], tensors))
-        if self.logs is not None and (self.folder / "logs").is_dir():
-            shutil.rmtree(self.logs, ignore_errors=True)
-            shutil.copytree(self.folder / "logs", self.logs)
+        self._restore_logs()
         print(f"[checkpoint] resuming from step {meta['step']} ({self.folder})", flush=True)
         return meta["step"]
 

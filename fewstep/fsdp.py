@@ -13,7 +13,7 @@ resumes on 1 or 4. Nothing in them is a pickle: the rest of the state is JSON an
 """
 from __future__ import annotations
 
-import os
+import json
 import shutil
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from . import parallel
 from .checkpoint import Checkpointer, GeneratorState, fingerprint
-from .io import ArtifactError, load_tensors, save_tensors
+from .io import load_tensors, save_tensors
 
 # child lists / children whose entries become FSDP units: diffusers UNets and DiT-style transformers
 BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")
@@ -53,17 +53,26 @@ def blocks(module: nn.Module) -> list[nn.Module]:
 
 
 def shard(module: nn.Module, device: torch.device, compute_dtype: torch.dtype | None = None) -> nn.Module:
-    """fully_shard every block, then the root (which keeps what no block owns: conv_in, time embedding...).
-    With a compute dtype (bf16 on GPU), blocks are gathered in it and gradients reduced in fp32."""
+    """fully_shard every block, then the network's root (which keeps what no block owns: conv_in, the time
+    embedding...). A denoiser wrapper is not sharded itself, its `.unet` is: the wrapper's noise-level
+    arithmetic (x0 = x - sigma * eps) stays in fp32 while, with a compute dtype (bf16 on GPU), the network's
+    blocks are gathered and run in it, their gradients reduced in fp32 and the network's output returned in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    network = getattr(module, "unet", module)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
-        if compute_dtype is not None and device.type != "cpu" else MixedPrecisionPolicy()
-    for block in blocks(module):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(module, mesh=mesh, mp_policy=policy)
+    mixed = compute_dtype is not None and device.type != "cpu"
+    blocks_policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if mixed else \
+        MixedPrecisionPolicy()
+    root_policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                                       output_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
+    for block in blocks(network):
+        fully_shard(block, mesh=mesh, mp_policy=blocks_policy)
+    fully_shard(network, mesh=mesh, mp_policy=root_policy)
+    if network is not module:  # the wrapper's own buffers (its noise schedule) follow the shards
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            setattr(module, name, buffer.to(device))
     return module
 
 
@@ -214,41 +223,24 @@ class ShardedCheckpointer(Checkpointer):
         save(shards, storage_writer=HuggingFaceStorageWriter(str(tmp / "shards"), save_distributed=True))
         save_tensors(local, tmp / f"rank{rank}.safetensors")
         if rank == 0:
-            import json
-
             (tmp / "state.json").write_text(json.dumps({"key": self.key, "step": step + 1, "ranks": ranks,
                                                         "state": skeleton}))
             if self.logs is not None and self.logs.exists():
                 shutil.copytree(self.logs, tmp / "logs")
         dist.barrier()
-        if rank == 0:  # swap it in: a kill at any moment leaves the last complete checkpoint
-            old = self.folder.with_name(self.folder.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            if self.folder.exists():
-                os.replace(self.folder, old)
-            os.replace(tmp, self.folder)
-            shutil.rmtree(old, ignore_errors=True)
+        if rank == 0:
+            self._swap_in(tmp)
         dist.barrier()
 
     def restore(self) -> int:
-        import json
-
         from torch.distributed.checkpoint import HuggingFaceStorageReader, load
 
         rank, ranks = dist.get_rank(), dist.get_world_size()
-        old = self.folder.with_name(self.folder.name + ".old")
-        if rank == 0 and not self.folder.is_dir() and old.is_dir():
-            os.replace(old, self.folder)  # killed mid-swap
+        if rank == 0:
+            self._recover_swap()
         dist.barrier()
-        meta_file = self.folder / "state.json"
-        if not meta_file.is_file():
-            return 0
-        try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError:
-            raise ArtifactError(f"{meta_file}: damaged checkpoint (delete {self.folder} to start over)") from None
-        if meta.get("key") != self.key:
-            print(f"[checkpoint] {self.folder} belongs to other params or inputs; starting fresh", flush=True)
+        meta = self._meta()
+        if meta is None:
             return 0
         shards: dict[str, DTensor] = {}
         _split({name: obj.state_dict() for name, obj in self.objects.items()}, shards, {}, "")
@@ -261,9 +253,8 @@ class ShardedCheckpointer(Checkpointer):
                 obj.generator.manual_seed(int(fingerprint(obj.generator.initial_seed(), meta["step"])[:15], 16))
                 continue
             obj.load_state_dict(_join(meta["state"][name], shards, local))
-        if self.logs is not None and (self.folder / "logs").is_dir() and rank == 0:
-            shutil.rmtree(self.logs, ignore_errors=True)
-            shutil.copytree(self.folder / "logs", self.logs)
+        if rank == 0:
+            self._restore_logs()
         print(f"[checkpoint] resuming from step {meta['step']} ({self.folder}, saved by {meta['ranks']} rank(s), "
               f"now {ranks}{'' if same else '; random streams reseeded'})", flush=True)
         return meta["step"]

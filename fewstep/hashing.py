@@ -49,6 +49,19 @@ class Hasher:
         return {p.as_posix(): self.file(p) for p in sorted(path.rglob("*"))
                 if p.is_file() and "__pycache__" not in p.parts}
 
+    def digest(self, path: str | Path, base: str | Path | None = None) -> str:
+        """One xxh3-128 over a file or folder: each file's path and bytes. Paths are relative to `base` (the
+        repository root, where a file's place matters) or, without one, to `path` itself (a file: its name),
+        so the same model copied elsewhere digests alike."""
+        path = Path(path)
+        if base is not None:
+            base = Path(base).resolve()
+            rel = lambda p: Path(os.path.relpath(Path(p).resolve(), base)).as_posix()
+        else:
+            rel = lambda p: Path(p).relative_to(path).as_posix() if path.is_dir() else path.name
+        tree = {rel(p): d for p, d in self.tree(path).items()}
+        return xxhash.xxh3_128_hexdigest(json.dumps(tree, sort_keys=True).encode())
+
     def save(self) -> None:
         if self.memo_file:
             self.memo_file.parent.mkdir(parents=True, exist_ok=True)

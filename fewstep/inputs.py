@@ -8,11 +8,9 @@ and the record is the same on every machine that holds the same files, so a coll
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
-import xxhash
 from pydantic import BaseModel, Field
 
 from .errors import DataError
@@ -46,7 +44,5 @@ def record(params: BaseModel, root: str | Path, hasher: Hasher) -> dict[str, dic
         path = Path(value) if Path(value).is_absolute() else root / value
         if not path.exists():
             raise DataError(f"{key}: {value} does not exist (a local path; empty the key to switch it off)")
-        tree = {Path(p).relative_to(path).as_posix() if path.is_dir() else path.name: d
-                for p, d in hasher.tree(path).items()}
-        out[key] = {"path": value, "xxh3": xxhash.xxh3_128_hexdigest(json.dumps(tree, sort_keys=True).encode())}
+        out[key] = {"path": value, "xxh3": hasher.digest(path)}
     return out

@@ -115,8 +115,8 @@ def _kill_at(folder: Path, checkpoints: Path, step: int, out: str) -> None:
 @pytest.mark.slow
 def test_fsdp_sigkill_resume_is_identical_and_resumes_on_one_rank(project, tmp_path):
     """Uninterrupted vs killed at step 4 of 8 and rerun (2 ranks): the same bytes. The same checkpoint resumed
-    by one process reshards and finishes; every saved student is a plain diffusers UNet."""
-    from diffusers import UNet2DConditionModel
+    by one process reshards and finishes; the saved student is a plain diffusers UNet, exported as a pipeline."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     _stage(project, "distill", *ARGS, "--out", "distill-whole", env={"FEWSTEP_CHECKPOINT_DIR": str(tmp_path / "a")})
     checkpoints = tmp_path / "b"
@@ -141,6 +141,12 @@ def test_fsdp_sigkill_resume_is_identical_and_resumes_on_one_rank(project, tmp_p
     assert [int(row.split("\t")[0]) for row in rows if row] == list(range(1, 9))  # steps 1-4 kept from the logs
     unet = UNet2DConditionModel.from_pretrained(project / "distill-one-rank/student/unet")
     assert not any("lora" in key or "_fsdp" in key for key in unet.state_dict())
+    # the export stage makes it the deliverable: a diffusers pipeline that loads and samples in 4 steps
+    _stage(project, "export", "--student", "distill-one-rank/student", "--out", "export", launcher=(sys.executable,))
+    pipe = StableDiffusionXLPipeline.from_pretrained(project / "export")
+    latents = pipe("a red square", num_inference_steps=4, guidance_scale=0.0, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()
 
 
 @pytest.mark.slow
