@@ -1,14 +1,15 @@
 """Measured memory of data-parallel distillation: DDP (whole copies, averaged gradients) vs FSDP2 shards.
 
     python bench/memory.py [--sizes tiny mid] [--ranks 1 2 4] [--steps 3]     # the study (CPU, gloo)
-    python bench/memory.py --sizes sdxl --ranks 1 2 --device cuda --lora 0 64  # real-size, on GPUs
+    python bench/memory.py --sizes sdxl sd3 --ranks 1 2 --device cuda --precision bf16 --lora 0 64  # GPUs
 
-Each configuration is one `torchrun` of this script's worker: random-weight SD-shaped UNets (teacher,
-student, fake score + GAN head), DMD2 distill steps through fewstep's trainer (`fewstep.distill.fit`) on
-random text conditions. Per rank it measures the bytes held of the trained networks' parameters, gradients
-and AdamW states (a shard counts its local part), the peak memory (CUDA: max allocated; CPU: the highest
-RSS while training, above the RSS before the models were built: teacher and activations included) and the
-time per step. A configuration that runs out of memory is recorded as such. Writes bench/results/memory.{json,md}. The worker alone:
+Each configuration is one `torchrun` of this script's worker: random-weight SD-shaped UNets or SD3-shaped
+transformers (rectified flows, fewstep.sd.flow) as teacher, student and fake score, with the GAN head; DMD2
+distill steps through fewstep's trainer (`fewstep.distill.fit`) on random text conditions. Per rank it
+measures the bytes held of the trained networks' parameters, gradients and AdamW states (a shard counts its
+local part), the peak memory (CUDA: max allocated; CPU: the highest RSS while training, above the RSS before
+the models were built: teacher and activations included) and the time per step. A configuration that runs
+out of memory is recorded as such. Writes bench/results/memory.{json,md}. The worker alone:
 
     torchrun --nproc_per_node=2 bench/memory.py --worker --parallel fsdp --size tiny --out r.json
     python bench/memory.py --worker --virtual-ranks 2 ...   # one process replaying 2 ranks' batches
@@ -32,7 +33,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# SD-shaped UNet2DConditionModel configs: the test's tiny one, a mid-size one a laptop trains, real SDXL
+# SD-shaped UNet2DConditionModel configs (the test's tiny one, a mid-size one a laptop trains, real SDXL) and
+# SD3-shaped SD3Transformer2DModel ones (a tiny one, real SD3-medium), trained as rectified flows (fewstep.sd.flow)
 SIZES = {
     "tiny": dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
                  attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True,
@@ -48,6 +50,12 @@ SIZES = {
                  projection_class_embeddings_input_dim=2816,
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    "sd3-tiny": dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                     num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=12,
+                     pos_embed_max_size=8),
+    "sd3": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                pooled_projection_dim=2048, pos_embed_max_size=192),
 }
 TOKENS = 8  # text tokens per prompt (77 in real SD; the UNet's cost does not hinge on it)
 
@@ -71,12 +79,24 @@ class RssPeak(threading.Thread):
         return self.peak / 2**20
 
 
-def _unet(size: str, seed: int, dtype):
+def _flow(size: str) -> bool:
+    return size.startswith("sd3")
+
+
+def _denoiser(size: str, seed: int, dtype, negative=None, compute=None):
+    """A random-weight denoiser of the size: a UNet in VP/VE form, or an SD3 transformer as a rectified flow."""
     import torch
-    from diffusers import UNet2DConditionModel
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+    from fewstep.sd.denoiser import SDDenoiser, alphas_cumprod
+    from fewstep.sd.flow import FlowDenoiser
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**SIZES[size]).to(dtype)
+    if _flow(size):
+        return FlowDenoiser(SD3Transformer2DModel(**SIZES[size]).to(dtype), {"shift": 3.0}, negative, compute)
+    abar = alphas_cumprod({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                           "num_train_timesteps": 1000})
+    return SDDenoiser(UNet2DConditionModel(**SIZES[size]).to(dtype), abar, negative, autocast_dtype=compute)
 
 
 def _conditions(size: str, generator, device):
@@ -87,6 +107,9 @@ def _conditions(size: str, generator, device):
     config = SIZES[size]
 
     def draw(n: int) -> SDCond:
+        if _flow(size):
+            return SDCond(torch.randn(n, TOKENS, config["joint_attention_dim"], generator=generator),
+                          torch.randn(n, config["pooled_projection_dim"], generator=generator)).to(device)
         embeds = torch.randn(n, TOKENS, config["cross_attention_dim"], generator=generator)
         if config.get("addition_embed_type") != "text_time":
             return SDCond(embeds).to(device)
@@ -137,7 +160,7 @@ def worker(args) -> None:
     from fewstep import distill, fsdp, objectives, parallel
     from fewstep.models import BottleneckTap, GanHead
     from fewstep.sd import models
-    from fewstep.sd.denoiser import SDDenoiser, alphas_cumprod
+    from fewstep.sd.flow import TokenTap
     from fewstep.sd.params import DistillParams
 
     torch.set_num_threads(args.threads)
@@ -159,23 +182,22 @@ def worker(args) -> None:
     if virtual:  # grad_accum micro-batches of batch_size each, as the ranks would draw them
         settings = settings.model_copy(update={"batch_size": args.batch_size})
 
-    abar = alphas_cumprod({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-                           "num_train_timesteps": 1000})
     compute = models.AUTOCAST[args.precision]
     frozen_dtype = models.frozen_dtype(device, args.precision)
     sharded = args.parallel == "fsdp"
     build_on = torch.device("cpu") if sharded else device
     negative = _conditions(args.size, torch.Generator().manual_seed(args.seed + 10**6), "cpu")(1)  # CFG's
-    teacher = SDDenoiser(_unet(args.size, 0, frozen_dtype), abar, negative, compute)
+    teacher = _denoiser(args.size, 0, frozen_dtype, negative, compute)
     teacher = teacher.to(build_on if args.teacher == "shard" else device).requires_grad_(False)
-    student = SDDenoiser(_unet(args.size, 0, frozen_dtype if args.lora else torch.float32), abar,
-                         autocast_dtype=compute).to(build_on)
+    student = _denoiser(args.size, 0, frozen_dtype if args.lora else torch.float32, compute=compute).to(build_on)
     if args.lora:
         student = models.with_lora(student, args.lora, None, ["to_q", "to_k", "to_v", "to_out.0"])
-    fake = SDDenoiser(_unet(args.size, 0, torch.float32), abar, autocast_dtype=compute).to(build_on)
+    fake = _denoiser(args.size, 0, torch.float32, compute=compute).to(build_on)
     torch.manual_seed(1)
-    head = GanHead(SIZES[args.size]["block_out_channels"][-1]).to(build_on)
-    tap = BottleneckTap(fake.unet)
+    if _flow(args.size):
+        head, tap = GanHead(TokenTap.channels(fake.unet)).to(build_on), TokenTap(fake.unet)
+    else:
+        head, tap = GanHead(SIZES[args.size]["block_out_channels"][-1]).to(build_on), BottleneckTap(fake.unet)
     student_params = sum(p.numel() for p in student.unet.parameters())
     if sharded:
         for module in (student, fake, head) + ((teacher,) if args.teacher == "shard" else ()):

@@ -20,7 +20,7 @@ import sd_fixtures as sd
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-BENCH = [str(ROOT / "bench/memory.py"), "--worker", "--size", "tiny", "--steps", "4", "--batch-size", "2"]
+BENCH = [str(ROOT / "bench/memory.py"), "--worker", "--steps", "4", "--batch-size", "2"]
 
 
 def _bench(folder: Path, name: str, *args: str, launcher=(sys.executable,)) -> dict:
@@ -32,13 +32,15 @@ def _bench(folder: Path, name: str, *args: str, launcher=(sys.executable,)) -> d
 
 
 @pytest.mark.slow
-def test_fsdp_steps_equal_one_process_at_the_same_global_batch_with_half_the_state(tmp_path):
+@pytest.mark.parametrize("size", ["tiny", "sd3-tiny"])
+def test_fsdp_steps_equal_one_process_at_the_same_global_batch_with_half_the_state(size, tmp_path):
     """2 FSDP ranks x 2 samples vs one process on the same 4 samples (2 micro-batches replaying the ranks'
     random streams): every critic and generator loss within 1e-4; each rank holds half the trained state
-    (parameters, gradients, AdamW moments) that a DDP rank holds."""
-    one = _bench(tmp_path, "one", "--parallel", "ddp", "--virtual-ranks", "2")
-    ddp = _bench(tmp_path, "ddp", "--parallel", "ddp", launcher=TORCHRUN)
-    fsdp = _bench(tmp_path, "fsdp", "--parallel", "fsdp", launcher=TORCHRUN)
+    (parameters, gradients, AdamW moments) that a DDP rank holds. For an SD UNet and for an SD3 transformer
+    distilled as a rectified flow (fewstep.sd.flow, its GAN head on the middle block's tokens)."""
+    one = _bench(tmp_path, "one", "--size", size, "--parallel", "ddp", "--virtual-ranks", "2")
+    ddp = _bench(tmp_path, "ddp", "--size", size, "--parallel", "ddp", launcher=TORCHRUN)
+    fsdp = _bench(tmp_path, "fsdp", "--size", size, "--parallel", "fsdp", launcher=TORCHRUN)
     for phase in ("critic", "generator"):
         assert len(fsdp["losses"][phase]) == 4
         assert fsdp["losses"][phase] == pytest.approx(one["losses"][phase], rel=1e-4)

@@ -1,0 +1,77 @@
+"""The flow-matching (SD3-class) denoiser on a tiny random SD3Transformer2DModel: velocity -> x0 in VE coordinates
+agrees with diffusers' own FlowMatchEulerDiscreteScheduler, so every objective can run on it unchanged."""
+import pytest
+import torch
+
+from fewstep.sd.denoiser import SDCond
+
+
+def tiny_sd3_transformer(seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                 caption_projection_dim=16, pooled_projection_dim=12, pos_embed_max_size=8).eval()
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_sd3_flow_x0_makes_the_schedulers_euler_steps(shift):
+    """Each step of FlowMatchEulerDiscreteScheduler (the SD3 pipeline's sampler) equals a DDIM step in VE coordinates
+    from fewstep's x0 = x_t - t v: keep x0 and the implied noise, move to the next noise level."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fewstep.sd.flow import FlowDenoiser
+
+    transformer = tiny_sd3_transformer()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    model = FlowDenoiser(transformer, dict(scheduler.config))
+    scheduler.set_timesteps(6)
+    generator = torch.Generator().manual_seed(0)
+    cond = SDCond(torch.randn(2, 5, 16, generator=generator), torch.randn(2, 12, generator=generator))
+    x_t = torch.randn(2, 4, 8, 8, generator=generator)
+    steps = 0
+    for i, timestep in enumerate(scheduler.timesteps):
+        t, t_next = scheduler.sigmas[i].double(), scheduler.sigmas[i + 1].double()
+        with torch.no_grad():
+            v = transformer(x_t, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled,
+                            timestep=timestep.expand(2)).sample
+            theirs = scheduler.step(v, timestep, x_t).prev_sample
+            if t < 1:  # t = 1 (pure noise) has no VE coordinate: the first step is the scheduler's alone
+                sigma, sigma_next = float(t / (1 - t)), float(t_next / (1 - t_next))
+                x = x_t / (1 - float(t))
+                x0 = model(x, sigma, cond)
+                ours = (x0 + sigma_next / sigma * (x - x0)) * (1 - float(t_next))
+                torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
+                steps += 1
+        x_t = theirs
+    assert steps == 5
+
+
+def test_sd3_flow_noise_levels_follow_the_shifted_training_timesteps():
+    """sigma_of(i) is the VE sigma of the scheduler's training sigma t_i (shifted), capped below t = 1."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fewstep.sd.flow import T_MAX, FlowDenoiser
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    model = FlowDenoiser(tiny_sd3_transformer(), dict(scheduler.config))
+    train_t = scheduler.sigmas.flip(0).double()  # t of training timesteps 0..999, increasing (stored in fp32)
+    for i in (0, 20, 499, 980):
+        t = float(train_t[i])
+        assert model.sigma_of(i) == pytest.approx(t / (1 - t), rel=2e-5)  # 1 / (1 - t) magnifies fp32's rounding
+    assert model.sigma_of(999) == pytest.approx(T_MAX / (1 - T_MAX), rel=1e-6)
+
+
+def test_sd3_token_tap_feeds_the_gan_head():
+    from fewstep.models import GanHead
+    from fewstep.sd.flow import FlowDenoiser, TokenTap
+
+    transformer = tiny_sd3_transformer()
+    model = FlowDenoiser(transformer, {"shift": 3.0})
+    tap = TokenTap(transformer)
+    head = GanHead(TokenTap.channels(transformer), width=8)
+    cond = SDCond(torch.randn(3, 5, 16), torch.randn(3, 12))
+    model(torch.randn(3, 4, 8, 8), 2.0, cond)
+    assert tap.features.shape == (3, 16, 4, 4)
+    assert head(tap.features).shape == (3,)
