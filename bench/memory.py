@@ -160,6 +160,7 @@ def worker(args) -> None:
     from fewstep import distill, fsdp, objectives, parallel
     from fewstep.models import BottleneckTap, GanHead
     from fewstep.sd import models
+    from fewstep.sd.distill import noise_levels
     from fewstep.sd.flow import TokenTap
     from fewstep.sd.params import DistillParams
 
@@ -209,7 +210,6 @@ def worker(args) -> None:
     make_optimizer = distill.adamw
     distill.adamw = lambda module, opt: captured.append(make_optimizer(module, opt)) or captured[-1]
 
-    sigmas = teacher.log_sigmas.exp().float()
     config = SIZES[args.size]
     latent = (config.get("in_channels", 4), config["sample_size"], config["sample_size"])
     conditions = _conditions(args.size, generator, device)
@@ -218,7 +218,7 @@ def worker(args) -> None:
         real=lambda: (torch.randn(settings.batch_size, *latent, generator=generator).to(device),
                       conditions(settings.batch_size)),
         conditions=conditions,
-        noise_levels=lambda n: sigmas[torch.randint(20, 981, (n,), generator=generator)].to(device),
+        noise_levels=noise_levels(teacher, 20, 980, generator, device),
         student_sigmas=[teacher.sigma_of(t) for t in settings.student_timesteps], params=settings,
         generator=generator, device=device, sigma_data=1.0,
         step_generator=torch.Generator().manual_seed(args.seed))

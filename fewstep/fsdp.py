@@ -242,9 +242,9 @@ class ShardedCheckpointer(Checkpointer):
         meta = self._meta()
         if meta is None:
             return 0
-        shards: dict[str, DTensor] = {}
-        _split({name: obj.state_dict() for name, obj in self.objects.items()}, shards, {}, "")
-        shards = {path[1:]: value for path, value in shards.items()}  # the same paths as save()'s
+        shards: dict[str, DTensor] = {}  # this run's shards, at save()'s paths: DCP loads into them in place
+        for name, obj in self.objects.items():
+            _split(obj.state_dict(), shards, {}, name)
         load(shards, storage_reader=HuggingFaceStorageReader(str(self.folder / "shards")))
         same = meta["ranks"] == ranks
         local = load_tensors(self.folder / f"rank{rank if same else 0}.safetensors")

@@ -155,12 +155,18 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
     last = fit(setup, settings, out, stage, train_generator, autocast, checkpoint)
     if sharded:  # rank 0 saves plain models (built as at the start) holding the gathered weights
         cpu = torch.device("cpu")
-        trained = ([student] if train_generator else []) + [fake, head]
-        rebuild = lambda: ([load_student(path, student_dir, settings, train.negative, latent_size, cpu, run_p, lora,
-                                         stage)] if train_generator else []) + list(
-            load_critic(path, critic_dir, train.negative, cpu, run_p))
-        *trained_student, fake, head = fsdp.unsharded(trained, rebuild)
-        student = trained_student[0] if train_generator else student
+
+        def rebuild() -> list:
+            fresh = list(load_critic(path, critic_dir, train.negative, cpu, run_p))
+            if train_generator:
+                fresh.insert(0, load_student(path, student_dir, settings, train.negative, latent_size, cpu, run_p,
+                                             lora, stage))
+            return fresh
+
+        trained = fsdp.unsharded(([student] if train_generator else []) + [fake, head], rebuild)
+        if train_generator:
+            student = trained.pop(0)
+        fake, head = trained
     elif ranks > 1:
         print(f"[{stage}] rank {rank}/{ranks}: trained weights digest "
               f"{_digest(student if train_generator else fake)}", flush=True)
