@@ -13,6 +13,8 @@ resumes on 1 or 4. Nothing in them is a pickle: the rest of the state is JSON an
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 import shutil
 from typing import Any
@@ -37,7 +39,19 @@ def init(device: torch.device) -> torch.device:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
                                 rank=0, world_size=1)
+    atexit.unregister(_release)  # once, however many stages a process runs
+    atexit.register(_release)
     return device
+
+
+def _release() -> None:
+    """At exit, while the interpreter is still whole: sharded modules keep the process group and its backend's
+    worker threads alive past destroy_process_group, and freed only during interpreter finalization, a thread
+    that then needs the GIL aborts the process after its work is done ("terminate called without an active
+    exception", SIGABRT; seen once in CI on a 2-rank gloo run). Destroy the group and collect the cycles now."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def blocks(module: nn.Module) -> list[nn.Module]:
