@@ -158,10 +158,10 @@ def worker(args) -> None:
     import torch
 
     from fewstep import distill, fsdp, objectives, parallel
-    from fewstep.models import BottleneckTap, GanHead
+    from fewstep.models import GanHead
     from fewstep.sd import models
     from fewstep.sd.distill import noise_levels
-    from fewstep.sd.flow import TokenTap
+    from fewstep.sd import family as families
     from fewstep.sd.params import DistillParams
 
     torch.set_num_threads(args.threads)
@@ -195,10 +195,8 @@ def worker(args) -> None:
         student = models.with_lora(student, args.lora, None, ["to_q", "to_k", "to_v", "to_out.0"])
     fake = _denoiser(args.size, 0, torch.float32, compute=compute).to(build_on)
     torch.manual_seed(1)
-    if _flow(args.size):
-        head, tap = GanHead(TokenTap.channels(fake.unet)).to(build_on), TokenTap(fake.unet)
-    else:
-        head, tap = GanHead(SIZES[args.size]["block_out_channels"][-1]).to(build_on), BottleneckTap(fake.unet)
+    family = families.get("sd3" if _flow(args.size) else "sdxl")
+    head, tap = GanHead(family.gan_channels(fake.unet)).to(build_on), family.gan_tap(fake.unet)
     student_params = sum(p.numel() for p in student.unet.parameters())
     if sharded:
         for module in (student, fake, head) + ((teacher,) if args.teacher == "shard" else ()):

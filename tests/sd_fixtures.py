@@ -1,4 +1,4 @@
-"""Tiny Stable Diffusion pipelines (SDXL and SD1.5 layouts) built from configs with random weights.
+"""Tiny Stable Diffusion pipelines (SDXL, SD1.5 and SD3 layouts) built from configs with random weights.
 
 Everything is written locally — tokenizer files included — so nothing is downloaded. The shapes follow
 diffusers' own pipeline tests: a two-level UNet on 8x8 latents, a two-level VAE (16x16 images), CLIP
@@ -113,6 +113,41 @@ def tiny_sd15(folder: Path, seed: int = 0) -> Path:
         text_encoder=CLIPTextModel(_text_config()),
         tokenizer=_load_tokenizer(write_tokenizer(folder.parent / f".{folder.name}-tok")),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+T5_WORDS = sorted({word for prompt in PROMPTS for word in prompt.split()})
+
+
+def tiny_sd3(folder: Path, seed: int = 0) -> Path:
+    """A StableDiffusion3Pipeline directory with random weights: a two-block SD3 transformer on 8x8 latents, two
+    CLIP encoders with projections (pooled = both, 64 wide), a two-layer T5 encoder (64 wide, a word-level
+    Unigram vocabulary of the test prompts), a shifted flow-matching scheduler and a VAE that shifts and scales
+    its latents as SD3's does."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=8, sample_size=16, shift_factor=0.0609, scaling_factor=1.5305,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
+                                          caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=8),
+        vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=CLIPTextModelWithProjection(_text_config(projection_dim=32)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(projection_dim=32)),
+        text_encoder_3=T5EncoderModel(T5Config(vocab_size=len(T5_WORDS) + 4, d_model=64, d_kv=8, d_ff=37, num_layers=2,
+                                               num_heads=2)),
+        tokenizer=_load_tokenizer(write_tokenizer(folder.parent / f".{folder.name}-tok")),
+        tokenizer_2=_load_tokenizer(write_tokenizer(folder.parent / f".{folder.name}-tok2", pad_token="!")),
+        tokenizer_3=T5TokenizerFast(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+                                    + [("\u2581" + w, -1.0) for w in T5_WORDS], extra_ids=0),
+    )
     pipe.save_pretrained(folder)
     return folder
 
@@ -315,12 +350,12 @@ def with_time_ids(negative, cond):
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
-    """Built once: tiny SDXL and SD1.5 teachers, prompt sources, a CLIP model, an FID featurizer."""
+    """Built once: tiny SDXL, SD1.5 and SD3 teachers, prompt sources, a CLIP model, an FID featurizer."""
     import torch
 
     torch.set_num_threads(1)  # in-process generation below; parallel test jobs share the cores
     root = tmp_path_factory.mktemp("sd-assets")
-    return {"sdxl": tiny_sdxl(root / "tiny-sdxl"), "sd15": tiny_sd15(root / "tiny-sd15"),
+    return {"sdxl": tiny_sdxl(root / "tiny-sdxl"), "sd15": tiny_sd15(root / "tiny-sd15"), "sd3": tiny_sd3(root / "tiny-sd3"),
             "dataset": write_prompt_dataset(root / "prompts-with-images"),
             "text": write_prompt_file(root / "prompts.txt"), "clip": tiny_clip(root / "clip"),
             "featurizer": tiny_featurizer(root / "featurizer.pt2"),

@@ -9,7 +9,8 @@ from fewstep.params import Params, load
 from fewstep.sd.params import SDParams
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = {"params.yaml": Params, "pipelines/sdxl/params.yaml": SDParams, "pipelines/sd15/params.yaml": SDParams}
+FILES = {"params.yaml": Params, "pipelines/sdxl/params.yaml": SDParams, "pipelines/sd15/params.yaml": SDParams,
+         "pipelines/sd3/params.yaml": SDParams}
 
 
 @pytest.mark.parametrize("rel", FILES)

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_sd_pipelines_are_projects_read_with_root_relative_paths():
     assert dvc_project("dvc.yaml", ROOT) == "."
-    for name in ("sdxl", "sd15"):
+    for name in ("sdxl", "sd15", "sd3"):
         assert dvc_project(f"pipelines/{name}/dvc.yaml", ROOT) == f"pipelines/{name}"
         specs = {s.name: s for s in stage_specs(ROOT, f"pipelines/{name}/dvc.yaml")}
         encode = specs["encode"]
@@ -19,8 +19,9 @@ def test_sd_pipelines_are_projects_read_with_root_relative_paths():
         assert encode.outs == [f"pipelines/{name}/encode"] and encode.params_file == f"pipelines/{name}/params.yaml"
         assert "stages/sd/encode.py" in encode.deps and encode.cmd == "python ../../stages/sd/encode.py --out encode"
         assert f"pipelines/{name}/encode" in specs["distill"].deps
-    # one dvc.yaml for every SD pipeline: sd15's is a link to sdxl's, so they cannot drift apart
-    assert (ROOT / "pipelines/sd15/dvc.yaml").resolve() == (ROOT / "pipelines/sdxl/dvc.yaml").resolve()
+    # one dvc.yaml for every text-to-image pipeline: sd15's and sd3's link to sdxl's, so they cannot drift apart
+    for name in ("sd15", "sd3"):
+        assert (ROOT / f"pipelines/{name}/dvc.yaml").resolve() == (ROOT / "pipelines/sdxl/dvc.yaml").resolve()
     default = stage_specs(ROOT, "dvc.yaml")
     assert {s.project for s in default} == {"."} and not any(s.outs[0].startswith("pipelines/") for s in default)
 

@@ -75,3 +75,39 @@ def test_sd3_token_tap_feeds_the_gan_head():
     model(torch.randn(3, 4, 8, 8), 2.0, cond)
     assert tap.features.shape == (3, 16, 4, 4)
     assert head(tap.features).shape == (3,)
+
+
+def test_sd3_exported_pipeline_replays_the_student(tmp_path):
+    """The exported StableDiffusion3Pipeline's step is the student's: from the same noise and conditioning, one
+    step gives the student's x0 (up to the 1e-4 between t = 1 and fewstep's T_MAX), and 4 steps use the student's
+    shifted t_i with fresh noise in between (FlowMatchEuler's stochastic sampling)."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    import sd_fixtures as sd
+    from diffusers import StableDiffusion3Pipeline
+
+    from fewstep.io import read_json
+    from fewstep.sd import export, models, teacher
+
+    path = sd.tiny_sd3(tmp_path / "tiny-sd3")
+    student = models.denoiser(teacher.load_network(path, "sd3"), path, None, "cpu")
+    for timesteps in ([999], [999, 749, 499, 249]):
+        out = tmp_path / f"export-{len(timesteps)}"
+        export.export(path, "sd3", student.unet, timesteps, out)
+        call = read_json(out / "fewstep.json")
+        pipe = StableDiffusion3Pipeline.from_pretrained(out)
+        generator = torch.Generator().manual_seed(0)
+        embeds, pooled = torch.randn(2, 20, 64, generator=generator), torch.randn(2, 64, generator=generator)
+        noise = torch.randn(2, 4, 8, 8, generator=generator)
+        latents = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, latents=noise, output_type="latent",
+                       num_inference_steps=call["num_inference_steps"], sigmas=call["sigmas"],
+                       guidance_scale=call["guidance_scale"]).images
+        expected_t = [float(student.flow_time(torch.tensor(student.sigma_of(i), dtype=torch.float64))) for i in timesteps]
+        assert (pipe.scheduler.timesteps / 1000).tolist() == pytest.approx(expected_t, abs=1.5e-4)
+        if len(timesteps) == 1:
+            sigma = student.sigma_of(999)
+            with torch.no_grad():
+                x0 = student(noise * sigma, sigma, SDCond(embeds, pooled))
+            torch.testing.assert_close(latents, x0, atol=5e-3, rtol=5e-3)
+        assert torch.isfinite(latents).all()

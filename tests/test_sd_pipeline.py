@@ -1,4 +1,4 @@
-"""The SDXL and SD1.5 pipelines end to end on tiny random-weight teachers, through DVC (slow, run in CI)."""
+"""The SDXL, SD1.5 and SD3 pipelines end to end on tiny random-weight teachers, through DVC (slow, run in CI)."""
 import json
 import re
 import time
@@ -98,7 +98,7 @@ def test_sd15_pipeline_text_prompts_one_step(tmp_path, assets):
     assert any(line.startswith("clip_score: skipped") for line in metrics["skipped"])
     assert any(line.startswith("fid: skipped") for line in metrics["skipped"])
     # no featurizer, no reference: fidelity to the teacher still scored, in the teacher UNet's features
-    assert metrics["fidelity_features"].startswith("teacher UNet")
+    assert metrics["fidelity_features"].startswith("teacher network")
     assert all(metrics[name]["fid_t"] >= 0 and metrics[name]["pixel_w1_t"] >= 0 for name in ("teacher", "student"))
 
     pipe = StableDiffusionPipeline.from_pretrained(project / "pipelines/sd15/export")
@@ -106,3 +106,45 @@ def test_sd15_pipeline_text_prompts_one_step(tmp_path, assets):
     assert pipe.scheduler.timesteps.tolist() == [999]
     images = pipe("a red square", num_inference_steps=1, guidance_scale=0.0, output_type="pt").images
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+@pytest.mark.slow
+def test_sd3_pipeline_cached_rerun_lr_edit_and_export(tmp_path, assets):
+    """The flow-matching family through the same stages: a tiny SD3 teacher (transformer, three text encoders,
+    shifted flow-matching scheduler, a VAE that shifts its latents), DMD2's losses on x0 = x_t - t v; a no-op
+    rerun; a distill.lr edit reruns exactly distill onward; the exported StableDiffusion3Pipeline generates."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    project = make_sd_project(tmp_path / "project", "sd3", sd_params("sd3", prompts={"text_column": "caption",
+                                                                                     "image_column": "image"}),
+                              assets["sd3"], assets["dataset"])
+    folder = project / "pipelines/sd3"
+    first = run(["dvc", "repro"], folder)
+    assert sorted(ran(first.stdout)) == sorted(STAGES)
+    assert "sd3 student timesteps [999, 749, 499, 249]" in first.stdout and "real images: yes" in first.stdout
+    assert (folder / "distill/student/transformer/config.json").is_file()
+    assert ran(run(["dvc", "repro"], folder).stdout) == ["inputs"]
+
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params["distill"]["lr"] = 1e-6
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    edited = run(["dvc", "repro"], folder)
+    assert sorted(ran(edited.stdout)) == ["benchmark", "distill", "evaluate", "export", "finetune", "inputs"]
+
+    metrics = json.loads((folder / "evaluate/metrics.json").read_text())
+    assert metrics["student"]["nfe"] == 4 and metrics["teacher"]["nfe"] == (2 * 3 - 1) * 2
+    assert metrics["fidelity_features"].startswith("teacher network")
+    assert all(metrics[name]["fid_t"] >= 0 and metrics[name]["latency_ms"] > 0 for name in ("teacher", "student"))
+
+    call = json.loads((folder / "export/fewstep.json").read_text())
+    assert call["sigmas"] == [1.0, 0.75, 0.5, 0.25] and call["usage"].startswith("StableDiffusion3Pipeline")
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder / "export")
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.stochastic_sampling
+    images = pipe(["a red square", "a blue circle"], num_inference_steps=4, sigmas=call["sigmas"], guidance_scale=0.0,
+                  output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    # the scheduler shifts the sigmas as the teacher's training did: the student's own t_i
+    assert pipe.scheduler.timesteps.tolist() == pytest.approx([1000.0, 900.0, 750.0, 500.0])
+    one = pipe("a red square", num_inference_steps=1, guidance_scale=0.0, output_type="pt").images
+    assert one.shape == (1, 3, 16, 16) and torch.isfinite(one).all()

@@ -24,7 +24,7 @@ def teachers(tmp_path_factory):
 def _denoiser(path, negative=None):
     from fewstep.sd import models, teacher
 
-    return models.denoiser(teacher.load_unet(path), path, negative, "cpu")
+    return models.denoiser(teacher.load_network(path, "sdxl"), path, negative, "cpu")
 
 
 def _cond(path, prompts, family="sdxl"):
@@ -119,7 +119,7 @@ def test_exported_one_step_pipeline_replays_the_student_exactly(teachers, tmp_pa
     from fewstep.sd import export, teacher
 
     path = teachers["sdxl"]
-    export.export(path, "sdxl", teacher.load_unet(path), [399], tmp_path / "out")
+    export.export(path, "sdxl", teacher.load_network(path, "sdxl"), [399], tmp_path / "out")
     pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "out")
     model = _denoiser(path)
     cond, _ = _cond(path, ["a red square"])
@@ -211,7 +211,8 @@ def forbid(name):
         raise AssertionError(f"{name} instantiated after the encode stage")
     return init
 
-for cls in (transformers.CLIPTextModel, transformers.CLIPTextModelWithProjection, diffusers.AutoencoderKL, Encoder):
+for cls in (transformers.CLIPTextModel, transformers.CLIPTextModelWithProjection, transformers.T5EncoderModel,
+            diffusers.AutoencoderKL, Encoder):
     cls.__init__ = forbid(cls.__name__)
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
@@ -226,11 +227,9 @@ def _stage(folder, name, *args, trap=False, launcher=(sys.executable,), params="
     return proc
 
 
-@pytest.fixture(scope="module")
-def prepared(teachers, tmp_path_factory):
+def _prepare(folder: Path, family: str, teacher: Path) -> Path:
     """encode and trajectories run normally; the critic already runs with the trap set."""
-    folder = tmp_path_factory.mktemp("sd-prepared")
-    params = sd.sd_params("sdxl", teacher={"path": str(teachers["sdxl"])},
+    params = sd.sd_params(family, teacher={"path": str(teacher)},
                           prompts={"source": str(sd.write_prompt_dataset(folder / "ds")), "text_column": "caption",
                                    "image_column": "image"})
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
@@ -238,6 +237,18 @@ def prepared(teachers, tmp_path_factory):
     _stage(folder, "trajectories", "--encode", "encode", "--out", "trajectories")
     _stage(folder, "critic", "--encode", "encode", "--trajectories", "trajectories", "--out", "critic", trap=True)
     return folder
+
+
+@pytest.fixture(scope="module")
+def prepared(teachers, tmp_path_factory):
+    return _prepare(tmp_path_factory.mktemp("sd-prepared"), "sdxl", teachers["sdxl"])
+
+
+@pytest.fixture(scope="module")
+def prepared_sd3(tmp_path_factory):
+    """The same for a tiny SD3 teacher (fewstep.sd.family's flow family)."""
+    folder = tmp_path_factory.mktemp("sd3-prepared")
+    return _prepare(folder, "sd3", sd.tiny_sd3(folder / "tiny-sd3"))
 
 
 @pytest.mark.slow
@@ -270,11 +281,14 @@ def test_torchrun_two_ranks_average_gradients_and_rank0_writes(prepared):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["dmd2", "dmd", "sid", "consistency"])
-def test_every_objective_distills_an_sd_teacher(prepared, objective):
-    """The objective registry serves the SD family as it serves the default: each objective trains a tiny
-    SDXL student through the distill stage (consistency on trajectories that keep their ODE states)."""
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_every_objective_distills_an_sd_teacher(request, family, objective):
+    """The objective registry serves every text-to-image family as it serves the default: each objective trains
+    a tiny SDXL (UNet, epsilon) and a tiny SD3 (transformer, flow velocity) student through the one distill stage
+    (consistency on trajectories that keep their ODE states); text encoders and the VAE never load."""
     import json
 
+    prepared = request.getfixturevalue("prepared" if family == "sdxl" else "prepared_sd3")
     params = yaml.safe_load((prepared / "params.yaml").read_text())
     params["distill"]["objective"] = objective
     params["trajectories"]["keep_states"] = objective == "consistency"
@@ -285,9 +299,29 @@ def test_every_objective_distills_an_sd_teacher(prepared, objective):
         trajectories = "trajectories-states"
         _stage(prepared, "trajectories", "--encode", "encode", "--out", trajectories, params=name)
     _stage(prepared, "distill", "--encode", "encode", "--trajectories", trajectories, "--critic", "critic/critic",
-           "--out", f"distill-{objective}", params=name)
+           "--out", f"distill-{objective}", params=name, trap=True)
     out = prepared / f"distill-{objective}"
     assert json.loads((out / "student/fewstep.json").read_text())["objective"] == objective
+    assert (out / "student" / ("unet" if family == "sdxl" else "transformer") / "config.json").is_file()
     rows = (out / "live/plots/metrics/generator/loss.tsv").read_text().split("\n")[1:]
     losses = [float(row.split("\t")[1]) for row in rows if row]
     assert losses and all(torch.isfinite(torch.tensor(losses))), losses
+
+
+@pytest.mark.slow
+def test_sd3_lora_student_keeps_the_flow_forward_and_saves_merged(prepared_sd3):
+    """A LoRA student of a transformer: only adapters train, the velocity -> x0 forward stays, and the saved
+    transformer has the adapters folded in."""
+    from diffusers import SD3Transformer2DModel
+
+    params = yaml.safe_load((prepared_sd3 / "params.yaml").read_text())
+    params["distill"]["lora"]["rank"] = 2
+    (prepared_sd3 / "params-lora.yaml").write_text(yaml.safe_dump(params))
+    out = _stage(prepared_sd3, "distill", "--encode", "encode", "--trajectories", "trajectories", "--critic",
+                 "critic/critic", "--out", "distill-lora", params="params-lora.yaml")
+    assert "lora rank 2" in out.stdout
+    merged = SD3Transformer2DModel.from_pretrained(prepared_sd3 / "distill-lora/student/transformer")
+    assert not any("lora" in name for name in merged.state_dict())
+    teacher = SD3Transformer2DModel.from_pretrained(prepared_sd3 / "tiny-sd3/transformer")
+    changed = [name for name, w in merged.state_dict().items() if not torch.equal(w, teacher.state_dict()[name])]
+    assert changed and all("attn" in name for name in changed), changed[:5]  # LoRA targets attention projections

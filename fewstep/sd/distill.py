@@ -14,11 +14,11 @@ from .. import objectives
 from ..hashing import Hasher
 from ..checkpoint import CHECKPOINTS, Checkpointer, GeneratorState, fingerprint
 from ..distill import fit
-from ..models import BottleneckTap, GanHead
+from ..models import GanHead
 from ..params import ParamsError
 from ..training import Minibatches
 from .. import fsdp, parallel
-from . import models, teacher as teachers
+from . import family as families, models, teacher as teachers
 from .denoiser import SDDenoiser
 from .store import CondSampler, Encoded, RealSampler, load_trajectories
 
@@ -54,12 +54,12 @@ def trajectory_batches(trajectories: dict, train: Encoded, batch_size: int, gene
 
 def load_student(path: Path, student_dir: Path | None, settings, negative, latent_size: int, device, run_p,
                  lora: bool, stage: str) -> SDDenoiser:
-    """The student: the teacher's UNet or a previous stage's student, optionally under LoRA adapters."""
+    """The student: the teacher's network or a previous stage's student, optionally under LoRA adapters."""
     # a LoRA student's base is frozen: stored like the teacher (bf16 on GPU); a full student trains in fp32
     dtype = models.frozen_dtype(device, run_p.precision) if lora else torch.float32
     ckpt = run_p.gradient_checkpointing
     if student_dir is None:
-        student = models.denoiser(teachers.load_unet(path, dtype), path, negative, device, run_p.precision, ckpt)
+        student = models.denoiser(_network(path, dtype), path, negative, device, run_p.precision, ckpt)
     else:
         student, info = models.load(student_dir, path, negative, device, run_p.precision, ckpt, dtype)
         if info["student_timesteps"] != list(settings.student_timesteps):
@@ -72,18 +72,22 @@ def load_student(path: Path, student_dir: Path | None, settings, negative, laten
     return student
 
 
+def _network(teacher_path: Path, dtype: torch.dtype = torch.float32):
+    return teachers.load_network(teacher_path, families.of_teacher(teacher_path).name, dtype)
+
+
 def load_critic(path: Path, critic_dir: Path | None, negative, device, run_p) -> tuple[SDDenoiser, GanHead]:
-    """The fake score and GAN head: from a previous stage, or the teacher's UNet and a fresh head."""
+    """The fake score and GAN head: from a previous stage, or the teacher's network and a fresh head."""
     ckpt = run_p.gradient_checkpointing
     if critic_dir is None:
-        fake = models.denoiser(teachers.load_unet(path), path, negative, device, run_p.precision, ckpt)
-        return fake, GanHead(fake.unet.config.block_out_channels[-1]).to(device)
+        fake = models.denoiser(_network(path), path, negative, device, run_p.precision, ckpt)
+        return fake, GanHead(families.of_teacher(path).gan_channels(fake.unet)).to(device)
     fake, _ = models.load(critic_dir, path, negative, device, run_p.precision, ckpt)
     return fake, GanHead.load(critic_dir).to(device)
 
 
 def _digest(model: SDDenoiser) -> str:
-    """xxh3 of the UNet's weight bytes: equal on every rank when gradients were averaged."""
+    """xxh3 of the network's weight bytes: equal on every rank when gradients were averaged."""
     return xxhash.xxh3_64_hexdigest(b"".join(w.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
                                              for w in model.unet.state_dict().values()))
 
@@ -115,7 +119,7 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
     latent_size = train.index["latent_shape"][1]
     student = load_student(path, student_dir, settings, train.negative, latent_size, build_on, run_p, lora, stage)
     fake, head = load_critic(path, critic_dir, train.negative, build_on, run_p)
-    tap = BottleneckTap(fake.unet)
+    tap = families.get(t.family).gan_tap(fake.unet)
     if sharded:
         fsdp.broadcast(head.to(device))  # a fresh head is random per rank; the UNets are the same files
         compute = models.AUTOCAST[run_p.precision]
@@ -137,7 +141,7 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
         trajectories=trajectory_batches(traj, train, settings.batch_size, generator, device),
         step_generator=torch.Generator().manual_seed(seed) if sharded or ranks > 1 else None)
     print(f"[{stage}] {t.family} student timesteps {list(settings.student_timesteps)} "
-          f"(sigmas {[round(s, 4) for s in sigmas]}), lora rank {settings.lora.rank if lora else 'off (full UNet)'}, "
+          f"(sigmas {[round(s, 4) for s in sigmas]}), lora rank {settings.lora.rank if lora else 'off (full network)'}, "
           f"real data: {'cached images' if train.latents is not None else 'teacher samples'}, "
           f"parallel: {run_p.parallel} on {ranks} process(es)", flush=True)
 

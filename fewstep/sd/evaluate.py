@@ -130,14 +130,16 @@ FEATURE_TIMESTEP = 200  # DDPM timestep at which the teacher's UNet looks at a s
 @torch.no_grad()
 def teacher_features(teacher: nn.Module, latents: torch.Tensor, cond, batch_size: int, device,
                      seed: int) -> torch.Tensor:
-    """(N, C) features every SD teacher gives with no other model: its UNet's mid-block output averaged over
-    space, for each latent noised to FEATURE_TIMESTEP (a fixed noise per image) under its own prompt. What
-    the teacher's denoiser sees of a sample; the stand-in for Inception when evaluate.fid.featurizer is unset."""
+    """(N, C) features every teacher gives with no other model: its UNet's mid-block output averaged over
+    space (a transformer's: its middle block's image tokens, averaged), for each latent noised to FEATURE_TIMESTEP
+    (a fixed noise per image) under its own prompt. What the teacher's denoiser sees of a sample; the stand-in
+    for Inception when evaluate.fid.featurizer is unset."""
     from ..sampling import batched
+    from .family import of_network
 
     captured: list[torch.Tensor] = []
-    hook = teacher.unet.mid_block.register_forward_hook(
-        lambda module, args, out: captured.append(out.float().mean(dim=(2, 3)).cpu()))
+    block, pool = of_network(teacher.unet).feature_block(teacher.unet)
+    hook = block.register_forward_hook(lambda module, args, out: captured.append(pool(out).cpu()))
     try:
         sigma = teacher.sigma_of(FEATURE_TIMESTEP)
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))

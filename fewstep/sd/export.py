@@ -8,6 +8,10 @@ guidance_scale=0)` generates as fewstep trained it.
   noise * sigma_999 / sqrt(sigma_999^2 + 1) = 0.9977 * noise: SD's schedule has no zero terminal SNR.
 - N = 1 (e.g. DMD2's t = 399 one-step SDXL): EulerDiscreteScheduler with a one-point Karras schedule at
   sigma_t and "trailing" spacing starts from noise * sigma_t and steps straight to x0 — exact.
+- Flow families (SD3): FlowMatchEulerDiscreteScheduler with `stochastic_sampling` — x0 = x_t - t v, then fresh
+  noise to the next t — at the student's own t, passed as the pipeline's `sigmas` (unshifted (i + 1) / 1000; the
+  scheduler applies the teacher's shift, giving the training t_i). The first input is pure noise at t = 1 where
+  fewstep's is at t = 1 - 1e-4 (fewstep.sd.flow.T_MAX): a 1e-4 difference in the first input's scale.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from pathlib import Path
 
 from ..io import write_json
 from ..params import ParamsError
-from . import teacher as teachers
+from . import family as families, teacher as teachers
 from .denoiser import alphas_cumprod, ve_sigmas
 
 
@@ -63,13 +67,28 @@ def student_scheduler(teacher_scheduler_config: dict, timesteps: list[int]):
     return scheduler
 
 
-def export(teacher_path: Path, family: str, student_unet, timesteps: list[int], out: Path) -> None:
-    """Write the teacher's pipeline with the student UNet and the student's scheduler to `out`."""
-    scheduler = student_scheduler(teachers.scheduler_config(teacher_path), timesteps)
-    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} if family == "sd15" else {}
-    pipe = teachers.pipeline_class(family).from_pretrained(teacher_path, unet=student_unet, scheduler=scheduler, **extra)
+def flow_student_scheduler(teacher_scheduler_config: dict, timesteps: list[int]):
+    """The flow student's sampler and the `sigmas` the pipeline passes it: x0, then fresh noise to the next t."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = {k: v for k, v in teacher_scheduler_config.items() if not k.startswith("_")}
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(_accepted(FlowMatchEulerDiscreteScheduler, config),
+                                                            stochastic_sampling=True)
+    steps = scheduler.config.num_train_timesteps
+    return scheduler, [(t + 1) / steps for t in timesteps]
+
+
+def export(teacher_path: Path, family: str, student_network, timesteps: list[int], out: Path) -> None:
+    """Write the teacher's pipeline with the student network and the student's scheduler to `out`."""
+    f = families.get(family)
+    call = {"num_inference_steps": len(timesteps), "guidance_scale": 0.0}
+    if f.flow:
+        scheduler, call["sigmas"] = flow_student_scheduler(teachers.scheduler_config(teacher_path), timesteps)
+    else:
+        scheduler = student_scheduler(teachers.scheduler_config(teacher_path), timesteps)
+    pipe = f.pipeline_class().from_pretrained(teacher_path, **{f.network: student_network}, scheduler=scheduler,
+                                              **teachers.pipeline_kwargs(teacher_path, family))
     pipe.save_pretrained(out)
-    write_json({"student_timesteps": list(timesteps), "num_inference_steps": len(timesteps), "guidance_scale": 0.0,
-                "teacher": str(teacher_path),
-                "usage": f"{type(pipe).__name__}.from_pretrained(dir)(prompt, num_inference_steps={len(timesteps)}, "
-                         f"guidance_scale=0.0)"}, out / "fewstep.json")
+    arguments = ", ".join(f"{k}={v!r}" for k, v in call.items())
+    write_json({"student_timesteps": list(timesteps), **call, "teacher": str(teacher_path),
+                "usage": f"{type(pipe).__name__}.from_pretrained(dir)(prompt, {arguments})"}, out / "fewstep.json")

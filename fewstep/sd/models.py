@@ -1,6 +1,7 @@
 """SD denoisers built from the teacher directory and the encode cache, and the student / critic layout:
 
-    <dir>/unet/          UNet2DConditionModel.save_pretrained (a LoRA student is saved merged)
+    <dir>/unet/          the network's save_pretrained (a LoRA student is saved merged); <dir>/transformer/
+                         for a transformer family (SD3)
     <dir>/fewstep.json   role, the student's conditioning timesteps, the teacher it came from
     <dir>/gan_head.*     the critic's GAN head (critic directories only)
 """
@@ -11,22 +12,20 @@ from pathlib import Path
 import torch
 
 from ..io import ArtifactError, read_json, write_json
-from . import teacher as teachers
-from .denoiser import SDCond, SDDenoiser, alphas_cumprod
+from . import family as families, teacher as teachers
+from .denoiser import SDCond, SDDenoiser
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def schedule(teacher_path: Path) -> torch.Tensor:
-    """abar_t of the teacher's training schedule."""
-    return alphas_cumprod(teachers.scheduler_config(teacher_path))
-
-
-def denoiser(unet, teacher_path: Path, negative: SDCond | None, device, precision: str = "fp32",
+def denoiser(network, teacher_path: Path, negative: SDCond | None, device, precision: str = "fp32",
              checkpointing: bool = False) -> SDDenoiser:
+    """The network behind its family's denoiser, on the teacher's training schedule."""
     if checkpointing:
-        unet.enable_gradient_checkpointing()
-    return SDDenoiser(unet, schedule(teacher_path), negative, autocast_dtype=AUTOCAST[precision]).to(device)
+        network.enable_gradient_checkpointing()
+    family = families.of_teacher(teacher_path)
+    return family.denoiser(network, teachers.scheduler_config(teacher_path), negative,
+                           autocast_dtype=AUTOCAST[precision]).to(device)
 
 
 class LoraDenoiser(SDDenoiser):
@@ -56,10 +55,20 @@ def with_lora(model: SDDenoiser, rank: int, alpha: float | None, target_modules:
 
     model.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
                                       target_modules=list(target_modules)))
-    model.__class__ = LoraDenoiser  # same state, LoRA-only parameters
+    model.__class__ = _lora_class(type(model))  # same state, LoRA-only parameters
     for p in model.parameters():
         p.data = p.data.float()  # the optimizer keeps fp32 adapters even over a bf16 base
     return model
+
+
+_LORA_CLASSES: dict[type, type] = {SDDenoiser: LoraDenoiser}
+
+
+def _lora_class(cls: type) -> type:
+    """LoraDenoiser over the denoiser's own class (a flow denoiser keeps its velocity -> x0 forward)."""
+    if cls not in _LORA_CLASSES:
+        _LORA_CLASSES[cls] = type(f"Lora{cls.__name__}", (LoraDenoiser, cls), {"__module__": __name__})
+    return _LORA_CLASSES[cls]
 
 
 def frozen_dtype(device, precision: str) -> torch.dtype:
@@ -69,33 +78,30 @@ def frozen_dtype(device, precision: str) -> torch.dtype:
 
 
 def teacher_nfe(steps: int, guidance: float) -> int:
-    """UNet evaluations per teacher sample: Heun's 2 * steps - 1, twice over under CFG."""
+    """Network evaluations per teacher sample: Heun's 2 * steps - 1, twice over under CFG."""
     return (2 * steps - 1) * (1 if guidance == 1 else 2)
 
 
 def teacher_denoiser(teacher_path: Path, negative: SDCond, device, precision: str = "fp32") -> SDDenoiser:
     """The frozen real score. On GPU with bf16/fp16 its weights are stored in that dtype (half the memory)."""
-    model = denoiser(teachers.load_unet(teacher_path, frozen_dtype(device, precision)), teacher_path, negative, device,
-                     precision)
+    family = families.of_teacher(teacher_path).name
+    model = denoiser(teachers.load_network(teacher_path, family, frozen_dtype(device, precision)), teacher_path, negative,
+                     device, precision)
     return model.requires_grad_(False).eval()
 
 
 def save(model: SDDenoiser, path: Path, role: str, **info) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    unet = model.merged_unet() if isinstance(model, LoraDenoiser) else model.unet
-    unet.save_pretrained(path / "unet")
+    network = model.merged_unet() if isinstance(model, LoraDenoiser) else model.unet
+    network.save_pretrained(path / families.of_network(network).network)
     write_json({"role": role, **info}, path / "fewstep.json")
 
 
 def load(path: Path, teacher_path: Path, negative: SDCond | None, device, precision: str = "fp32",
          checkpointing: bool = False, dtype: torch.dtype = torch.float32) -> tuple[SDDenoiser, dict]:
-    from diffusers import UNet2DConditionModel
-
-    for part in ("fewstep.json", "unet/config.json"):
+    family = families.of_teacher(teacher_path)
+    for part in ("fewstep.json", f"{family.network}/config.json"):
         if not (path / part).is_file():
-            raise ArtifactError(f"{path}: not a fewstep SD model directory (missing {part})")
-    try:
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ArtifactError(f"{path / 'unet'}: cannot load the UNet ({str(exc).splitlines()[0]})") from None
-    return denoiser(unet, teacher_path, negative, device, precision, checkpointing), read_json(path / "fewstep.json")
+            raise ArtifactError(f"{path}: not a fewstep {family.name.upper()} model directory (missing {part})")
+    network = teachers.load_network(path, family.name, dtype)
+    return denoiser(network, teacher_path, negative, device, precision, checkpointing), read_json(path / "fewstep.json")

@@ -1,7 +1,7 @@
-"""params.yaml schema of the Stable Diffusion pipelines (pipelines/sdxl, pipelines/sd15).
+"""params.yaml schema of the text-to-image pipelines (pipelines/sdxl, pipelines/sd15, pipelines/sd3).
 
 Same rules as fewstep.params: unknown keys, wrong types and impossible values fail at stage start with
-one line naming the dotted key. SDXL and SD1.5 share this schema; they differ in values only.
+one line naming the dotted key. SDXL, SD1.5 and SD3 share this schema; they differ in values only.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class SDRunParams(RunParams):
 
 class TeacherParams(Section):
     path: str                                # a local diffusers pipeline directory (or a hub id, network permitting)
-    family: Literal["sdxl", "sd15"] = "sdxl"  # which pipeline layout teacher.path must have
+    family: Literal["sdxl", "sd15", "sd3"] = "sdxl"  # which pipeline layout teacher.path must have (fewstep/sd/family.py)
 
 
 class PromptsParams(Section):

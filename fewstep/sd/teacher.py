@@ -1,7 +1,7 @@
-"""The teacher: an existing diffusers Stable Diffusion pipeline directory, checked before anything loads.
+"""The teacher: an existing diffusers text-to-image pipeline directory (SDXL, SD1.5, SD3), checked before anything loads.
 
 Stages load only the parts they need — encode the text encoders and the VAE, the training stages only
-the UNet and the scheduler config — so a training stage never instantiates a text encoder or the VAE.
+the denoising network and the scheduler config — so a training stage never instantiates a text encoder or the VAE.
 """
 from __future__ import annotations
 
@@ -13,20 +13,9 @@ import torch
 
 from ..io import ArtifactError, read_json
 from ..params import ParamsError
+from . import family as families
 
-# family -> (pipeline classes accepted in model_index.json, components the directory must have)
-FAMILIES = {
-    "sdxl": ({"StableDiffusionXLPipeline"},
-             ("unet", "vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")),
-    "sd15": ({"StableDiffusionPipeline"}, ("unet", "vae", "scheduler", "text_encoder", "tokenizer")),
-}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-def pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
 
 
 def resolve(path: str, family: str) -> Path:
@@ -43,14 +32,14 @@ def resolve(path: str, family: str) -> Path:
         raise ArtifactError(f"teacher.path: {path} is a file, not a diffusers pipeline directory")
     if not (local / "model_index.json").is_file():
         raise ArtifactError(f"teacher.path: {path} is not a diffusers pipeline directory (no model_index.json)")
-    classes, components = FAMILIES[family]
+    expected = families.get(family)
     found = read_json(local / "model_index.json").get("_class_name")
-    if found not in classes:
-        other = next((f for f, (c, _) in FAMILIES.items() if found in c), None)
+    if found != expected.pipeline:
+        other = next((f.name for f in families.FAMILIES.values() if found == f.pipeline), None)
         hint = f"; set teacher.family: {other}" if other else ""
         raise ArtifactError(f"teacher.path: {path} holds a {found}, not an {family.upper()} pipeline "
-                            f"({' or '.join(sorted(classes))}){hint}")
-    missing = [c for c in components if not (local / c).is_dir()]
+                            f"({expected.pipeline}){hint}")
+    missing = [c for c in expected.components if not (local / c).is_dir()]
     if missing:
         raise ArtifactError(f"teacher.path: {path} is not a complete {family.upper()} pipeline (missing {', '.join(missing)})")
     return local
@@ -67,13 +56,13 @@ def _download(repo_id: str) -> Path:
                             f"from the hub ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
 
 
-def load_unet(path: Path, dtype: torch.dtype = torch.float32):
-    from diffusers import UNet2DConditionModel
-
+def load_network(path: Path, family: str, dtype: torch.dtype = torch.float32):
+    """The denoising network (a UNet, or a transformer) of a teacher, student or critic directory."""
+    folder = families.network_dir(path)
     try:
-        return UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+        return families.get(family).network_class().from_pretrained(folder, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ArtifactError(f"{path / 'unet'}: cannot load the UNet ({str(exc).splitlines()[0]})") from None
+        raise ArtifactError(f"{folder}: cannot load the {family.upper()} network ({str(exc).splitlines()[0]})") from None
 
 
 def load_vae(path: Path):
@@ -90,12 +79,20 @@ def scheduler_config(path: Path) -> dict:
 
 
 def load_text_pipeline(path: Path, family: str):
-    """The pipeline with its tokenizers and text encoders only (no UNet, no VAE): for `encode_prompt`."""
-    extra = {"safety_checker": None, "feature_extractor": None} if family == "sd15" else {}
+    """The pipeline with its tokenizers and text encoders only (no denoising network, no VAE): for `encode_prompt`."""
+    f = families.get(family)
     try:
-        return pipeline_class(family).from_pretrained(path, unet=None, vae=None, **extra)
+        return f.pipeline_class().from_pretrained(path, **{f.network: None, "vae": None}, **pipeline_kwargs(path, family))
     except (OSError, ValueError, RuntimeError) as exc:
         raise ArtifactError(f"{path}: cannot load the text encoders ({str(exc).splitlines()[0]})") from None
+
+
+def pipeline_kwargs(path: Path, family: str) -> dict:
+    """from_pretrained's extra arguments: the family's, and None for each component the directory saved as absent
+    (an SD3 directory without T5 lists text_encoder_3: [null, null], which from_pretrained will not fill itself)."""
+    index = read_json(path / "model_index.json")
+    absent = {name: None for name, entry in index.items() if entry == [None, None]}
+    return {**absent, **dict(families.get(family).pipeline_kwargs)}
 
 
 def vae_factor(path: Path) -> int:
@@ -103,13 +100,21 @@ def vae_factor(path: Path) -> int:
     return 2 ** (len(read_json(path / "vae" / "config.json")["block_out_channels"]) - 1)
 
 
+def network_config(path: Path) -> dict:
+    return read_json(families.network_dir(path) / "config.json")
+
+
 def native_resolution(path: Path) -> int:
-    """The teacher's default image side: UNet sample size times the VAE's downsampling factor."""
-    return int(read_json(path / "unet" / "config.json")["sample_size"]) * vae_factor(path)
+    """The teacher's default image side: the network's sample size times the VAE's downsampling factor."""
+    return int(network_config(path)["sample_size"]) * vae_factor(path)
 
 
-def latent_shape(path: Path, resolution: int) -> list[int]:
+def latent_shape(path: Path, resolution: int, family: str) -> list[int]:
     factor = vae_factor(path)
     if resolution % factor:
         raise ParamsError(f"encode.resolution must be a multiple of the VAE's factor {factor}, got {resolution}")
-    return [int(read_json(path / "unet" / "config.json")["in_channels"]), resolution // factor, resolution // factor]
+    config = network_config(path)
+    problem = families.get(family).check_latent_side(config, resolution // factor)
+    if problem:
+        raise ParamsError(f"encode.resolution {resolution}: {problem}")
+    return [int(config["in_channels"]), resolution // factor, resolution // factor]

@@ -1,10 +1,10 @@
-"""encode: prompts -> text conditioning (both SDXL encoders, pooled embedding included), real images ->
+"""encode: prompts -> text conditioning (every text encoder of the family, pooled embedding included), real images ->
 VAE latents, cached as sharded safetensors. No later stage runs a text encoder or the VAE encoder."""
 from pathlib import Path
 
 
 from fewstep.io import atomic_output, write_json
-from fewstep.sd import encode, prompts, store, teacher
+from fewstep.sd import encode, family as families, prompts, store, teacher
 
 
 def main(params, args, device):
@@ -13,7 +13,7 @@ def main(params, args, device):
     train, held_out = prompts.split(prompts.load_prompts(p.source, p.text_column, p.image_column),
                                     p.eval_count, params.seed, p.max_prompts)
     resolution = e.resolution or teacher.native_resolution(path)
-    latent_shape = teacher.latent_shape(path, resolution)
+    latent_shape = teacher.latent_shape(path, resolution, t.family)
     print(f"[encode] {t.family} teacher {path}: {len(train.texts)} train / {len(held_out.texts)} held-out prompts, "
           f"{resolution}px, real images: {'yes' if train.images else 'no'}", flush=True)
     pipe = teacher.load_text_pipeline(path, t.family).to(device)
@@ -22,7 +22,7 @@ def main(params, args, device):
     with atomic_output(args.out) as out:
         out.mkdir()
         index = {"family": t.family, "teacher": str(t.path), "resolution": resolution, "latent_shape": latent_shape,
-                 "time_ids": encode.sdxl_time_ids(resolution) if t.family == "sdxl" else None}
+                 "time_ids": encode.sdxl_time_ids(resolution) if families.get(t.family).time_ids else None}
         for name, split in (("train", train), ("eval", held_out)):
             cond = encode.encode_texts(pipe, split.texts, t.family, e.batch_size, device)
             columns = {"embeds": cond.embeds, "pooled": cond.pooled}

@@ -83,7 +83,7 @@ def main(params, args, device):
                                       for name, x in latents.items()}
         for name, values in evaluate.fidelity(fidelity_space, images, rounds).items():
             scores[name].update(values)
-        metrics["fidelity_features"] = p.fid.featurizer or f"teacher UNet mid-block, t={evaluate.FEATURE_TIMESTEP}"
+        metrics["fidelity_features"] = p.fid.featurizer or f"teacher network's middle block, t={evaluate.FEATURE_TIMESTEP}"
     else:
         skipped.append("fid_t: skipped (set trajectories.eval_per_prompt >= 2: the teacher's other samples of a "
                        "prompt are FID-T's reference)")

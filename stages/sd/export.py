@@ -1,7 +1,7 @@
-"""export: the deliverable — the teacher's diffusers pipeline with the student UNet and a scheduler that
-replays the student's timesteps; `StableDiffusionXLPipeline.from_pretrained(out)` (or
-StableDiffusionPipeline for SD1.5) loads it and generates with num_inference_steps = the student's steps,
-guidance_scale = 0."""
+"""export: the deliverable — the teacher's diffusers pipeline with the student network and a scheduler that
+replays the student's timesteps; `StableDiffusionXLPipeline.from_pretrained(out)` (StableDiffusionPipeline for
+SD1.5, StableDiffusion3Pipeline for SD3) loads it and generates with num_inference_steps = the student's steps,
+guidance_scale = 0 (out/fewstep.json holds the exact call)."""
 from pathlib import Path
 
 from fewstep.io import ArtifactError, atomic_output, read_json
@@ -13,9 +13,9 @@ def main(params, args, device):
     info = read_json(args.student / "fewstep.json")
     if info.get("role") != "student":
         raise ArtifactError(f"{args.student}: not a student model directory (role {info.get('role')!r})")
-    unet = teachers.load_unet(args.student)
+    network = teachers.load_network(args.student, params.teacher.family)
     with atomic_output(args.out) as out:
-        export.export(path, params.teacher.family, unet, info["student_timesteps"], out)
+        export.export(path, params.teacher.family, network, info["student_timesteps"], out)
     print(f"[export] {params.teacher.family} pipeline, {len(info['student_timesteps'])} steps at "
           f"{info['student_timesteps']} -> {args.out}", flush=True)
 

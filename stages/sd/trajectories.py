@@ -42,7 +42,7 @@ def main(params, args, device):
     model = models.teacher_denoiser(path, splits["train"].negative, device, params.run.precision)
     nfe = models.teacher_nfe(p.sampling_steps, p.guidance)
     print(f"[trajectories] {p.num_samples} train + {len(splits['eval'].texts) * p.eval_per_prompt} eval teacher "
-          f"samples, {p.sampling_steps} Heun steps, guidance {p.guidance} ({nfe} UNet evaluations each)", flush=True)
+          f"samples, {p.sampling_steps} Heun steps, guidance {p.guidance} ({nfe} network evaluations each)", flush=True)
     shape = splits["train"].index["latent_shape"]
     index = {"sampling_steps": p.sampling_steps, "guidance": p.guidance, "nfe": nfe}
     with atomic_output(args.out) as out:
