@@ -61,6 +61,7 @@ def run_variant(name: str, overrides: dict, base_sets: dict) -> dict:
     for stage in STAGES:
         cmd = stages[stage]["cmd"].replace("${run.launcher}", params["run"]["launcher"])
         cmd = cmd.replace("python stages/", f"{sys.executable} {ROOT}/stages/", 1)
+        cmd = cmd.replace("--trainer fewstep/", f"--trainer {ROOT}/fewstep/")  # the family's trainer module
         start = time.perf_counter()
         with open(folder / f"{stage}.log", "w") as log:
             proc = subprocess.run(cmd, shell=True, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from . import objectives, parallel
+from . import objectives, parallel, runtime
 from .hashing import Hasher
 from .checkpoint import CHECKPOINTS, Checkpointer, GeneratorState, fingerprint
 from .curves import QualityCurve
@@ -116,6 +116,23 @@ class EmaSimulator:
             self.ema.copy_to(self.module.parameters())
             self.stale = False
         return self.module
+
+
+# --- the EDM family's trainer for the shared stage scripts (fewstep.families) ---------------------------
+
+INPUTS = {"teacher": "the teacher stage's model directory", "prepare": "the prepare stage's output"}
+
+
+def launch(stage: str, main, configure) -> None:
+    runtime.run(stage, main, configure)
+
+
+def train_stage(params, settings, args, *, stage: str, out: Path, device: torch.device, generator: torch.Generator,
+          autocast, student_dir: Path | None = None, critic_dir: Path | None = None,
+          train_generator: bool = True) -> dict[str, float]:
+    return run(settings, teacher_dir=args.teacher, prepare_dir=args.prepare, out=out, generator=generator,
+               device=device, stage=stage, student_dir=student_dir, critic_dir=critic_dir,
+               trajectories_dir=args.trajectories, train_generator=train_generator, autocast=autocast)
 
 
 def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: torch.Generator,

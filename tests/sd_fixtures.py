@@ -158,6 +158,18 @@ def _load_tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(folder)
 
 
+TRAINING_STAGES = ("critic", "distill", "finetune")  # shared by every family: stages/<name>.py + the trainer
+
+
+def stage_script(name: str, root: Path | None = None) -> list[str]:
+    """A text-to-image stage's command start: stages/sd/<name>.py, or for a shared training stage
+    stages/<name>.py with the text-to-image trainer (as pipelines/sdxl/dvc.yaml runs them)."""
+    root = Path(root or ROOT)
+    if name in TRAINING_STAGES:
+        return [str(root / f"stages/{name}.py"), "--trainer", str(root / "fewstep/sd/distill.py")]
+    return [str(root / f"stages/sd/{name}.py")]
+
+
 def write_prompt_file(path: Path, prompts: list[str] = PROMPTS) -> Path:
     path.write_text("\n".join(prompts) + "\n")
     return path

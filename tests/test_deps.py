@@ -1,6 +1,7 @@
 """Stage deps derived from the code: `fewstep deps` checks them, and DVC reruns exactly the stages that
 import an edited file."""
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,31 @@ def copy_repo(dest: Path) -> Path:
 
 def test_every_pipeline_lists_exactly_the_code_its_stages_import():
     assert [p.relative_to(ROOT).as_posix() for p in pipeline_files(ROOT)][:1] == ["dvc.yaml"]
-    # the default plus the SD pipelines' one dvc.yaml (pipelines/sd15's is a link to it: listed once)
+    # the default plus the text-to-image pipelines' one dvc.yaml (sd15's and sd3's link to it: listed once)
     assert [p.relative_to(ROOT).as_posix() for p in pipeline_files(ROOT)] == ["dvc.yaml", "pipelines/sdxl/dvc.yaml"]
-    assert (ROOT / "pipelines/sd15/dvc.yaml").is_symlink()
+    assert (ROOT / "pipelines/sd15/dvc.yaml").is_symlink() and (ROOT / "pipelines/sd3/dvc.yaml").is_symlink()
     assert check(ROOT) == []
+
+
+def test_shared_training_stages_depend_on_their_familys_trainer_only():
+    """stages/critic.py, distill.py and finetune.py serve every family; the trainer module named by the command
+    (--trainer) brings its family's code into that pipeline's deps and nothing of the other family's."""
+    default = {s.stage: set(s.expected) for s in stage_deps(ROOT / "dvc.yaml", ROOT)}
+    sd = {s.stage: set(s.expected) for s in stage_deps(ROOT / "pipelines/sdxl/dvc.yaml", ROOT)}
+    for stage in ("critic", "distill", "finetune"):
+        assert {f"stages/{stage}.py", "fewstep/distill.py", "fewstep/families.py"} <= default[stage]
+        assert not any(f.startswith("fewstep/sd/") for f in default[stage]), stage
+        assert {f"../../stages/{stage}.py", "../../fewstep/sd/distill.py", "../../fewstep/sd/family.py",
+                "../../fewstep/sd/flow.py"} <= sd[stage], sd[stage]
+    assert not list((ROOT / "stages/sd").glob("critic.py")) and not list((ROOT / "stages/sd").glob("distill.py"))
+
+
+def test_a_trainer_that_is_not_one_is_refused_in_one_line(tmp_path):
+    proc = run([sys.executable, str(ROOT / "stages/distill.py"), "--trainer", str(ROOT / "fewstep/io.py"), "--help"],
+               tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"--trainer {ROOT / 'fewstep/io.py'}: not a fewstep trainer module (expected fewstep/distill.py or "
+        "fewstep/sd/distill.py: a module with INPUTS, launch and train_stage)"], proc.stderr
 
 
 def test_fine_grained_evaluation_code_is_not_a_dep_of_training():

@@ -56,7 +56,7 @@ ARGS = ["--encode", "encode", "--trajectories", "trajectories", "--critic", "cri
 
 def _stage(folder: Path, name: str, *args: str, launcher=TORCHRUN, params="params.yaml", env=None,
            check=True) -> subprocess.CompletedProcess:
-    cmd = [*launcher, str(ROOT / f"stages/sd/{name}.py"), "--params", params, *args]
+    cmd = [*launcher, *sd.stage_script(name), "--params", params, *args]
     proc = subprocess.run(cmd, cwd=folder, env={**sd.project_env(ROOT), **(env or {})}, capture_output=True, text=True)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -92,7 +92,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def _kill_at(folder: Path, checkpoints: Path, step: int, out: str) -> None:
     """Start 2 FSDP ranks; SIGKILL torchrun and both ranks once the sharded checkpoint reaches `step`."""
     states = lambda: list(checkpoints.glob("*-distill/state.json"))  # <pipeline>-distill
-    proc = subprocess.Popen([*TORCHRUN, str(ROOT / "stages/sd/distill.py"), "--params", "params.yaml", *ARGS,
+    proc = subprocess.Popen([*TORCHRUN, *sd.stage_script("distill"), "--params", "params.yaml", *ARGS,
                              "--out", out], cwd=folder, env={**sd.project_env(ROOT), "FEWSTEP_CHECKPOINT_DIR": str(checkpoints)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run, run_stage, tiny_params, write_params
+from conftest import ROOT, STAGE_ARGS, run, run_stage, tiny_params, write_params
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -53,11 +53,9 @@ def test_two_process_distillation_runs_and_saves_once(tmp_path):
     for stage, args in (("prepare", ["--out", "prepare"]), ("teacher", ["--prepare", "prepare", "--out", "teacher"]),
                         ("trajectories", ["--teacher", "teacher/model", "--out", "trajectories"])):
         run_stage(stage, tmp_path, *args)
-    run([*TORCHRUN, str(ROOT / "stages/critic.py"), "--params", "params.yaml", "--teacher", "teacher/model",
-         "--prepare", "prepare", "--out", "critic"], tmp_path)
-    proc = run([*TORCHRUN, str(ROOT / "stages/distill.py"), "--params", "params.yaml", "--teacher", "teacher/model",
-                "--prepare", "prepare", "--critic", "critic/critic", "--trajectories", "trajectories",
-                "--out", "distill"], tmp_path)
+    run([*TORCHRUN, str(ROOT / "stages/critic.py"), "--params", "params.yaml", *STAGE_ARGS["critic"]], tmp_path)
+    proc = run([*TORCHRUN, str(ROOT / "stages/distill.py"), "--params", "params.yaml", *STAGE_ARGS["distill"]],
+               tmp_path)
     assert "batch=4x1" in proc.stdout  # 8 samples per update, 4 on each of the 2 processes
     assert (tmp_path / "distill/student/unet/diffusion_pytorch_model.safetensors").is_file()
     assert (tmp_path / "distill/live/plots/metrics/generator/dm.tsv").is_file()

@@ -220,7 +220,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def _stage(folder, name, *args, trap=False, launcher=(sys.executable,), params="params.yaml"):
-    cmd = [*launcher, *(["-c", FORBID] if trap else []), str(ROOT / f"stages/sd/{name}.py"), "--params", params,
+    cmd = [*launcher, *(["-c", FORBID] if trap else []), *sd.stage_script(name), "--params", params,
            *args]
     proc = subprocess.run(cmd, cwd=folder, env=sd.project_env(ROOT), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -92,6 +92,28 @@ def _digest(model: SDDenoiser) -> str:
                                              for w in model.unet.state_dict().values()))
 
 
+# --- the text-to-image families' trainer for the shared stage scripts (fewstep.families) --------------
+
+INPUTS = {"encode": "the encode stage's output (cached text conditioning and latents)"}
+
+
+def launch(stage: str, main, configure) -> None:
+    from . import launch as start
+
+    start.run(stage, main, configure)
+
+
+def train_stage(params, settings, args, *, stage: str, out: Path, device: torch.device, generator: torch.Generator,
+          autocast, student_dir: Path | None = None, critic_dir: Path | None = None,
+          train_generator: bool = True) -> dict[str, float]:
+    if args.trajectories is None:
+        raise ParamsError(f"{stage}: --trajectories is required for a text-to-image teacher (the GAN's real "
+                          "data when the prompts have no images, and the regression objectives' pairs)")
+    return run(params, settings, stage=stage, encode_dir=args.encode, trajectories_dir=args.trajectories, out=out,
+               device=device, generator=generator, pipeline=Path(args.params).resolve().parent.name,
+               student_dir=student_dir, critic_dir=critic_dir, train_generator=train_generator, autocast=autocast)
+
+
 def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Path, out: Path, device: torch.device,
         generator: torch.Generator, pipeline: str, student_dir: Path | None = None, critic_dir: Path | None = None,
         train_generator: bool = True,

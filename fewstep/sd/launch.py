@@ -5,7 +5,6 @@ params.yaml stay relative to the repository root, so a stage makes its path argu
 continues there."""
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 
@@ -14,13 +13,14 @@ from .params import SDParams
 
 
 def run(stage: str, main, configure) -> None:
-    """runtime.run with the SD schema, `main` running from the repository root (<root>/stages/sd/<stage>.py)."""
-    root = Path(inspect.getfile(main)).resolve().parents[2]
+    """runtime.run with the SD schema, `main` running from the repository root (the folder above fewstep/)."""
+    root = Path(__file__).resolve().parents[2]
 
     def from_root(params, args, device):
         for name, value in vars(args).items():
             if isinstance(value, Path):
                 setattr(args, name, Path(os.path.relpath(value.absolute(), root)))
+        args.params = os.path.relpath(Path(args.params).absolute(), root)  # its folder names the pipeline
         os.chdir(root)
         main(params, args, device)
 
