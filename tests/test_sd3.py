@@ -111,3 +111,11 @@ def test_sd3_exported_pipeline_replays_the_student(tmp_path):
                 x0 = student(noise * sigma, sigma, SDCond(embeds, pooled))
             torch.testing.assert_close(latents, x0, atol=5e-3, rtol=5e-3)
         assert torch.isfinite(latents).all()
+
+
+def test_sd3_a_resolution_dependent_shift_is_refused_in_one_line():
+    from fewstep.io import ArtifactError
+    from fewstep.sd.flow import flow_sigmas
+
+    with pytest.raises(ArtifactError, match=r"^scheduler/scheduler_config.json: use_dynamic_shifting is true"):
+        flow_sigmas({"shift": 3.0, "use_dynamic_shifting": True})

@@ -22,10 +22,10 @@ from diffusers import DDPMScheduler, EDMEulerScheduler, UNet2DConditionModel
 
 @dataclass
 class SDCond:
-    """A batch of cached text conditioning. SDXL fills `pooled` and `time_ids`; SD1.5 leaves them None."""
+    """A batch of cached text conditioning. SDXL fills `pooled` and `time_ids`, SD3 `pooled`; SD1.5 leaves them None."""
 
     embeds: torch.Tensor                 # (B, tokens, dim) encoder hidden states
-    pooled: torch.Tensor | None = None   # (B, dim) SDXL pooled text embedding
+    pooled: torch.Tensor | None = None   # (B, dim) pooled text embedding (SDXL, SD3)
     time_ids: torch.Tensor | None = None  # (B, 6) SDXL size / crop conditioning
 
     def _map(self, fn) -> "SDCond":

@@ -30,6 +30,12 @@ def shifted(t: torch.Tensor, shift: float) -> torch.Tensor:
 
 def flow_sigmas(scheduler_config: dict) -> torch.Tensor:
     """VE sigmas of the training timesteps 0..T-1, float64, increasing."""
+    if scheduler_config.get("use_dynamic_shifting"):
+        from ..io import ArtifactError
+
+        # the shift then depends on the image's token count (mu), which a fixed noise table cannot hold
+        raise ArtifactError("scheduler/scheduler_config.json: use_dynamic_shifting is true (a resolution-dependent "
+                            "shift, as Flux uses); fewstep's flow family supports a static `shift` (SD3, SD3.5)")
     steps = scheduler_config.get("num_train_timesteps", 1000)
     t = shifted(torch.arange(1, steps + 1, dtype=torch.float64) / steps, scheduler_config.get("shift", 1.0))
     t = t.clamp(max=T_MAX)
