@@ -20,22 +20,27 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the fewstep package
-
-
 def load_trainer(path: Path):
-    """The trainer module at `path` (a file of the fewstep package), imported under its own name so it is the
-    module the rest of the code imports; one line if the file is not one."""
+    """The trainer module at `path`, imported under its dotted name (fewstep/sd/distill.py -> fewstep.sd.distill)
+    so that it is the module the rest of the code imports. Python may import the package from another copy than
+    the one the command names (a project whose PYTHONPATH points at a checkout); that is accepted only when the
+    two files are byte-identical, so the code that runs is the code the stage's deps hash. One line otherwise."""
     file = Path(path).resolve()
-    try:
-        name = ".".join(file.relative_to(PACKAGE_ROOT).with_suffix("").parts)
-        module = pkgutil.resolve_name(name) if file.suffix == ".py" and name.startswith("fewstep.") else None
-    except (ValueError, ImportError):
-        module = None
-    if module is None or Path(module.__file__).resolve() != file or not all(
-            hasattr(module, attr) for attr in ("INPUTS", "launch", "train_stage")):
+    top = next((p for p in file.parents if (p / "fewstep" / "__init__.py").is_file()), None)
+    name = ".".join(file.relative_to(top).with_suffix("").parts) if top is not None else ""
+    module = None
+    if file.is_file() and file.suffix == ".py" and name.startswith("fewstep."):
+        try:
+            module = pkgutil.resolve_name(name)
+        except ImportError:
+            module = None
+    if module is None or not all(hasattr(module, attr) for attr in ("INPUTS", "launch", "train_stage")):
         sys.exit(f"--trainer {path}: not a fewstep trainer module (expected fewstep/distill.py or "
                  f"fewstep/sd/distill.py: a module with INPUTS, launch and train_stage)")
+    imported = Path(module.__file__).resolve()
+    if imported != file and imported.read_bytes() != file.read_bytes():
+        sys.exit(f"--trainer {path}: Python imports {name} from {imported}, which differs from the named file "
+                 f"(put the named file's project first on PYTHONPATH)")
     return module
 
 

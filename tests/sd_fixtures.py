@@ -375,14 +375,14 @@ def assets(tmp_path_factory):
             "inception": tiny_inception(root / "inception.pt"), "captions": write_caption_folder(root / "coco-tiny")}
 
 
-def sdxl_project(tmp_path: Path, assets: dict, **sections) -> Path:
-    """The SDXL pipeline on a prompt dataset with images, CLIP score and FID configured, and the text-to-image
-    benchmark on a tiny caption folder with an Inception stand-in."""
+def sdxl_project(tmp_path: Path, assets: dict, name: str = "sdxl", **sections) -> Path:
+    """The SDXL (or another family's) pipeline on a prompt dataset with images, CLIP score and FID configured, and
+    the text-to-image benchmark on a tiny caption folder with an Inception stand-in."""
     benchmark = {"source": str(assets["captions"]), "featurizer": str(assets["inception"]), "clip_path": str(assets["clip"]),
                  "count": 0, "batch_size": 4, "bootstrap": 10, "grid_size": 2, **sections.pop("benchmark", {})}
-    params = sd_params("sdxl", **{"prompts": {"text_column": "caption", "image_column": "image"},
-                                  "evaluate": {"clip_path": str(assets["clip"]),
-                                               "fid": {"featurizer": str(assets["featurizer"]),
-                                                       "reference": str(assets["reference"])}},
-                                  "benchmark": benchmark, **sections})
-    return make_sd_project(tmp_path / "project", "sdxl", params, assets["sdxl"], assets["dataset"])
+    params = sd_params(name, **{"prompts": {"text_column": "caption", "image_column": "image"},
+                                "evaluate": {"clip_path": str(assets["clip"]),
+                                             "fid": {"featurizer": str(assets["featurizer"]),
+                                                     "reference": str(assets["reference"])}},
+                                "benchmark": benchmark, **sections})
+    return make_sd_project(tmp_path / "project", name, params, assets[name], assets["dataset"])

@@ -52,6 +52,13 @@ def test_a_trainer_that_is_not_one_is_refused_in_one_line(tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         f"--trainer {ROOT / 'fewstep/io.py'}: not a fewstep trainer module (expected fewstep/distill.py or "
         "fewstep/sd/distill.py: a module with INPUTS, launch and train_stage)"], proc.stderr
+    # a copy of the trainer is accepted while it is the file Python imports, byte for byte
+    shutil.copytree(ROOT / "fewstep", tmp_path / "fewstep", ignore=shutil.ignore_patterns("__pycache__"))
+    copy = tmp_path / "fewstep/distill.py"
+    assert run([sys.executable, str(ROOT / "stages/distill.py"), "--trainer", str(copy), "--help"], tmp_path).returncode == 0
+    copy.write_text(copy.read_text() + "# edited\n")
+    proc = run([sys.executable, str(ROOT / "stages/distill.py"), "--trainer", str(copy), "--help"], tmp_path, check=False)
+    assert proc.returncode == 1 and "differs from the named file" in proc.stderr, proc.stderr
 
 
 def test_fine_grained_evaluation_code_is_not_a_dep_of_training():
