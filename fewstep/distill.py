@@ -132,13 +132,15 @@ def train_stage(params, settings, args, *, stage: str, out: Path, device: torch.
           train_generator: bool = True) -> dict[str, float]:
     return run(settings, teacher_dir=args.teacher, prepare_dir=args.prepare, out=out, generator=generator,
                device=device, stage=stage, student_dir=student_dir, critic_dir=critic_dir,
-               trajectories_dir=args.trajectories, train_generator=train_generator, autocast=autocast)
+               trajectories_dir=args.trajectories, train_generator=train_generator, autocast=autocast,
+               pipeline=runtime.pipeline_name(args.params))
 
 
 def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: torch.Generator,
         device: torch.device, stage: str, student_dir: Path | None = None, critic_dir: Path | None = None,
         trajectories_dir: Path | None = None, train_generator: bool = True,
-        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, float]:
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        pipeline: str = "default") -> dict[str, float]:
     """Train per `params` and write student/ (if trained), critic/ and live/ under `out`.
     Under torchrun each rank draws its own noise and labels for batch_size / ranks samples, gradients are
     averaged (the global batch stays `batch_size`)."""
@@ -177,7 +179,8 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
     inputs = [d for d in (teacher_dir, prepare_dir, student_dir, critic_dir, trajectories_dir, init_dir) if d is not None]
     hasher = Hasher()
     key = fingerprint(stage, params.model_dump(mode="json"), train_generator, [hasher.tree(d) for d in inputs])
-    checkpoint = Checkpointer(CHECKPOINTS / parallel.checkpoint_name(stage), params.checkpoint_every, key, logs=out / "live")
+    checkpoint = Checkpointer(CHECKPOINTS / parallel.checkpoint_name(pipeline, stage), params.checkpoint_every, key,
+                              logs=out / "live")
     curve = None
     if train_generator and params.eval_every and trajectories_dir is not None:
         curve = QualityCurve(prepare_dir, trajectories_dir, sigmas, params.eval_samples,

@@ -55,10 +55,13 @@ def synchronize(*modules: nn.Module) -> None:
                 param.register_post_accumulate_grad_hook(_average)
 
 
-def checkpoint_name(stage: str) -> str:
-    """Each rank resumes its own random streams: one checkpoint folder per rank when there are several."""
+def checkpoint_name(pipeline: str, stage: str, per_rank: bool = True) -> str:
+    """The checkpoint folder of a pipeline's stage (`default-teacher`, `sdxl-distill`), for every family. Each
+    rank resumes its own random streams: one folder per rank when there are several, unless the checkpoint is
+    sharded (an FSDP checkpoint reshards across rank counts)."""
     rank, size = world()
-    return stage if size == 1 else f"{stage}-rank{rank}of{size}"
+    name = f"{pipeline}-{stage}"
+    return name if size == 1 or not per_rank else f"{name}-rank{rank}of{size}"
 
 
 def per_rank(settings, stage: str, generator: torch.Generator):

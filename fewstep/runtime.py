@@ -39,6 +39,14 @@ def autocast_factory(params: Params, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
+def pipeline_name(params_file: str) -> str:
+    """The pipeline a params file configures: its folder's name under pipelines/, else "default"."""
+    from pathlib import Path
+
+    folder = Path(params_file).resolve().parent
+    return folder.name if folder.parent.name == "pipelines" else "default"
+
+
 def seeded(seed: int, salt: str) -> torch.Generator:
     """A generator per purpose, so adding a random draw in one place never shifts another's stream."""
     import zlib

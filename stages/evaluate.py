@@ -12,7 +12,7 @@ from fewstep.grid import save_grid
 from fewstep.io import atomic_output, load_trajectories, write_json
 from fewstep.data import load_prepared
 from fewstep.distances import fid, kid, pixel_view
-from fewstep.metrics import Evaluator, fid_kid, over_seeds
+from fewstep.metrics import Evaluator, fid_kid, latency_ms, over_seeds
 from fewstep.models import Featurizer, load_model
 from fewstep.sampling import batched, heun_sample, student_sigmas_for
 
@@ -95,7 +95,7 @@ def main(params, args, device):
     metrics = {}
     real, reference = evaluator.real_features, features["teacher"][0]  # FID-T's reference: the teacher, seed 0
     for name in samplers:
-        latency = float(torch.tensor(timings[name]).median())
+        latency = latency_ms(timings[name])
         own = features[name][1:] if name == "teacher" else features[name]  # the teacher against its other seeds
         metrics[name] = {**mean_over_seeds(runs[name]),
                          **over_seeds({"fid": [r["fid"] for r in runs[name]],  # scored per seed above

@@ -39,7 +39,8 @@ def main(params, args, device):
     optimizer = torch.optim.Adam(model.parameters(), lr=p.lr)
     with parallel.output(args.out) as out:
         key = fingerprint("teacher", params.seed, p.model_dump(mode="json"), Hasher().tree(args.prepare))
-        checkpoint = Checkpointer(CHECKPOINTS / parallel.checkpoint_name("teacher"), p.checkpoint_every, key, logs=out / "live")
+        folder = CHECKPOINTS / parallel.checkpoint_name(runtime.pipeline_name(args.params), "teacher")
+        checkpoint = Checkpointer(folder, p.checkpoint_every, key, logs=out / "live")
         checkpoint.track(ema=ema, generator_rng=GeneratorState(gen))
         train([Phase("teacher", model, optimizer, denoising_loss)], p.steps, out / "live", desc="teacher",
               after_step=lambda step: ema.step(model.parameters()), checkpoint=checkpoint)

@@ -280,7 +280,7 @@ SD_TINY = {
     "critic": {"steps": 2, "batch_size": 2, "log_every": 1},
     "distill": {"steps": 2, "batch_size": 2, "log_every": 1, "warmup_steps": 0, "dmd2": {"ttur": 1}},
     "finetune": {"steps": 2, "batch_size": 2, "log_every": 1, "dmd2": {"ttur": 1}},
-    "evaluate": {"batch_size": 4, "latency_batch": 2, "latency_repeats": 1, "grid_size": 2},
+    "evaluate": {"batch_size": 4, "grid_size": 2},
 }
 
 

@@ -91,7 +91,7 @@ def reference(tmp_path_factory):
 
 def kill_mid_run(stage: str, folder, at_least: int) -> None:
     """Start the stage, SIGKILL it once its checkpoint has reached `at_least` steps."""
-    state = folder / ".fewstep/checkpoints" / stage / "state.json"
+    state = folder / ".fewstep/checkpoints" / f"default-{stage}" / "state.json"  # <pipeline>-<stage>
     proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--params", "params.yaml",
                              *ARGS[stage]], cwd=folder, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300

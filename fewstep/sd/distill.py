@@ -17,7 +17,7 @@ from ..distill import fit
 from ..models import GanHead
 from ..params import ParamsError
 from ..training import Minibatches
-from .. import fsdp, parallel
+from .. import fsdp, parallel, runtime
 from . import family as families, models, teacher as teachers
 from .denoiser import SDDenoiser
 from .store import CondSampler, Encoded, RealSampler, load_trajectories
@@ -110,7 +110,7 @@ def train_stage(params, settings, args, *, stage: str, out: Path, device: torch.
         raise ParamsError(f"{stage}: --trajectories is required for a text-to-image teacher (the GAN's real "
                           "data when the prompts have no images, and the regression objectives' pairs)")
     return run(params, settings, stage=stage, encode_dir=args.encode, trajectories_dir=args.trajectories, out=out,
-               device=device, generator=generator, pipeline=Path(args.params).resolve().parent.name,
+               device=device, generator=generator, pipeline=runtime.pipeline_name(args.params),
                student_dir=student_dir, critic_dir=critic_dir, train_generator=train_generator, autocast=autocast)
 
 
@@ -171,11 +171,9 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
     inputs = [d for d in (path, encode_dir, trajectories_dir, student_dir, critic_dir) if d is not None]
     key = fingerprint(stage, global_settings.model_dump(mode="json"), train_generator, [Hasher().tree(d) for d in inputs])
     # one checkpoint folder per pipeline and stage (and rank, unless sharded: FSDP checkpoints reshard)
-    name = f"{pipeline}-{stage}"
-    checkpoint = (fsdp.ShardedCheckpointer(CHECKPOINTS / name, settings.checkpoint_every, key, logs=out / "live")
-                  if sharded else
-                  Checkpointer(CHECKPOINTS / parallel.checkpoint_name(name), settings.checkpoint_every, key,
-                               logs=out / "live"))
+    folder = CHECKPOINTS / parallel.checkpoint_name(pipeline, stage, per_rank=not sharded)
+    checkpoint = (fsdp.ShardedCheckpointer(folder, settings.checkpoint_every, key, logs=out / "live") if sharded
+                  else Checkpointer(folder, settings.checkpoint_every, key, logs=out / "live"))
     if setup.step_generator is not None:
         checkpoint.track(step_rng=GeneratorState(setup.step_generator))
     last = fit(setup, settings, out, stage, train_generator, autocast, checkpoint)

@@ -51,7 +51,7 @@ class TrajectoriesParams(Section):
     eval_per_prompt: int = Field(1, gt=0)  # teacher samples per held-out prompt (the evaluation's pairs)
     sampling_steps: int = Field(25, gt=0)  # EDM Heun steps on the teacher's noise range; NFE = 2 * steps - 1
     guidance: float = Field(8.0, ge=0)     # CFG scale of the teacher (DMD2: 8 for SDXL, 1.75 for SD1.5)
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0)  # also the batch at which latency is timed (median over the batches)
     shard_size: int = Field(256, gt=0)
     keep_states: bool = False              # also store every ODE state (steps + 1 latents per sample)
 
@@ -117,9 +117,7 @@ class FidParams(Section):
 
 
 class EvaluateParams(Section):
-    batch_size: int = Field(8, gt=0)
-    latency_batch: int = Field(4, gt=0)
-    latency_repeats: int = Field(3, gt=0)
+    batch_size: int = Field(8, gt=0)  # also the batch at which latency is timed (median over the batches)
     grid_size: int = Field(4, gt=0)
     clip_path: InputPath = None              # a local CLIP model directory: enables the CLIP score
     fid: FidParams = FidParams()
@@ -136,7 +134,7 @@ class BenchmarkParams(Section):
     featurizer: InputPath = None     # FID's network: the FID Inception (inception-2015-12-05.pt, TorchScript), a .pt2, ...
     clip_path: InputPath = None      # a local CLIP model directory (transformers CLIPModel) for the CLIP score
     teacher: bool = True             # also sample the teacher (trajectories' steps and guidance) on every caption
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0)  # also the batch at which latency is timed (median over the batches)
     bootstrap: int = Field(100, ge=0)  # resamples of the generated images for FID's 95% interval; 0 = none
     grid_size: int = Field(4, gt=0)
 

@@ -11,8 +11,8 @@ import torch
 from fewstep import runtime
 from fewstep.distances import fid
 from fewstep.grid import save_grid
-from fewstep.io import atomic_output, write_json
 from fewstep.metrics import latency_ms
+from fewstep.io import atomic_output, write_json
 from fewstep.sampling import batched, heun_sample, student_sample
 from fewstep.sd import encode, evaluate, models, teacher as teachers
 from fewstep.sd.store import Encoded, load_trajectories
@@ -57,17 +57,20 @@ def main(params, args, device):
     # Same noise and prompts as the teacher's held-out trajectories: teacher and student compared pairwise.
     run_student = lambda n, c: student_sample(student, n, c, sigmas, gen)
     run_teacher = lambda n, c: heun_sample(teacher, n, c, steps, guidance)
+    timings = {"teacher": [], "student": []}  # ms per image, one per batch
     latents = {"teacher": traj["latents"], "student": batched(run_student, traj["noise"], cond, p.batch_size, device,
-                                                                    "student")}
+                                                                    "student", timings["student"])}
     metrics = {"teacher": {"nfe": traj["index"]["nfe"], "steps": steps, "guidance": guidance},
                "student": {"nfe": len(sigmas), "steps": len(sigmas), "timesteps": info["student_timesteps"]}}
 
-    # Latency: same batch, same device, same process, latent space (text encoding and decoding excluded).
-    n = min(p.latency_batch, len(cond))
-    bench = (traj["noise"][:n].to(device), cond[:n].to(device))
-    for name, fn in (("teacher", run_teacher), ("student", run_student)):
-        with torch.no_grad():
-            metrics[name]["latency_ms"] = latency_ms(lambda: fn(*bench), n, p.latency_repeats)
+    # Latency as every pipeline measures it: the median per-image time over the batches of evaluate.batch_size a
+    # model generated in this process (latent space: text encoding and decoding excluded). The teacher's
+    # samples come from the trajectories stage, so it generates one batch here to be timed.
+    with torch.no_grad():
+        batched(run_teacher, traj["noise"][:p.batch_size], cond[:p.batch_size], p.batch_size, device,
+                timings=timings["teacher"])
+    for name in ("teacher", "student"):
+        metrics[name]["latency_ms"] = latency_ms(timings[name])
     metrics["speedup"] = metrics["teacher"]["latency_ms"] / metrics["student"]["latency_ms"]
 
     vae = teachers.load_vae(path)
