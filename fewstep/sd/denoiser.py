@@ -78,9 +78,13 @@ class SDDenoiser(nn.Module):
                  sigma_data: float = 1.0, autocast_dtype: torch.dtype | None = None):
         super().__init__()
         self.unet, self.negative, self.autocast_dtype = unet, negative, autocast_dtype
-        # float64 so that the student's integer timesteps map back to themselves exactly
-        self.log_sigmas = ve_sigmas(abar).log()
-        sigmas = self.log_sigmas.exp()
+        self._use_sigmas(ve_sigmas(abar), sigma_data)
+
+    def _use_sigmas(self, sigmas: torch.Tensor, sigma_data: float) -> None:
+        """The VE sigma of each training timestep (float64, so that the student's integer timesteps map back to
+        themselves exactly) and an EDMEulerScheduler spanning them, for the Karras-grid samplers."""
+        self.log_sigmas = sigmas.log()
+        sigmas = self.log_sigmas.exp()  # the scheduler's range as the table holds it
         self.scheduler = EDMEulerScheduler(sigma_min=float(sigmas[0]), sigma_max=float(sigmas[-1]),
                                            sigma_data=sigma_data, rho=7.0)
 

@@ -59,7 +59,7 @@ def load_student(path: Path, student_dir: Path | None, settings, negative, laten
     dtype = models.frozen_dtype(device, run_p.precision) if lora else torch.float32
     ckpt = run_p.gradient_checkpointing
     if student_dir is None:
-        student = models.denoiser(_network(path, dtype), path, negative, device, run_p.precision, ckpt)
+        student = models.denoiser(models.teacher_network(path, dtype), path, negative, device, run_p.precision, ckpt)
     else:
         student, info = models.load(student_dir, path, negative, device, run_p.precision, ckpt, dtype)
         if info["student_timesteps"] != list(settings.student_timesteps):
@@ -72,15 +72,11 @@ def load_student(path: Path, student_dir: Path | None, settings, negative, laten
     return student
 
 
-def _network(teacher_path: Path, dtype: torch.dtype = torch.float32):
-    return teachers.load_network(teacher_path, families.of_teacher(teacher_path).name, dtype)
-
-
 def load_critic(path: Path, critic_dir: Path | None, negative, device, run_p) -> tuple[SDDenoiser, GanHead]:
     """The fake score and GAN head: from a previous stage, or the teacher's network and a fresh head."""
     ckpt = run_p.gradient_checkpointing
     if critic_dir is None:
-        fake = models.denoiser(_network(path), path, negative, device, run_p.precision, ckpt)
+        fake = models.denoiser(models.teacher_network(path), path, negative, device, run_p.precision, ckpt)
         return fake, GanHead(families.of_teacher(path).gan_channels(fake.unet)).to(device)
     fake, _ = models.load(critic_dir, path, negative, device, run_p.precision, ckpt)
     return fake, GanHead.load(critic_dir).to(device)
@@ -104,8 +100,8 @@ def launch(stage: str, main, configure) -> None:
 
 
 def train_stage(params, settings, args, *, stage: str, out: Path, device: torch.device, generator: torch.Generator,
-          autocast, student_dir: Path | None = None, critic_dir: Path | None = None,
-          train_generator: bool = True) -> dict[str, float]:
+                autocast, student_dir: Path | None = None, critic_dir: Path | None = None,
+                train_generator: bool = True) -> dict[str, float]:
     if args.trajectories is None:
         raise ParamsError(f"{stage}: --trajectories is required for a text-to-image teacher (the GAN's real "
                           "data when the prompts have no images, and the regression objectives' pairs)")

@@ -62,9 +62,10 @@ class Family:
 
     def feature_block(self, network: nn.Module) -> tuple[nn.Module, callable]:
         """The block whose output the teacher's evaluation features (FID-T) average, and how to average it."""
+        from .flow import TokenTap
+
         if self.flow:
-            blocks = network.transformer_blocks
-            return blocks[len(blocks) // 2], lambda out: (out[1] if isinstance(out, tuple) else out).float().mean(dim=1)
+            return TokenTap.middle_block(network), lambda out: TokenTap.image_tokens(out).float().mean(dim=1)
         return network.mid_block, lambda out: out.float().mean(dim=(2, 3))
 
     def check_latent_side(self, network_config: dict, side: int) -> str | None:
@@ -108,10 +109,3 @@ def of_network(network: nn.Module) -> Family:
     """A family whose network class this is (SDXL and SD1.5 share theirs): for code that holds only the network."""
     return next(f for f in FAMILIES.values() if isinstance(network, f.network_class()))
 
-
-def network_dir(model_dir: Path) -> Path:
-    """The network's folder inside a teacher, student or critic directory."""
-    for name in ("unet", "transformer"):
-        if (Path(model_dir) / name / "config.json").is_file():
-            return Path(model_dir) / name
-    return Path(model_dir) / "unet"

@@ -52,12 +52,7 @@ class FlowDenoiser(SDDenoiser):
                  autocast_dtype: torch.dtype | None = None):
         nn.Module.__init__(self)
         self.unet, self.negative, self.autocast_dtype = transformer, negative, autocast_dtype
-        self.log_sigmas = flow_sigmas(scheduler_config).log()
-        from diffusers import EDMEulerScheduler
-
-        sigmas = self.log_sigmas.exp()
-        self.scheduler = EDMEulerScheduler(sigma_min=float(sigmas[0]), sigma_max=float(sigmas[-1]),
-                                           sigma_data=1.0, rho=7.0)
+        self._use_sigmas(flow_sigmas(scheduler_config), sigma_data=1.0)
 
     def flow_time(self, sigma: torch.Tensor) -> torch.Tensor:
         """t of each VE noise level: t = sigma / (1 + sigma)."""
@@ -83,11 +78,20 @@ class TokenTap:
 
     def __init__(self, transformer: nn.Module):
         self.features: torch.Tensor | None = None
+        self.middle_block(transformer).register_forward_hook(self._keep)
+
+    @staticmethod
+    def middle_block(transformer: nn.Module) -> nn.Module:
         blocks = transformer.transformer_blocks
-        blocks[len(blocks) // 2].register_forward_hook(self._keep)
+        return blocks[len(blocks) // 2]
+
+    @staticmethod
+    def image_tokens(output) -> torch.Tensor:
+        """A block's image tokens (B, n, C): SD3's joint blocks return (text, image) tokens."""
+        return output[1] if isinstance(output, tuple) else output
 
     def _keep(self, module, inputs, output):
-        tokens = output[1] if isinstance(output, tuple) else output  # SD3 joint blocks: (text, image) tokens
+        tokens = self.image_tokens(output)
         b, n, c = tokens.shape
         side = math.isqrt(n)  # square latents: the tokens are a side x side grid of patches
         self.features = tokens.transpose(1, 2).reshape(b, c, side, n // side)

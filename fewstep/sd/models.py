@@ -82,11 +82,15 @@ def teacher_nfe(steps: int, guidance: float) -> int:
     return (2 * steps - 1) * (1 if guidance == 1 else 2)
 
 
+def teacher_network(teacher_path: Path, dtype: torch.dtype = torch.float32):
+    """The teacher directory's denoising network (what the teacher, a fresh student and a fresh fake score start as)."""
+    return teachers.load_network(teacher_path, families.of_teacher(teacher_path).name, dtype)
+
+
 def teacher_denoiser(teacher_path: Path, negative: SDCond, device, precision: str = "fp32") -> SDDenoiser:
     """The frozen real score. On GPU with bf16/fp16 its weights are stored in that dtype (half the memory)."""
-    family = families.of_teacher(teacher_path).name
-    model = denoiser(teachers.load_network(teacher_path, family, frozen_dtype(device, precision)), teacher_path, negative,
-                     device, precision)
+    model = denoiser(teacher_network(teacher_path, frozen_dtype(device, precision)), teacher_path, negative, device,
+                     precision)
     return model.requires_grad_(False).eval()
 
 

@@ -58,7 +58,7 @@ def _download(repo_id: str) -> Path:
 
 def load_network(path: Path, family: str, dtype: torch.dtype = torch.float32):
     """The denoising network (a UNet, or a transformer) of a teacher, student or critic directory."""
-    folder = families.network_dir(path)
+    folder = Path(path) / families.get(family).network
     try:
         return families.get(family).network_class().from_pretrained(folder, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -101,7 +101,8 @@ def vae_factor(path: Path) -> int:
 
 
 def network_config(path: Path) -> dict:
-    return read_json(families.network_dir(path) / "config.json")
+    """The teacher network's config.json."""
+    return read_json(path / families.of_teacher(path).network / "config.json")
 
 
 def native_resolution(path: Path) -> int:
