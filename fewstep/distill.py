@@ -128,8 +128,8 @@ def launch(stage: str, main, configure) -> None:
 
 
 def train_stage(params, settings, args, *, stage: str, out: Path, device: torch.device, generator: torch.Generator,
-          autocast, student_dir: Path | None = None, critic_dir: Path | None = None,
-          train_generator: bool = True) -> dict[str, float]:
+                autocast, student_dir: Path | None = None, critic_dir: Path | None = None,
+                train_generator: bool = True) -> dict[str, float]:
     return run(settings, teacher_dir=args.teacher, prepare_dir=args.prepare, out=out, generator=generator,
                device=device, stage=stage, student_dir=student_dir, critic_dir=critic_dir,
                trajectories_dir=args.trajectories, train_generator=train_generator, autocast=autocast,

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+
 def load_trainer(path: Path):
     """The trainer module at `path`, imported under its dotted name (fewstep/sd/distill.py -> fewstep.sd.distill)
     so that it is the module the rest of the code imports. Python may import the package from another copy than

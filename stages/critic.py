@@ -13,14 +13,14 @@ def main(params, args, device, trainer):
     settings = d.model_copy(update={**loop, "dmd2": d.dmd2.model_copy(update={"gan": c.gan})})
     with parallel.output(args.out) as out:  # rank 0 writes; other ranks a scratch dir
         trainer.train_stage(params, settings, args, stage="critic", out=out, device=device,
-                      generator=runtime.seeded(params.seed, "critic"),
-                      autocast=runtime.autocast_factory(params, device), train_generator=False)
+                            generator=runtime.seeded(params.seed, "critic"),
+                            autocast=runtime.autocast_factory(params, device), train_generator=False)
     print(f"[critic] fake score + GAN head -> {args.out / 'critic'}", flush=True)
 
 
 def configure(ap):
     ap.add_argument("--trajectories", type=Path, help="the trajectories stage's output (the GAN's stand-in for "
-                                                      "real data where a family has none)")
+                                                            "real data where a family has none)")
     ap.add_argument("--out", type=Path, required=True)
 
 

@@ -8,9 +8,9 @@ from fewstep import families, parallel, runtime
 def main(params, args, device, trainer):
     with parallel.output(args.out) as out:  # rank 0 writes; other ranks a scratch dir
         trainer.train_stage(params, params.finetune, args, stage="finetune", out=out, device=device,
-                      generator=runtime.seeded(params.seed, "finetune"),
-                      autocast=runtime.autocast_factory(params, device),
-                      student_dir=args.distilled / "student", critic_dir=args.distilled / "critic")
+                            generator=runtime.seeded(params.seed, "finetune"),
+                            autocast=runtime.autocast_factory(params, device),
+                            student_dir=args.distilled / "student", critic_dir=args.distilled / "critic")
     print(f"[finetune] student -> {args.out / 'student'}", flush=True)
 
 
