@@ -19,7 +19,7 @@ import torch
 
 from fewstep import distill, objectives, runtime
 from fewstep.checkpoint import Checkpointer
-from fewstep.io import load_tensors
+from fewstep.io import load_tensors, load_trajectories
 from fewstep.models import BottleneckTap, load_model
 from fewstep.params import load
 from fewstep.training import RealBatches, adamw, ema_for, karras_grid_sigmas
@@ -43,7 +43,8 @@ def build_setup(params, generator) -> objectives.Setup:
         noise_levels=lambda n: karras_grid_sigmas(n, edm, params.t_min, params.t_max, generator),
         student_sigmas=distill.student_sigmas(params, edm), params=params, generator=generator, device=device,
         sigma_data=edm.sigma_data,
-        trajectories=distill.trajectory_batches(ROOT / "trajectories", params.batch_size, generator, device))
+        trajectories=distill.trajectory_batches(load_trajectories(ROOT / "trajectories"), lambda labels: labels,
+                                                params.batch_size, generator, device))
 
 
 def bare_loop(setup: objectives.Setup, params) -> float:

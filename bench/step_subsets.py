@@ -106,8 +106,8 @@ def main() -> None:
     rows = []
     for spec in args.steps:
         sigmas, make = sampler_for(spec)
-        images = [traj["images"] if spec == "teacher" and i == 0  # seed 0: the trajectories' own teacher images
-                  else batched(make(i), noise, traj["labels"], batch_size, "cpu") for i, noise in enumerate(noises)]
+        images = [traj["samples"] if spec == "teacher" and i == 0  # seed 0: the trajectories' own teacher images
+                  else batched(make(i), noise, traj["cond_index"], batch_size, "cpu") for i, noise in enumerate(noises)]
         fids = [evaluator.fid_of(x) for x in images]
         row = {"steps": spec.split(","), "sigmas": sigmas, "fid": sum(fids) / len(fids), "fid_per_seed": fids}
         if train_evaluator:

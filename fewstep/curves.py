@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from .data import load_prepared
-from .io import load_trajectories
 from .distances import fid, kid, pixel_view
 from .models import Featurizer
 from .sampling import batched, student_sample
@@ -24,17 +23,17 @@ KID_SUBSETS = 50
 
 
 class QualityCurve:
-    def __init__(self, prepare_dir: Path, trajectories_dir: Path, sigmas: list[float], num_samples: int,
+    def __init__(self, prepare_dir: Path, traj: dict, sigmas: list[float], num_samples: int,
                  seed: int, device: torch.device, batch_size: int = 500):
-        traj = load_trajectories(trajectories_dir, keys=("noise", "labels", "images"))
-        n = min(num_samples, len(traj["labels"]))
-        self.noise, self.labels = traj["noise"][:n], traj["labels"][:n]
+        """`traj`: the teacher's trajectories (fewstep.io.load_trajectories), whose first samples are the points'."""
+        n = min(num_samples, len(traj["cond_index"]))
+        self.noise, self.labels = traj["noise"][:n], traj["cond_index"][:n]
         _, data = load_prepared(prepare_dir, splits=("test",))
         self.real_images = data["test_images"]
         self.featurizer = Featurizer.load(prepare_dir / "featurizer").to("cpu")
         with torch.no_grad():
             self.real = self.featurizer.embed(self.real_images, batch_size)
-            self.teacher = self.featurizer.embed(traj["images"][:n], batch_size)
+            self.teacher = self.featurizer.embed(traj["samples"][:n], batch_size)
         self.sigmas, self.seed, self.device, self.batch_size = sigmas, seed, device, batch_size
 
     @torch.no_grad()

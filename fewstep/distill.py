@@ -166,13 +166,15 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
     parallel.synchronize(*([student] if train_generator else []), fake, head)
     num_classes = teacher.num_classes
     _, data = load_prepared(prepare_dir)
+    traj = None if trajectories_dir is None else load_trajectories(trajectories_dir,
+                                                                   states=params.objective == "consistency")
     setup = objectives.Setup(
         teacher=teacher, student=student, fake=fake, head=head, tap=BottleneckTap(fake.unet),
         real=RealBatches(data["train_images"], data["train_labels"], params.batch_size, generator, device),
         conditions=lambda n: torch.randint(num_classes, (n,), generator=generator).to(device),
         noise_levels=lambda n: karras_grid_sigmas(n, edm, params.t_min, params.t_max, generator).to(device),
         student_sigmas=sigmas, params=params, generator=generator, device=device, sigma_data=edm.sigma_data,
-        trajectories=trajectory_batches(trajectories_dir, params.batch_size, generator, device),
+        trajectories=trajectory_batches(traj, lambda labels: labels, params.batch_size, generator, device),
         critic_cond=(lambda labels, k: step_labels(fake, labels, k)) if per_step else None,
         all_steps_per_batch=params.steps_per_batch == "all")
 
@@ -182,8 +184,8 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
     checkpoint = Checkpointer(CHECKPOINTS / parallel.checkpoint_name(pipeline, stage), params.checkpoint_every, key,
                               logs=out / "live")
     curve = None
-    if train_generator and params.eval_every and trajectories_dir is not None:
-        curve = QualityCurve(prepare_dir, trajectories_dir, sigmas, params.eval_samples,
+    if train_generator and params.eval_every and traj is not None:
+        curve = QualityCurve(prepare_dir, traj, sigmas, params.eval_samples,
                              generator.initial_seed(), device)
     last = fit(setup, params, out, stage, train_generator, autocast, checkpoint, curve)
 
@@ -229,15 +231,22 @@ def load_critic(critic_dir: Path | None, teacher: EDMDenoiser, tables: int = 1,
     return fake.to(device), head.to(device)
 
 
-def trajectory_batches(folder: Path | None, batch_size: int, generator, device):
-    """Minibatches of the teacher's ODE solves: noise, cond (labels), images, states and the sigmas."""
-    if folder is None:
+def trajectory_batches(traj: dict | None, conditions: Callable, batch_size: int, generator, device):
+    """Minibatches of the teacher's ODE solves (fewstep.io.load_trajectories) in the objectives' format:
+    noise, cond (`conditions` of the stored condition indices), images (the ODE's end points), states when
+    loaded, and the sigmas of the states. Every family's trainer builds them here."""
+    if traj is None:
         return None
-    traj = load_trajectories(folder, keys=("noise", "labels", "images", "states"))
-    batches = Minibatches({"noise": traj["noise"], "cond": traj["labels"], "images": traj["images"],
-                           "states": traj["states"]}, batch_size, generator, device)
+    columns = {"noise": traj["noise"], "cond_index": traj["cond_index"], "images": traj["samples"]}
+    if "states" in traj:
+        columns["states"] = traj["states"]
+    batches = Minibatches(columns, batch_size, generator, device)
     sigmas = torch.tensor(traj["index"]["sigmas"], dtype=torch.float32, device=device)
-    return lambda: {**batches(), "sigmas": sigmas}
+
+    def batch():
+        b = batches()
+        return {**b, "cond": conditions(b.pop("cond_index")), "sigmas": sigmas}
+    return batch
 
 
 def _edm_of(denoiser: EDMDenoiser):

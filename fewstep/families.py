@@ -1,16 +1,22 @@
-"""One stage script per training stage for every model family: the command names the family's trainer.
+"""One stage script per shared stage for every model family: the command names the family's module.
 
-`stages/critic.py`, `stages/distill.py` and `stages/finetune.py` hold what a stage is (which params section,
-which inputs it continues from, what it writes); the family's *trainer module* holds how its networks are built
-and trained. dvc.yaml names the trainer by its file, so the map says which code runs and the dependency analysis
-(fewstep.deps, which takes every `*.py` argument of a command as a script) follows it:
+`stages/trajectories.py`, `stages/critic.py`, `stages/distill.py`, `stages/finetune.py` and `stages/evaluate.py`
+hold what a stage is (which params section, which inputs it continues from, what it writes); a family's module
+holds how its networks are loaded, built, run and scored. dvc.yaml names the module by its file, so the map says which code runs and
+the dependency analysis (fewstep.deps, which takes every `*.py` argument of a command as a script) follows it:
 
-    python stages/distill.py --trainer fewstep/distill.py ...             the EDM family (digits, image folders)
-    python ../../stages/distill.py --trainer ../../fewstep/sd/distill.py  text-to-image (SDXL, SD1.5, SD3)
+    python stages/distill.py --trainer fewstep/distill.py ...                  the EDM family (digits, image folders)
+    python ../../stages/distill.py --trainer ../../fewstep/sd/distill.py       text-to-image (SDXL, SD1.5, SD3)
+    python stages/trajectories.py --family fewstep/trajectories.py ...         the teacher's ODE solves, EDM
+    python ../../stages/trajectories.py --family ../../fewstep/sd/trajectories.py   ... text-to-image
+    python stages/evaluate.py --family fewstep/evaluate.py ...                 scoring, EDM (sd/evaluate.py: T2I)
 
-A trainer module defines INPUTS (its upstream folders besides the stage's own), `launch` (start-up: params
-schema, working directory) and `train_stage(params, settings, args, *, stage, out, device, generator, autocast,
-student_dir, critic_dir, train_generator)`.
+Every kind defines INPUTS (their upstream folders besides the stage's own) and `launch` (start-up: params schema,
+working directory). A trainer adds `train_stage(params, settings, args, *, stage, out, device, generator,
+autocast, student_dir, critic_dir, train_generator)`; a teacher-solve module `teacher_splits(params, args,
+device) -> (teacher, noise_shape, [fewstep.sampling.TeacherSplit])`; an evaluation module `evaluation(params,
+args, device) -> fewstep.evaluation.Evaluation`. Each stage has its own kind of module so that its closure is the
+code it runs: a change to training code does not re-solve the teacher's ODE nor re-score the student.
 """
 from __future__ import annotations
 
@@ -20,12 +26,19 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+TRAINER = ("--trainer", ("INPUTS", "launch", "train_stage"), "fewstep/distill.py or fewstep/sd/distill.py")
+TEACHER_SOLVES = ("--family", ("INPUTS", "launch", "teacher_splits"),
+                  "fewstep/trajectories.py or fewstep/sd/trajectories.py")
+EVALUATION = ("--family", ("INPUTS", "launch", "evaluation"), "fewstep/evaluate.py or fewstep/sd/evaluate.py")
 
-def load_trainer(path: Path):
-    """The trainer module at `path`, imported under its dotted name (fewstep/sd/distill.py -> fewstep.sd.distill)
-    so that it is the module the rest of the code imports. Python may import the package from another copy than
-    the one the command names (a project whose PYTHONPATH points at a checkout); that is accepted only when the
-    two files are byte-identical, so the code that runs is the code the stage's deps hash. One line otherwise."""
+
+def load_module(path: Path, kind: tuple = TRAINER):
+    """The family module at `path` (a trainer unless `kind` says otherwise), imported under its dotted name
+    (fewstep/sd/distill.py -> fewstep.sd.distill) so that it is the module the rest of the code imports. Python
+    may import the package from another copy than the one the command names (a project whose PYTHONPATH points
+    at a checkout); that is accepted only when the two files are byte-identical, so the code that runs is the
+    code the stage's deps hash. One line otherwise."""
+    flag, api, expected = kind
     file = Path(path).resolve()
     top = next((p for p in file.parents if (p / "fewstep" / "__init__.py").is_file()), None)
     name = ".".join(file.relative_to(top).with_suffix("").parts) if top is not None else ""
@@ -35,27 +48,29 @@ def load_trainer(path: Path):
             module = pkgutil.resolve_name(name)
         except ImportError:
             module = None
-    if module is None or not all(hasattr(module, attr) for attr in ("INPUTS", "launch", "train_stage")):
-        sys.exit(f"--trainer {path}: not a fewstep trainer module (expected fewstep/distill.py or "
-                 f"fewstep/sd/distill.py: a module with INPUTS, launch and train_stage)")
+    if module is None or not all(hasattr(module, attr) for attr in api):
+        what = {TRAINER: "trainer", TEACHER_SOLVES: "teacher-solve", EVALUATION: "evaluation"}[kind]
+        sys.exit(f"{flag} {path}: not a fewstep {what} module (expected {expected}: a module with {', '.join(api)})")
     imported = Path(module.__file__).resolve()
     if imported != file and imported.read_bytes() != file.read_bytes():
-        sys.exit(f"--trainer {path}: Python imports {name} from {imported}, which differs from the named file "
+        sys.exit(f"{flag} {path}: Python imports {name} from {imported}, which differs from the named file "
                  f"(put the named file's project first on PYTHONPATH)")
     return module
 
 
-def run_stage(stage: str, main: Callable, configure: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Start a shared training stage: read --trainer, add its inputs to the stage's arguments, and let the
-    trainer's start-up run `main(params, args, device, trainer)`."""
+def run_stage(stage: str, main: Callable, configure: Callable[[argparse.ArgumentParser], None],
+              kind: tuple = TRAINER) -> None:
+    """Start a shared stage: read the family module's flag, add the module's inputs to the stage's arguments,
+    and let the module's start-up run `main(params, args, device, module)`."""
+    flag = kind[0]
     first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--trainer", type=Path, required=True)
-    trainer = load_trainer(first.parse_known_args()[0].trainer)
+    first.add_argument(flag, type=Path, required=True, dest="module")
+    module = load_module(first.parse_known_args()[0].module, kind)
 
     def arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--trainer", type=Path, required=True, help="the model family's trainer module")
-        for name, help in trainer.INPUTS.items():
+        parser.add_argument(flag, type=Path, required=True, help=f"the model family's module ({kind[2]})")
+        for name, help in module.INPUTS.items():
             parser.add_argument(f"--{name}", type=Path, required=True, help=help)
         configure(parser)
 
-    trainer.launch(stage, lambda params, args, device: main(params, args, device, trainer), arguments)
+    module.launch(stage, lambda params, args, device: main(params, args, device, module), arguments)

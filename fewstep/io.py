@@ -79,27 +79,37 @@ def tensor_shapes(path: str | Path) -> dict[str, list[int]]:
         raise ArtifactError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
 
 
-def load_trajectories(folder: str | Path, keys: tuple[str, ...] = ("noise", "labels", "images")) -> dict:
-    """The trajectories stage's shards, concatenated, after checking them against index.json: every listed
-    shard holds `count` samples of each of `keys`, the counts add up to num_samples, and no shard file
-    in the folder is left out of the index. Returns {key: tensor} plus "index": the parsed index.json."""
+def load_trajectories(folder: str | Path, split: str = "train", states: bool = False) -> dict:
+    """One split of the trajectories stage's output, its shards concatenated after checking them against
+    index.json: every listed shard holds `count` samples of each tensor, the counts add up to the split's
+    num_samples, and no shard file of the split in the folder is left out of the index. Returns noise,
+    cond_index, samples (and the ODE states with `states`) plus "index": the parsed index.json."""
     folder = Path(folder)
     index_file = folder / "index.json"
     index = read_json(index_file)
-    shards = index.get("shards") if isinstance(index, dict) else None
+    entry = index.get(split) if isinstance(index, dict) else None
+    if not isinstance(entry, dict):
+        found = sorted(k for k, v in index.items() if isinstance(v, dict)) if isinstance(index, dict) else []
+        raise ArtifactError(f"{index_file}: no {split!r} split (found {found})")
+    if states and not index.get("keep_states"):
+        raise ArtifactError(f"{index_file}: holds no ODE states (set trajectories.keep_states: true; the "
+                            f"consistency objective trains on them)")
+    keys = ("noise", "cond_index", "samples") + (("states",) if states else ())
+    shards = entry.get("shards")
     if not isinstance(shards, list) or not shards or not all(
             isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("count"), int) for s in shards):
-        raise ArtifactError(f"{index_file}: 'shards' must be a non-empty list of {{file, count}} entries")
+        raise ArtifactError(f"{index_file}: {split}.shards must be a non-empty list of {{file, count}} entries")
     listed = [s["file"] for s in shards]
     for name in listed:
         if Path(name).name != name:
             raise ArtifactError(f"{index_file}: shard {name!r} must be a file name inside {folder}")
-    unlisted = sorted(p.name for p in folder.glob("shard-*.safetensors") if p.name not in listed)
+    unlisted = sorted(p.name for p in folder.glob(f"{split}-*.safetensors") if p.name not in listed)
     if unlisted:
         raise ArtifactError(f"{index_file}: does not list {unlisted[0]} (found {len(unlisted)} unlisted shard files)")
     total = sum(s["count"] for s in shards)
-    if total != index.get("num_samples"):
-        raise ArtifactError(f"{index_file}: shards hold {total} samples, num_samples says {index.get('num_samples')!r}")
+    if total != entry.get("num_samples"):
+        raise ArtifactError(f"{index_file}: {split} shards hold {total} samples, num_samples says "
+                            f"{entry.get('num_samples')!r}")
     for s in shards:
         shapes = tensor_shapes(folder / s["file"])
         for key in keys:

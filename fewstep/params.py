@@ -75,11 +75,14 @@ class TeacherParams(Section):
 
 
 class TrajectoriesParams(Section):
-    num_samples: int = Field(2000, gt=0)
-    sampling_steps: int = Field(18, gt=0)  # Heun steps; NFE = 2 * steps - 1
-    guidance: float = Field(1.0, ge=0)
+    """The teacher's ODE solves (stages/trajectories.py), every family."""
+
+    num_samples: int = Field(2000, gt=0)     # teacher samples of the train split (conditions in turn)
+    sampling_steps: int = Field(18, gt=0)  # Heun steps; NFE = 2 * steps - 1 (twice that under CFG)
+    guidance: float = Field(1.0, ge=0)     # CFG scale of the teacher (1: no guidance)
     batch_size: int = Field(500, gt=0)
     shard_size: int = Field(1000, gt=0)
+    keep_states: bool = True               # also store every ODE state (steps + 1 per sample: consistency)
 
 
 class GanParams(Section):
@@ -141,24 +144,38 @@ class CriticParams(TrainLoopParams):
     gan: GanParams = GanParams()
 
 
-class DistillParams(TrainLoopParams):
+class ObjectiveParams(TrainLoopParams):
+    """What every family's distillation section states the same way: the objective and its subsections,
+    backward simulation, CFG on the real score and the DM noise range (each family gives t_min / t_max its
+    own units and defaults)."""
     objective: Literal["dmd2", "dmd", "sid", "consistency"] = "dmd2"
-    student_steps: int = 1
-    student_sigmas: list[float] | None = None  # conditioning noise levels; null = spread over the Karras grid
     backward_simulation: bool = True  # multi-step: the student's input at step k comes from its own steps < k
     simulate_with: Literal["student", "ema"] = "student"  # weights that run those earlier steps
-    per_step_critic: bool = False  # multi-step: the fake score / GAN head condition on the step that made a sample
-    steps_per_batch: Literal["one", "all"] = "one"  # multi-step: one random step per batch (DMD2) | all, split evenly
-    init_student: str | None = None  # a saved fewstep student to start from (e.g. a 1-step one); null = the teacher
     real_guidance: float = Field(1.0, ge=0)  # CFG on the real (teacher) score; 1 = none
-    t_min: float = Field(0.02, ge=0, lt=1)  # DM timestep range as fractions of the Karras grid
-    t_max: float = Field(0.98, gt=0, le=1)
-    eval_every: int = Field(0, ge=0)  # quality curve: score the EMA student every N steps; 0 = off
-    eval_samples: int = Field(500, gt=1)  # images per curve point (KID-T vs the teacher, FID vs held-out)
+    t_min: float = Field(0.02, ge=0)
+    t_max: float = Field(0.98, gt=0)
     dmd2: DMD2Params = DMD2Params()
     dmd: DMDParams = DMDParams()
     sid: SiDParams = SiDParams()
     consistency: ConsistencyParams = ConsistencyParams()
+
+    @model_validator(mode="after")
+    def _t_range(self):
+        if self.t_min >= self.t_max:
+            raise ValueError(f"t_min must be < t_max, got {self.t_min} >= {self.t_max}")
+        return self
+
+
+class DistillParams(ObjectiveParams):
+    student_steps: int = 1
+    student_sigmas: list[float] | None = None  # conditioning noise levels; null = spread over the Karras grid
+    per_step_critic: bool = False  # multi-step: the fake score / GAN head condition on the step that made a sample
+    steps_per_batch: Literal["one", "all"] = "one"  # multi-step: one random step per batch (DMD2) | all, split evenly
+    init_student: str | None = None  # a saved fewstep student to start from (e.g. a 1-step one); null = the teacher
+    t_min: float = Field(0.02, ge=0, lt=1)  # DM timestep range as fractions of the Karras grid
+    t_max: float = Field(0.98, gt=0, le=1)
+    eval_every: int = Field(0, ge=0)  # quality curve: score the EMA student every N steps; 0 = off
+    eval_samples: int = Field(500, gt=1)  # images per curve point (KID-T vs the teacher, FID vs held-out)
 
     @field_validator("student_steps")
     @classmethod
@@ -175,9 +192,7 @@ class DistillParams(TrainLoopParams):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self):
-        if self.t_min >= self.t_max:
-            raise ValueError(f"t_min must be < t_max, got {self.t_min} >= {self.t_max}")
+    def _sigma_count(self):
         if self.student_sigmas is not None and len(self.student_sigmas) != self.student_steps:
             raise ValueError(f"student_sigmas must have student_steps ({self.student_steps}) entries, "
                              f"got {len(self.student_sigmas)}")

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -76,6 +77,23 @@ def sample_model(denoiser: EDMDenoiser, info: dict, noise: torch.Tensor, labels:
     sigmas = student_sigmas_for(info, steps or len(info["student_sigmas"]))
     with torch.no_grad():
         return student_sample(denoiser, noise, labels, sigmas, generator)
+
+
+def teacher_nfe(steps: int, guidance: float) -> int:
+    """Network evaluations per teacher sample: Heun's 2 * steps - 1, twice over under CFG."""
+    return (2 * steps - 1) * (1 if guidance == 1 else 2)
+
+
+@dataclass
+class TeacherSplit:
+    """One set of teacher ODE solves for the trajectories stage, as a family states it: `count` samples
+    whose condition indices run through 0 .. num_conditions - 1 in turn, from the noise stream `noise_stream`."""
+
+    name: str
+    count: int
+    num_conditions: int
+    conditions: Callable[[torch.Tensor], Any]  # condition indices -> what the teacher's `guided` takes
+    noise_stream: str
 
 
 def nfe(info: dict, steps: int | None = None) -> int:

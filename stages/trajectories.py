@@ -1,49 +1,67 @@
-"""trajectories: deterministic teacher ODE solves (noise, label) -> image, every Heun state kept,
-as sharded safetensors. Feeds the teacher's evaluation and regression/consistency objectives."""
+"""trajectories: the teacher's deterministic ODE solves (EDM Heun, CFG at trajectories.guidance) from seeded
+noise, for every family (`--family`: its teacher-solve module). The family names its splits: the EDM family one `train` split of class
+labels in turn (its distillation pairs and the evaluation's teacher side); text-to-image families the train
+prompts in turn (`num_samples`) and every held-out prompt (`eval_per_prompt` each, the evaluation's teacher
+side). Sharded safetensors in one layout (fewstep.io.load_trajectories reads it):
+
+    <out>/index.json                     sampling_steps, guidance, nfe, sigmas, keep_states, {split: shards}
+    <out>/<split>-NNNNN.safetensors      noise, cond_index, samples[, states: every Heun state]
+"""
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from fewstep import runtime
+from fewstep import families, runtime
 from fewstep.io import atomic_output, save_tensors, write_json
-from fewstep.models import load_model
-from fewstep.sampling import heun_sample
+from fewstep.sampling import TeacherSplit, heun_sample, teacher_nfe
 
 
-def main(params, args, device):
+def solve(teacher, split: TeacherSplit, noise_shape: tuple[int, ...], seed: int, p, out: Path,
+          device) -> tuple[list[dict], list[float]]:
+    """The split's teacher samples, written in shards of trajectories.shard_size; returns the shard list and
+    the sigmas of the Heun steps."""
+    cond_index = torch.arange(split.count) % split.num_conditions
+    noise = torch.randn((split.count, *noise_shape), generator=runtime.seeded(seed, split.noise_stream))
+    shards = []
+    for start in tqdm(range(0, split.count, p.shard_size), desc=f"{split.name} shards", unit="shard"):
+        stop = min(start + p.shard_size, split.count)
+        samples, states = [], []
+        for b in range(start, stop, p.batch_size):
+            rows = slice(b, min(b + p.batch_size, stop))
+            x, s, sigmas = heun_sample(teacher, noise[rows].to(device), split.conditions(cond_index[rows]).to(device),
+                                       p.sampling_steps, p.guidance, keep_states=True)
+            samples.append(x.cpu())
+            states.append(s.cpu())
+        tensors = {"noise": noise[start:stop], "cond_index": cond_index[start:stop], "samples": torch.cat(samples)}
+        if p.keep_states:
+            tensors["states"] = torch.cat(states)
+        name = f"{split.name}-{len(shards):05d}.safetensors"
+        save_tensors(tensors, out / name)
+        shards.append({"file": name, "count": stop - start})
+    return shards, [float(s) for s in sigmas]
+
+
+def main(params, args, device, family):
     p = params.trajectories
-    teacher, info = load_model(args.teacher, device)
-    gen = runtime.seeded(params.seed, "trajectories")
-    c, size = teacher.unet.config.in_channels, teacher.unet.config.sample_size
-    labels = torch.arange(p.num_samples) % teacher.num_classes  # balanced classes, grid-friendly order
-    noise = torch.randn((p.num_samples, c, size, size), generator=gen)
-    nfe = 2 * p.sampling_steps - 1
-    print(f"[trajectories] {p.num_samples} teacher samples, {p.sampling_steps} Heun steps ({nfe} NFE), "
-          f"guidance {p.guidance}", flush=True)
+    teacher, noise_shape, splits = family.teacher_splits(params, args, device)
+    nfe = teacher_nfe(p.sampling_steps, p.guidance)
+    counts = " + ".join(f"{s.count} {s.name}" for s in splits)
+    print(f"[trajectories] {counts} teacher samples, {p.sampling_steps} Heun steps, guidance {p.guidance} "
+          f"({nfe} network evaluations each)", flush=True)
+    index = {"sampling_steps": p.sampling_steps, "guidance": p.guidance, "nfe": nfe, "keep_states": p.keep_states}
     with atomic_output(args.out) as out:
         out.mkdir()
-        shards = []
-        for start in tqdm(range(0, p.num_samples, p.shard_size), desc="shards", unit="shard"):
-            stop = min(start + p.shard_size, p.num_samples)
-            batches = [slice(i, min(i + p.batch_size, stop)) for i in range(start, stop, p.batch_size)]
-            parts = [heun_sample(teacher, noise[b].to(device), labels[b].to(device), p.sampling_steps, p.guidance,
-                                 keep_states=True) for b in batches]
-            name = f"shard-{len(shards):05d}.safetensors"
-            save_tensors({"noise": noise[start:stop], "labels": labels[start:stop],
-                          "images": torch.cat([x for x, _, _ in parts]),
-                          "states": torch.cat([s for _, s, _ in parts])}, out / name)
-            shards.append({"file": name, "count": stop - start})
-        sigmas = parts[0][2].tolist()
-        write_json({"num_samples": p.num_samples, "sampling_steps": p.sampling_steps, "nfe": nfe,
-                    "guidance": p.guidance, "sigmas": sigmas, "shards": shards}, out / "index.json")
-    print(f"[trajectories] {len(shards)} shards -> {args.out}", flush=True)
+        for split in splits:
+            shards, index["sigmas"] = solve(teacher, split, noise_shape, params.seed, p, out, device)
+            index[split.name] = {"num_samples": split.count, "shards": shards}
+        write_json(index, out / "index.json")
+    print(f"[trajectories] -> {args.out}", flush=True)
 
 
 def configure(ap):
-    ap.add_argument("--teacher", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
 
 
 if __name__ == "__main__":
-    runtime.run("trajectories", main, configure)
+    families.run_stage("trajectories", main, configure, families.TEACHER_SOLVES)

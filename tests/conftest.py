@@ -29,18 +29,20 @@ TINY = {
 
 
 EDM_TRAINER = str(ROOT / "fewstep/distill.py")  # the shared training stages' --trainer for this family
+EDM_SOLVES = str(ROOT / "fewstep/trajectories.py")  # the trajectories stage's --family for this family
+EDM_EVALUATION = str(ROOT / "fewstep/evaluate.py")  # the evaluate stage's --family for this family
 
 # Each stage script's arguments in a project laid out like dvc.yaml's (for running stages one by one).
 STAGE_ARGS = {
     "prepare": ["--out", "prepare"],
     "teacher": ["--prepare", "prepare", "--out", "teacher"],
-    "trajectories": ["--teacher", "teacher/model", "--out", "trajectories"],
+    "trajectories": ["--family", EDM_SOLVES, "--teacher", "teacher/model", "--out", "trajectories"],
     "critic": ["--trainer", EDM_TRAINER, "--teacher", "teacher/model", "--prepare", "prepare", "--out", "critic"],
     "distill": ["--trainer", EDM_TRAINER, "--teacher", "teacher/model", "--prepare", "prepare", "--critic",
                 "critic/critic", "--trajectories", "trajectories", "--out", "distill"],
     "finetune": ["--trainer", EDM_TRAINER, "--teacher", "teacher/model", "--prepare", "prepare", "--distilled",
                  "distill", "--trajectories", "trajectories", "--out", "finetune"],
-    "evaluate": ["--prepare", "prepare", "--teacher", "teacher/model", "--trajectories", "trajectories",
+    "evaluate": ["--family", EDM_EVALUATION, "--prepare", "prepare", "--teacher", "teacher/model", "--trajectories", "trajectories",
                  "--student", "finetune/student", "--samples", "evaluate/samples", "--metrics", "evaluate/metrics.json"],
 }
 

@@ -162,11 +162,13 @@ TRAINING_STAGES = ("critic", "distill", "finetune")  # shared by every family: s
 
 
 def stage_script(name: str, root: Path | None = None) -> list[str]:
-    """A text-to-image stage's command start: stages/sd/<name>.py, or for a shared training stage
-    stages/<name>.py with the text-to-image trainer (as pipelines/sdxl/dvc.yaml runs them)."""
+    """A text-to-image stage's command start: stages/sd/<name>.py, or for a shared stage stages/<name>.py with
+    the text-to-image trainer or teacher-solve module (as pipelines/sdxl/dvc.yaml runs them)."""
     root = Path(root or ROOT)
     if name in TRAINING_STAGES:
         return [str(root / f"stages/{name}.py"), "--trainer", str(root / "fewstep/sd/distill.py")]
+    if name in ("trajectories", "evaluate"):
+        return [str(root / f"stages/{name}.py"), "--family", str(root / f"fewstep/sd/{name}.py")]
     return [str(root / f"stages/sd/{name}.py")]
 
 

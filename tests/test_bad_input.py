@@ -109,7 +109,7 @@ def test_missing_params_file(tmp_path):
 # --- The bad-input table: real stages and CLI on copies of one tiny upstream ------------------------
 
 UPSTREAM = {stage: STAGE_ARGS[stage] for stage in ("prepare", "teacher", "trajectories", "critic", "distill")}
-EVALUATE = ["--prepare", "prepare", "--teacher", "teacher/model", "--trajectories", "trajectories",
+EVALUATE = [*STAGE_ARGS["evaluate"][:STAGE_ARGS["evaluate"].index("--student")],
             "--student", "distill/student", "--samples", "evaluate/samples", "--metrics", "evaluate/metrics.json"]
 FINETUNE = STAGE_ARGS["finetune"]
 
@@ -340,9 +340,9 @@ BAD_INPUTS = [
          "file (Error while deserializing header: incomplete metadata, file not fully covered)",
          halve("teacher/model/unet/diffusion_pytorch_model.safetensors")),
     case("trajectory-shard-truncated", ["evaluate", *EVALUATE],
-         "[evaluate] error: trajectories/shard-00001.safetensors: not a readable safetensors file "
+         "[evaluate] error: trajectories/train-00001.safetensors: not a readable safetensors file "
          "(Error while deserializing header: incomplete metadata, file not fully covered)",
-         halve("trajectories/shard-00001.safetensors")),
+         halve("trajectories/train-00001.safetensors")),
     # -- safetensors with the wrong tensors
     case("data-wrong-keys", ["teacher", *UPSTREAM["teacher"]],
          "[teacher] error: prepare/data.safetensors: missing tensors ['train_images', 'train_labels'], "
@@ -389,12 +389,12 @@ BAD_INPUTS = [
          "[trajectories] error: teacher/model/unet: only pickled weights (diffusion_pytorch_model.bin); "
          "fewstep loads safetensors only and never unpickles", pickled_weights("teacher/model/unet")),
     case("index-lists-missing-shard", ["evaluate", *EVALUATE],
-         "[evaluate] error: trajectories/shard-00002.safetensors: file not found (did the upstream stage run?)",
-         edit_json("trajectories/index.json", lambda i: (i["shards"].append({"file": "shard-00002.safetensors", "count": 5}),
-                                                         i.update(num_samples=i["num_samples"] + 5)))),
+         "[evaluate] error: trajectories/train-00002.safetensors: file not found (did the upstream stage run?)",
+         edit_json("trajectories/index.json", lambda i: (i["train"]["shards"].append({"file": "train-00002.safetensors", "count": 5}),
+                                                         i["train"].update(num_samples=i["train"]["num_samples"] + 5)))),
     case("index-omits-a-shard", ["evaluate", *EVALUATE],
-         "[evaluate] error: trajectories/index.json: does not list shard-00001.safetensors",
-         edit_json("trajectories/index.json", lambda i: i["shards"].pop())),
+         "[evaluate] error: trajectories/index.json: does not list train-00001.safetensors",
+         edit_json("trajectories/index.json", lambda i: i["train"]["shards"].pop())),
     # -- `fewstep sample` arguments
     case("cli-no-model", ["fewstep", "sample"],
          "fewstep sample: error: the following arguments are required: --model", returncode=2),
@@ -461,11 +461,13 @@ def test_table_size():
 # --- In-process checks of the library readers -------------------------------------------------------
 
 @pytest.mark.parametrize("change,message", [
-    (lambda i: i["shards"].pop(), "does not list shard-00001.safetensors"),
-    (lambda i: i.update(num_samples=50), "shards hold 40 samples, num_samples says 50"),
-    (lambda i: i["shards"][1].update(count=20), "shards hold 45 samples, num_samples says 40"),
-    (lambda i: i["shards"][0].update(file="../prepare/data.safetensors"), "shard '../prepare/data.safetensors' must be"),
-], ids=["unlisted-shard", "num-samples", "count-sum", "outside-folder"])
+    (lambda i: i["train"]["shards"].pop(), "does not list train-00001.safetensors"),
+    (lambda i: i["train"].update(num_samples=50), "train shards hold 40 samples, num_samples says 50"),
+    (lambda i: i["train"]["shards"][1].update(count=20), "train shards hold 45 samples, num_samples says 40"),
+    (lambda i: i["train"]["shards"][0].update(file="../prepare/data.safetensors"),
+     "shard '../prepare/data.safetensors' must be"),
+    (lambda i: i.pop("train"), "no 'train' split (found [])"),
+], ids=["unlisted-shard", "num-samples", "count-sum", "outside-folder", "no-split"])
 def test_trajectories_index_disagrees(upstream, tmp_path, change, message):
     folder = tmp_path / "trajectories"
     shutil.copytree(upstream / "trajectories", folder)
@@ -478,10 +480,14 @@ def test_trajectories_index_disagrees(upstream, tmp_path, change, message):
 def test_trajectories_shard_count_disagrees(upstream, tmp_path):
     folder = tmp_path / "trajectories"
     shutil.copytree(upstream / "trajectories", folder)
-    edit_json("index.json", lambda i: (i["shards"][0].update(count=20), i["shards"][1].update(count=20)))(folder)
-    with pytest.raises(ArtifactError, match=r"shard-00000.safetensors: noise holds 25 samples, .*index.json says 20"):
+    edit_json("index.json", lambda i: (i["train"]["shards"][0].update(count=20),
+                                       i["train"]["shards"][1].update(count=20)))(folder)
+    with pytest.raises(ArtifactError, match=r"train-00000.safetensors: noise holds 25 samples, .*index.json says 20"):
         load_trajectories(folder)
-    assert len(load_trajectories(upstream / "trajectories")["labels"]) == 40
+    assert len(load_trajectories(upstream / "trajectories")["cond_index"]) == 40
+    edit_json("index.json", lambda i: i.update(keep_states=False))(folder)
+    with pytest.raises(ArtifactError, match=r"index.json: holds no ODE states \(set trajectories.keep_states: true"):
+        load_trajectories(folder, states=True)
 
 
 def test_divergence_stops_with_step_and_leaves_nothing(upstream, tmp_path):

@@ -43,7 +43,16 @@ def test_shared_training_stages_depend_on_their_familys_trainer_only():
         assert not any(f.startswith("fewstep/sd/") for f in default[stage]), stage
         assert {f"../../stages/{stage}.py", "../../fewstep/sd/distill.py", "../../fewstep/sd/family.py",
                 "../../fewstep/sd/flow.py"} <= sd[stage], sd[stage]
-    assert not list((ROOT / "stages/sd").glob("critic.py")) and not list((ROOT / "stages/sd").glob("distill.py"))
+    # the trajectories stage: its family's teacher-solve module, and no training code (a trainer edit does not
+    # re-solve the teacher's ODE)
+    assert {"stages/trajectories.py", "fewstep/trajectories.py", "fewstep/sampling.py"} <= default["trajectories"]
+    assert {"../../stages/trajectories.py", "../../fewstep/sd/trajectories.py"} <= sd["trajectories"]
+    for files in (default["trajectories"], sd["trajectories"]):
+        assert not {f for f in files if f.rsplit("fewstep/", 1)[-1] in ("distill.py", "sd/distill.py", "training.py")
+                    or "objectives/" in f}, files
+    shared = {"trajectories.py", "critic.py", "distill.py", "finetune.py", "evaluate.py"}
+    assert shared <= {p.name for p in (ROOT / "stages").glob("*.py")}
+    assert not shared & {p.name for p in (ROOT / "stages/sd").glob("*.py")}  # no family keeps a copy
 
 
 def test_a_trainer_that_is_not_one_is_refused_in_one_line(tmp_path):
@@ -51,7 +60,7 @@ def test_a_trainer_that_is_not_one_is_refused_in_one_line(tmp_path):
                tmp_path, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         f"--trainer {ROOT / 'fewstep/io.py'}: not a fewstep trainer module (expected fewstep/distill.py or "
-        "fewstep/sd/distill.py: a module with INPUTS, launch and train_stage)"], proc.stderr
+        "fewstep/sd/distill.py: a module with INPUTS, launch, train_stage)"], proc.stderr
     # a copy of the trainer is accepted while it is the file Python imports, byte for byte
     shutil.copytree(ROOT / "fewstep", tmp_path / "fewstep", ignore=shutil.ignore_patterns("__pycache__"))
     copy = tmp_path / "fewstep/distill.py"
@@ -64,8 +73,9 @@ def test_a_trainer_that_is_not_one_is_refused_in_one_line(tmp_path):
 def test_fine_grained_evaluation_code_is_not_a_dep_of_training():
     stages = {s.stage: set(s.expected) for s in stage_deps(ROOT / "dvc.yaml", ROOT)}
     for training in ("prepare", "teacher", "trajectories", "critic", "distill", "finetune"):
-        assert not stages[training] & {"fewstep/metrics.py", "fewstep/evaluation.py", "stages/evaluate.py"}, training
-    assert {"fewstep/metrics.py", "fewstep/evaluation.py"} <= stages["evaluate"]
+        assert not stages[training] & {"fewstep/metrics.py", "fewstep/evaluation.py", "fewstep/evaluate.py",
+                                       "stages/evaluate.py"}, training
+    assert {"fewstep/metrics.py", "fewstep/evaluation.py", "fewstep/evaluate.py"} <= stages["evaluate"]
     # the quality curves logged while training share their distances (FID, KID, pixel W1) with evaluate
     assert {"fewstep/curves.py", "fewstep/distances.py"} <= stages["distill"] & stages["finetune"]
     assert "fewstep/distances.py" in stages["evaluate"]

@@ -51,7 +51,7 @@ def test_two_processes_follow_the_one_process_loss_trajectory(tmp_path):
 def test_two_process_distillation_runs_and_saves_once(tmp_path):
     write_params(tmp_path, tiny_params(**{"run.num_threads": 1}))
     for stage, args in (("prepare", ["--out", "prepare"]), ("teacher", ["--prepare", "prepare", "--out", "teacher"]),
-                        ("trajectories", ["--teacher", "teacher/model", "--out", "trajectories"])):
+                        ("trajectories", STAGE_ARGS["trajectories"])):
         run_stage(stage, tmp_path, *args)
     run([*TORCHRUN, str(ROOT / "stages/critic.py"), "--params", "params.yaml", *STAGE_ARGS["critic"]], tmp_path)
     proc = run([*TORCHRUN, str(ROOT / "stages/distill.py"), "--params", "params.yaml", *STAGE_ARGS["distill"]],

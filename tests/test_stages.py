@@ -48,11 +48,12 @@ def test_teacher_is_a_diffusers_model(workdir):
 
 def test_trajectories_are_sharded(workdir):
     index = json.loads((workdir / "trajectories/index.json").read_text())
-    assert [s["count"] for s in index["shards"]] == [25, 15]
+    assert [s["count"] for s in index["train"]["shards"]] == [25, 15]
     assert index["nfe"] == 5 and len(index["sigmas"]) == 4 and index["sigmas"][-1] == 0
-    shard = load_file(workdir / "trajectories" / index["shards"][1]["file"])
+    shard = load_file(workdir / "trajectories" / index["train"]["shards"][1]["file"])
     assert shard["states"].shape == (15, 4, 1, 8, 8)
-    assert torch.equal(shard["states"][:, -1], shard["images"])
+    assert torch.equal(shard["cond_index"], torch.arange(25, 40) % 10)  # the classes in turn
+    assert torch.equal(shard["states"][:, -1], shard["samples"])
     assert torch.allclose(shard["states"][:, 0], shard["noise"] * index["sigmas"][0])
 
 
@@ -121,7 +122,7 @@ def test_stage_failure_leaves_no_half_written_output(workdir):
 
     broken = workdir / "broken_traj"
     shutil.copytree(workdir / "trajectories", broken)
-    shard = broken / "shard-00001.safetensors"
+    shard = broken / "train-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])
     args = list(STAGE_ARGS["evaluate"])
     args[args.index("trajectories")] = "broken_traj"
@@ -130,7 +131,7 @@ def test_stage_failure_leaves_no_half_written_output(workdir):
     proc = run_stage("evaluate", workdir, *args, check=False)
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if "error" in line]
-    assert lines == [f"[evaluate] error: broken_traj/shard-00001.safetensors: not a readable safetensors file"
+    assert lines == [f"[evaluate] error: broken_traj/train-00001.safetensors: not a readable safetensors file"
                      + lines[0].split("safetensors file", 1)[1]]
     assert not (workdir / "eval2/metrics.json").exists() and not (workdir / "eval2/samples").exists()
     assert not [p for p in (workdir / "eval2").glob(".*tmp")] if (workdir / "eval2").exists() else True

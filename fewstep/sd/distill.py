@@ -13,14 +13,14 @@ import xxhash
 from .. import objectives
 from ..hashing import Hasher
 from ..checkpoint import CHECKPOINTS, Checkpointer, GeneratorState, fingerprint
-from ..distill import fit
+from ..distill import fit, trajectory_batches
+from ..io import load_trajectories
 from ..models import GanHead
 from ..params import ParamsError
-from ..training import Minibatches
 from .. import fsdp, parallel, runtime
 from . import family as families, models, teacher as teachers
 from .denoiser import SDDenoiser
-from .store import CondSampler, Encoded, RealSampler, load_trajectories
+from .store import CondSampler, Encoded, RealSampler
 
 
 def noise_levels(model: SDDenoiser, t_min: int, t_max: int, generator: torch.Generator, device) -> Callable:
@@ -34,22 +34,7 @@ def real_data(train: Encoded, trajectories: dict, batch_size: int, generator, de
     own ODE samples (the best stand-in for the data distribution a text-only source allows)."""
     if train.latents is not None:
         return RealSampler(train.latents, train.cond, batch_size, generator, device)
-    return RealSampler(trajectories["latents"], train.cond[trajectories["prompt_index"]], batch_size, generator, device)
-
-
-def trajectory_batches(trajectories: dict, train: Encoded, batch_size: int, generator, device) -> Callable:
-    """Teacher ODE minibatches in the objectives' format: noise, cond, images, states (if kept), sigmas."""
-    columns = {"noise": trajectories["noise"], "images": trajectories["latents"],
-               "prompt_index": trajectories["prompt_index"]}
-    if "states" in trajectories:
-        columns["states"] = trajectories["states"]
-    batches = Minibatches(columns, batch_size, generator, device)
-    sigmas = torch.tensor(trajectories["index"]["sigmas"], dtype=torch.float32, device=device)
-
-    def batch():
-        b = batches()
-        return {**b, "cond": train.cond[b.pop("prompt_index").cpu()].to(device), "sigmas": sigmas}
-    return batch
+    return RealSampler(trajectories["samples"], train.cond[trajectories["cond_index"]], batch_size, generator, device)
 
 
 def load_student(path: Path, student_dir: Path | None, settings, negative, latent_size: int, device, run_p,
@@ -128,7 +113,7 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
         raise ParamsError(str(exc)) from None
     path = teachers.resolve(t.path, t.family)
     train = Encoded.load(encode_dir, "train")
-    traj = load_trajectories(trajectories_dir, "train", with_states=settings.objective == "consistency")
+    traj = load_trajectories(trajectories_dir, "train", states=settings.objective == "consistency")
 
     # --- the four networks (FSDP: trained ones built on the CPU, then sharded onto the device) -----------
     build_on = torch.device("cpu") if sharded else device
@@ -156,7 +141,8 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
         conditions=CondSampler(train, generator, device),
         noise_levels=noise_levels(teacher, settings.t_min, settings.t_max, generator, device),
         student_sigmas=sigmas, params=settings, generator=generator, device=device, sigma_data=1.0,
-        trajectories=trajectory_batches(traj, train, settings.batch_size, generator, device),
+        trajectories=trajectory_batches(traj, lambda index: train.cond[index.cpu()].to(device), settings.batch_size,
+                                        generator, device),
         step_generator=torch.Generator().manual_seed(seed) if sharded or ranks > 1 else None)
     print(f"[{stage}] {t.family} student timesteps {list(settings.student_timesteps)} "
           f"(sigmas {[round(s, 4) for s in sigmas]}), lora rank {settings.lora.rank if lora else 'off (full network)'}, "

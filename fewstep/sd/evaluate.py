@@ -1,6 +1,7 @@
-"""Optional image metrics of the SD evaluate stage, each from a local model the user points at:
-CLIP score (a transformers CLIP directory) and FID (fewstep.distances, a featurizer + reference images).
-A metric whose inputs are not configured is skipped with a notice saying what would enable it."""
+"""The text-to-image families' evaluation for stages/evaluate.py (`--family fewstep/sd/evaluate.py`), and its
+optional image metrics, each from a local model the user points at: CLIP score (a transformers CLIP
+directory) and FID (fewstep.distances, a featurizer + reference images). A metric whose inputs are not
+configured is skipped with a notice saying what would enable it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..io import ArtifactError
+from .. import runtime
+from ..evaluation import Evaluation, Model
+from ..io import ArtifactError, load_trajectories
+from ..sampling import heun_sample, student_sample
+from . import encode, models, teacher as teachers
 from .prompts import image_tensor
+from .store import Encoded
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -168,3 +174,92 @@ def fidelity(features: dict[str, torch.Tensor], images: dict[str, torch.Tensor],
     return {name: {"fid_t": fid(reference, f[first]), "kid_t": kid(reference, f[first]),
                    "pixel_w1_t": pixel_view(images[name][first], reference_images)["pixel_w1"]}
             for name, f in features.items()}
+
+
+# --- the evaluation the shared stage runs (stages/evaluate.py --family fewstep/sd/evaluate.py) -------------
+
+INPUTS = {"encode": "the encode stage's output (cached held-out prompts)"}
+
+
+def image_metrics(p, images: dict, prompts: list[str], resolution: int,
+                  features: dict[str, torch.Tensor] | None, net, device) -> tuple[dict, list[str]]:
+    """{model: {metric: value}} for the optional metrics, and a notice for each one skipped. `features`: each
+    model's images in the configured featurizer `net` (None when unset)."""
+    from ..distances import fid
+
+    scores, skipped = {name: {} for name in images}, []
+    if p.clip_path:
+        scorer = ClipScorer(p.clip_path, device)  # loaded once for every model's images
+        for name, x in images.items():
+            scores[name]["clip_score"], scores[name]["clip_score_ci95"] = clip_score(scorer, x, prompts, p.batch_size)
+    else:
+        skipped.append("clip_score: skipped (set evaluate.clip_path to a local CLIP model directory)")
+    if features is not None and p.fid.reference:
+        reference = embed(net, reference_images(p.fid.reference, resolution), p.batch_size)
+        for name, f in features.items():
+            scores[name]["fid"] = fid(reference, f)
+    else:
+        skipped.append("fid: skipped (set evaluate.fid.featurizer to a feature network and evaluate.fid.reference "
+                       "to a folder of reference images)")
+    return scores, skipped
+
+
+def evaluation(params, args, device) -> Evaluation:
+    """The student against the teacher on the held-out prompts, same noise (one sampling seed: the
+    trajectories' eval split): fidelity to the teacher always (FID-T, KID-T, pixel W1 against the teacher's other
+    samples of the same prompts; the teacher's own score is the floor), in the configured featurizer's space or
+    else the teacher network's; CLIP score when evaluate.clip_path is set and FID when evaluate.fid.featurizer
+    and evaluate.fid.reference are set (otherwise the metrics say what was skipped and why). Latency is in
+    latent space (text encoding and decoding excluded)."""
+    p = params.evaluate
+    path = teachers.resolve(params.teacher.path, params.teacher.family)
+    held_out = Encoded.load(args.encode, "eval")
+    traj = load_trajectories(args.trajectories, "eval")
+    cond = held_out.cond[traj["cond_index"]]
+    prompts = [held_out.texts[i] for i in traj["cond_index"].tolist()]
+    teacher = models.teacher_denoiser(path, held_out.negative, device, params.run.precision)
+    student, info = models.load(args.student, path, held_out.negative, device, params.run.precision)
+    student.requires_grad_(False).eval()
+    sigmas = [teacher.sigma_of(t) for t in info["student_timesteps"]]
+    steps, guidance = traj["index"]["sampling_steps"], traj["index"]["guidance"]
+    gen = runtime.seeded(params.seed, "evaluate")
+    vae = teachers.load_vae(path)
+    del vae.encoder  # decoding only: the encoder's work was cached by the encode stage
+
+    def score(samples: dict[str, list[torch.Tensor]], decoded: dict[str, list[torch.Tensor]]) -> dict:
+        latents = {name: x[0] for name, x in samples.items()}
+        images = {name: x[0] for name, x in decoded.items()}
+        resolution = held_out.index["resolution"]
+        net = load_featurizer(p.fid.featurizer, resolution) if p.fid.featurizer else None
+        features = {name: embed(net, x, p.batch_size) for name, x in images.items()} if net else None
+        scores, skipped = image_metrics(p, images, prompts, resolution, features, net, device)
+        metrics = {"teacher": {"steps": steps, "guidance": guidance},
+                   "student": {"steps": len(sigmas), "timesteps": info["student_timesteps"]}}
+        rounds = len(cond) // len(held_out.texts)  # trajectories.eval_per_prompt samples of each held-out prompt
+        if rounds >= 2:  # fidelity in the featurizer's space, else in the teacher network's (needs no other model)
+            space = features or {name: teacher_features(teacher, x, cond, p.batch_size, device, params.seed)
+                                 for name, x in latents.items()}
+            for name, values in fidelity(space, images, rounds).items():
+                scores[name].update(values)
+            metrics["fidelity_features"] = p.fid.featurizer or f"teacher network's middle block, t={FEATURE_TIMESTEP}"
+        else:
+            skipped.append("fid_t: skipped (set trajectories.eval_per_prompt >= 2: the teacher's other samples of a "
+                           "prompt are FID-T's reference)")
+        for name in images:
+            metrics[name].update(scores[name])
+        for line in skipped:
+            print(f"[evaluate] {line}", flush=True)
+        return {**metrics, "skipped": skipped, "num_samples": len(cond), "num_prompts": len(held_out.texts)}
+
+    return Evaluation(models={"teacher": Model(traj["index"]["nfe"],
+                                               lambda i: (lambda n, c: heun_sample(teacher, n, c, steps, guidance))),
+                              "student": Model(len(sigmas), lambda i: (lambda n, c: student_sample(student, n, c, sigmas, gen)))},
+                      student="student", noise=traj["noise"], cond=cond, teacher_samples=traj["samples"], seeds=1,
+                      seed=params.seed, decode=lambda x: encode.to_images(vae, x, p.batch_size, device), score=score,
+                      grids=["teacher", "student"], captions=prompts)
+
+
+def launch(stage: str, main, configure) -> None:
+    from . import launch as start
+
+    start.run(stage, main, configure)

@@ -77,11 +77,6 @@ def frozen_dtype(device, precision: str) -> torch.dtype:
     return dtype if dtype is not None and torch.device(device).type != "cpu" else torch.float32
 
 
-def teacher_nfe(steps: int, guidance: float) -> int:
-    """Network evaluations per teacher sample: Heun's 2 * steps - 1, twice over under CFG."""
-    return (2 * steps - 1) * (1 if guidance == 1 else 2)
-
-
 def teacher_network(teacher_path: Path, dtype: torch.dtype = torch.float32):
     """The teacher directory's denoising network (what the teacher, a fresh student and a fresh fake score start as)."""
     return teachers.load_network(teacher_path, families.of_teacher(teacher_path).name, dtype)

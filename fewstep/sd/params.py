@@ -11,8 +11,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..inputs import InputPath
-from ..params import (ConsistencyParams, DMD2Params, DMDParams, GanParams, Pair, RunParams, Section, SiDParams,
-                      TrainLoopParams)
+from ..params import (DMD2Params, GanParams, ObjectiveParams, Pair, RunParams, Section, TrainLoopParams,
+                      TrajectoriesParams)
 from ..params import load as _load
 
 
@@ -46,14 +46,16 @@ class EncodeParams(Section):
     dtype: Literal["fp32", "fp16", "bf16"] = "fp16"  # storage of cached embeddings and latents
 
 
-class TrajectoriesParams(Section):
+class SDTrajectoriesParams(TrajectoriesParams):
+    """fewstep.params.TrajectoriesParams with text-to-image defaults and the held-out prompts' split."""
+
     num_samples: int = Field(64, gt=0)     # teacher samples, prompts taken in turn from the train split
     eval_per_prompt: int = Field(1, gt=0)  # teacher samples per held-out prompt (the evaluation's pairs)
-    sampling_steps: int = Field(25, gt=0)  # EDM Heun steps on the teacher's noise range; NFE = 2 * steps - 1
-    guidance: float = Field(8.0, ge=0)     # CFG scale of the teacher (DMD2: 8 for SDXL, 1.75 for SD1.5)
-    batch_size: int = Field(8, gt=0)  # also the batch at which latency is timed (median over the batches)
+    sampling_steps: int = Field(25, gt=0)  # EDM Heun steps on the teacher's noise range
+    guidance: float = Field(8.0, ge=0)     # DMD2: 8 for SDXL, 1.75 for SD1.5
+    batch_size: int = Field(8, gt=0)
     shard_size: int = Field(256, gt=0)
-    keep_states: bool = False              # also store every ODE state (steps + 1 latents per sample)
+    keep_states: bool = False              # latents' states are large: kept for the consistency objective only
 
 
 class LoraParams(Section):
@@ -77,20 +79,16 @@ class CriticParams(SDLoopParams):
     gan: GanParams = GanParams(generator_weight=5e-3, critic_weight=1e-2)
 
 
-class DistillParams(SDLoopParams):
-    objective: Literal["dmd2", "dmd", "sid", "consistency"] = "dmd2"
+class DistillParams(SDLoopParams, ObjectiveParams):
+    """fewstep.params.ObjectiveParams with SD-sized loop defaults, DDPM timesteps and a LoRA option."""
+
     steps: int = Field(200, gt=0)
     student_timesteps: list[int] = [999, 749, 499, 249]  # DDPM timesteps the student is conditioned on
-    backward_simulation: bool = True          # step k's input comes from the student's own steps < k
-    simulate_with: Literal["student", "ema"] = "student"  # weights that run those steps (ema: a full copy)
     real_guidance: float = Field(8.0, ge=0)   # CFG on the real score (DMD2: 8 for SDXL, 1.75 for SD1.5)
     t_min: int = Field(20, ge=0, le=999)      # DM / fake-score timesteps ~ U{t_min..t_max} of the DDPM steps
     t_max: int = Field(980, ge=1, le=999)
     lora: LoraParams = LoraParams()
     dmd2: DMD2Params = DMD2Params(ttur=5, gan=GanParams(generator_weight=5e-3, critic_weight=1e-2))
-    dmd: DMDParams = DMDParams()
-    sid: SiDParams = SiDParams()
-    consistency: ConsistencyParams = ConsistencyParams()
 
     @field_validator("student_timesteps")
     @classmethod
@@ -98,12 +96,6 @@ class DistillParams(SDLoopParams):
         if not v or any(not 0 <= t <= 999 for t in v) or any(a <= b for a, b in zip(v, v[1:])):
             raise ValueError(f"must be a non-empty, strictly decreasing list of timesteps in [0, 999], got {v}")
         return v
-
-    @model_validator(mode="after")
-    def _t_range(self):
-        if self.t_min >= self.t_max:
-            raise ValueError(f"t_min must be < t_max, got {self.t_min} >= {self.t_max}")
-        return self
 
 
 class FinetuneParams(DistillParams):
@@ -151,7 +143,7 @@ class SDParams(Section):
     teacher: TeacherParams
     prompts: PromptsParams
     encode: EncodeParams = EncodeParams()
-    trajectories: TrajectoriesParams = TrajectoriesParams()
+    trajectories: SDTrajectoriesParams = SDTrajectoriesParams()
     critic: CriticParams = CriticParams()
     distill: DistillParams = DistillParams()
     finetune: FinetuneParams = FinetuneParams()

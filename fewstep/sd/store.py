@@ -86,13 +86,3 @@ class RealSampler:
     def __call__(self) -> tuple[torch.Tensor, SDCond]:
         idx = torch.randint(len(self.latents), (self.batch_size,), generator=self.generator)
         return self.latents[idx].to(self.device), self.cond[idx].to(self.device)
-
-
-def load_trajectories(folder: str | Path, split: str = "train", with_states: bool = False) -> dict:
-    """The trajectories stage's shards of one split concatenated (noise, prompt_index, latents[, states])
-    plus its index."""
-    folder = Path(folder)
-    index = read_json(folder / "index.json")
-    keys = ("noise", "prompt_index", "latents") + (("states",) if with_states else ())
-    shards = [load_tensors(folder / s["file"], required=keys) for s in index[split]["shards"]]
-    return {k: torch.cat([s[k] for s in shards]) for k in keys} | {"index": index}

@@ -12,7 +12,7 @@ from fewstep import runtime
 from fewstep.distances import kid
 from fewstep.grid import save_grid
 from fewstep.io import atomic_output, write_json
-from fewstep.sampling import heun_sample, student_sample
+from fewstep.sampling import heun_sample, student_sample, teacher_nfe
 from fewstep.sd import benchmark, encode, evaluate, models, teacher as teachers
 from fewstep.sd.denoiser import SDCond
 from fewstep.sd.store import DTYPES, Encoded
@@ -42,7 +42,7 @@ def samplers(params, path, negative, args, device) -> tuple[dict, dict]:
         teacher = models.teacher_denoiser(path, negative, device, params.run.precision)
         t = params.trajectories
         fns["teacher"] = lambda n, c: heun_sample(teacher, n, c, t.sampling_steps, t.guidance)
-        nfe["teacher"] = models.teacher_nfe(t.sampling_steps, t.guidance)
+        nfe["teacher"] = teacher_nfe(t.sampling_steps, t.guidance)
     return fns, nfe
 
 

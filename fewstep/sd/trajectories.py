@@ -1,0 +1,30 @@
+"""The text-to-image families' teacher solves for stages/trajectories.py
+(`--family fewstep/sd/trajectories.py`): SDXL, SD1.5 and SD3 teachers on the encode stage's cached prompts."""
+from __future__ import annotations
+
+from .. import sampling
+from . import models, teacher as teachers
+from .denoiser import SDDenoiser
+from .store import Encoded
+
+INPUTS = {"encode": "the encode stage's output (cached text conditioning)"}
+
+
+def teacher_splits(params, args, device) -> tuple[SDDenoiser, tuple[int, ...], list[sampling.TeacherSplit]]:
+    """The train prompts in turn (trajectories.num_samples) and every held-out prompt eval_per_prompt times (the
+    evaluation's teacher side), each split from its own noise stream."""
+    p = params.trajectories
+    path = teachers.resolve(params.teacher.path, params.teacher.family)
+    train, held_out = Encoded.load(args.encode, "train"), Encoded.load(args.encode, "eval")
+    teacher = models.teacher_denoiser(path, train.negative, device, params.run.precision)
+    splits = [sampling.TeacherSplit(name, count, len(encoded.texts), conditions=lambda index, e=encoded: e.cond[index],
+                                    noise_stream=f"trajectories-{name}")
+              for name, encoded, count in (("train", train, p.num_samples),
+                                           ("eval", held_out, len(held_out.texts) * p.eval_per_prompt))]
+    return teacher, tuple(train.index["latent_shape"]), splits
+
+
+def launch(stage: str, main, configure) -> None:
+    from . import launch as start
+
+    start.run(stage, main, configure)
