@@ -1,4 +1,4 @@
-"""Sample grids as PNG."""
+"""Sample grids as PNG, and the scoring stages' outputs (grids + metrics.json)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from .io import atomic_output, write_json
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int | None = None) -> None:
@@ -23,3 +25,17 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int | No
     array = np.repeat(np.repeat(array, scale, axis=0), scale, axis=1)
     mode = "L" if c == 1 else "RGB"
     Image.fromarray(array[..., 0] if c == 1 else array, mode=mode).save(path)
+
+
+def write_scores(samples_dir: Path, metrics_file: Path, grids: dict[str, torch.Tensor], grid_size: int, metrics: dict,
+                 captions: list[str] | None = None) -> None:
+    """What evaluate and benchmark write: one grid per model (`grid_size` a row; "student@4" -> student_4.png),
+    the grids' prompts for text-to-image (prompts.json), and the metrics; each output whole or not at all."""
+    with atomic_output(samples_dir) as out:
+        out.mkdir()
+        for name, images in grids.items():
+            save_grid(images, out / f"{name.replace('@', '_')}.png", nrow=min(grid_size, len(images)))
+        if captions is not None:
+            write_json({"prompts": captions}, out / "prompts.json")
+    with atomic_output(metrics_file) as out:
+        write_json(metrics, out)

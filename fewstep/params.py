@@ -105,8 +105,6 @@ class OptimParams(Section):
         return v
 
 
-
-
 # --- one params subsection per objective (fewstep/objectives/<name>.py) ---------------------------------
 
 

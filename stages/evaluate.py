@@ -8,8 +8,7 @@ from pathlib import Path
 
 from fewstep import families
 from fewstep.evaluation import Evaluation, seed_noise
-from fewstep.grid import save_grid
-from fewstep.io import atomic_output, write_json
+from fewstep.grid import write_scores
 from fewstep.metrics import latency_ms
 from fewstep.sampling import batched
 
@@ -53,14 +52,8 @@ def main(params, args, device, family):
           f"evaluations per sample vs the teacher's {run.models['teacher'].nfe})", flush=True)
 
     n = min(p.grid_size ** 2, len(run.noise))
-    with atomic_output(args.samples) as out:
-        out.mkdir()
-        for name in run.grids:
-            save_grid(images[name][0][:n], out / f"{name.replace('@', '_')}.png", nrow=min(p.grid_size, n))
-        if run.captions is not None:
-            write_json({"prompts": run.captions[:n]}, out / "prompts.json")
-    with atomic_output(args.metrics) as out:
-        write_json(metrics, out)
+    write_scores(args.samples, args.metrics, {name: images[name][0][:n] for name in run.grids}, p.grid_size, metrics,
+                 None if run.captions is None else run.captions[:n])
     print(f"[evaluate] metrics -> {args.metrics}, grids -> {args.samples}", flush=True)
 
 

@@ -10,8 +10,7 @@ from tqdm.auto import tqdm
 
 from fewstep import runtime
 from fewstep.distances import kid
-from fewstep.grid import save_grid
-from fewstep.io import atomic_output, write_json
+from fewstep.grid import write_scores
 from fewstep.sampling import heun_sample, student_sample, teacher_nfe
 from fewstep.sd import benchmark, encode, evaluate, models, teacher as teachers
 from fewstep.sd.denoiser import SDCond
@@ -52,11 +51,7 @@ def main(params, args, device):
         line = ("benchmark: off (set benchmark.source to local caption/image pairs, and benchmark.featurizer and/or "
                 "benchmark.clip_path)")
         print(f"[benchmark] {line}", flush=True)
-        with atomic_output(args.samples) as out:
-            out.mkdir()
-            write_json({"prompts": []}, out / "prompts.json")
-        with atomic_output(args.metrics) as out:
-            write_json({"skipped": [line]}, out)
+        write_scores(args.samples, args.metrics, {}, b.grid_size, {"skipped": [line]}, captions=[])
         return
     path = teachers.resolve(params.teacher.path, params.teacher.family)
     encoded = Encoded.load(args.encode, "eval")  # the negative prompt, SDXL time ids, latent shape
@@ -101,14 +96,8 @@ def main(params, args, device):
               flush=True)
     if clip:  # the captions' own images: the CLIP score real data reaches
         metrics["reference"] = {"clip_score": evaluate.mean_interval(torch.cat(kept["reference"].clip))[0]}
-    with atomic_output(args.samples) as out:
-        out.mkdir()
-        for name, scores in kept.items():
-            images = torch.cat(scores.grid)
-            save_grid(images, out / f"{name}.png", nrow=min(b.grid_size, len(images)))
-        write_json({"prompts": pairs.texts[:keep]}, out / "prompts.json")
-    with atomic_output(args.metrics) as out:
-        write_json(metrics, out)
+    write_scores(args.samples, args.metrics, {name: torch.cat(scores.grid) for name, scores in kept.items()},
+                 b.grid_size, metrics, pairs.texts[:keep])
     print(f"[benchmark] metrics -> {args.metrics}, grids -> {args.samples}", flush=True)
 
 
