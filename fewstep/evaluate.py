@@ -19,6 +19,7 @@ from .sampling import heun_sample, student_sigmas_for
 
 INPUTS = {"prepare": "the prepare stage's output (held-out images, featurizer)",
           "teacher": "the teacher stage's model directory"}
+launch = runtime.run  # start-up: the default pipeline's params schema, in the project root
 
 
 def student_step_counts(num_steps: int) -> list[int]:
@@ -97,9 +98,5 @@ def evaluation(params, args, device) -> Evaluation:
         return metrics
 
     return Evaluation(models=models, student=f"student@{num_steps}", noise=traj["noise"], cond=labels,
-                      teacher_samples=traj["samples"], seeds=p.seeds, seed=params.seed, decode=lambda x: x,
+                      teacher_samples=traj["samples"], seeds=p.seeds, decode=lambda x: x,
                       score=score, grids=["teacher", *(f"student@{k}" for k in student_step_counts(num_steps))])
-
-
-def launch(stage: str, main, configure) -> None:
-    runtime.run(stage, main, configure)

@@ -49,7 +49,6 @@ class Evaluation:
     cond: Any                         # its conditions (sliceable, with .to(device))
     teacher_samples: torch.Tensor     # the trajectories' teacher samples for that noise
     seeds: int                        # sampling seeds
-    seed: int                         # params' seed (fresh noise of seeds >= 1)
     decode: Callable[[torch.Tensor], torch.Tensor]  # samples -> images in [-1, 1]
     score: Callable[[dict, dict], dict]  # ({model: [samples per seed]}, {model: [images per seed]}) -> metrics
     grids: list[str]                  # models whose first seed's images are drawn as grids

@@ -2,8 +2,9 @@
 
 `stages/trajectories.py`, `stages/critic.py`, `stages/distill.py`, `stages/finetune.py` and `stages/evaluate.py`
 hold what a stage is (which params section, which inputs it continues from, what it writes); a family's module
-holds how its networks are loaded, built, run and scored. dvc.yaml names the module by its file, so the map says which code runs and
-the dependency analysis (fewstep.deps, which takes every `*.py` argument of a command as a script) follows it:
+holds how its networks are loaded, built, run and scored. dvc.yaml names the module by its file, so the map says
+which code runs and the dependency analysis (fewstep.deps, which takes every `*.py` argument of a command as a
+script) follows it:
 
     python stages/distill.py --trainer fewstep/distill.py ...                  the EDM family (digits, image folders)
     python ../../stages/distill.py --trainer ../../fewstep/sd/distill.py       text-to-image (SDXL, SD1.5, SD3)
@@ -24,21 +25,33 @@ import argparse
 import pkgutil
 import sys
 from pathlib import Path
-from typing import Callable
-
-TRAINER = ("--trainer", ("INPUTS", "launch", "train_stage"), "fewstep/distill.py or fewstep/sd/distill.py")
-TEACHER_SOLVES = ("--family", ("INPUTS", "launch", "teacher_splits"),
-                  "fewstep/trajectories.py or fewstep/sd/trajectories.py")
-EVALUATION = ("--family", ("INPUTS", "launch", "evaluation"), "fewstep/evaluate.py or fewstep/sd/evaluate.py")
+from typing import Callable, NamedTuple
 
 
-def load_module(path: Path, kind: tuple = TRAINER):
+class ModuleKind(NamedTuple):
+    """A kind of family module: the stage's flag naming it, what it is, what it must define, which files are one."""
+
+    flag: str
+    what: str
+    api: tuple[str, ...]
+    expected: str
+
+
+TRAINER = ModuleKind("--trainer", "trainer", ("INPUTS", "launch", "train_stage"),
+                     "fewstep/distill.py or fewstep/sd/distill.py")
+TEACHER_SOLVES = ModuleKind("--family", "teacher-solve", ("INPUTS", "launch", "teacher_splits"),
+                            "fewstep/trajectories.py or fewstep/sd/trajectories.py")
+EVALUATION = ModuleKind("--family", "evaluation", ("INPUTS", "launch", "evaluation"),
+                        "fewstep/evaluate.py or fewstep/sd/evaluate.py")
+
+
+def load_module(path: Path, kind: ModuleKind = TRAINER):
     """The family module at `path` (a trainer unless `kind` says otherwise), imported under its dotted name
     (fewstep/sd/distill.py -> fewstep.sd.distill) so that it is the module the rest of the code imports. Python
     may import the package from another copy than the one the command names (a project whose PYTHONPATH points
     at a checkout); that is accepted only when the two files are byte-identical, so the code that runs is the
     code the stage's deps hash. One line otherwise."""
-    flag, api, expected = kind
+    flag, what, api, expected = kind
     file = Path(path).resolve()
     top = next((p for p in file.parents if (p / "fewstep" / "__init__.py").is_file()), None)
     name = ".".join(file.relative_to(top).with_suffix("").parts) if top is not None else ""
@@ -49,7 +62,6 @@ def load_module(path: Path, kind: tuple = TRAINER):
         except ImportError:
             module = None
     if module is None or not all(hasattr(module, attr) for attr in api):
-        what = {TRAINER: "trainer", TEACHER_SOLVES: "teacher-solve", EVALUATION: "evaluation"}[kind]
         sys.exit(f"{flag} {path}: not a fewstep {what} module (expected {expected}: a module with {', '.join(api)})")
     imported = Path(module.__file__).resolve()
     if imported != file and imported.read_bytes() != file.read_bytes():
@@ -59,16 +71,16 @@ def load_module(path: Path, kind: tuple = TRAINER):
 
 
 def run_stage(stage: str, main: Callable, configure: Callable[[argparse.ArgumentParser], None],
-              kind: tuple = TRAINER) -> None:
+              kind: ModuleKind = TRAINER) -> None:
     """Start a shared stage: read the family module's flag, add the module's inputs to the stage's arguments,
     and let the module's start-up run `main(params, args, device, module)`."""
-    flag = kind[0]
+    flag = kind.flag
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument(flag, type=Path, required=True, dest="module")
     module = load_module(first.parse_known_args()[0].module, kind)
 
     def arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(flag, type=Path, required=True, help=f"the model family's module ({kind[2]})")
+        parser.add_argument(flag, type=Path, required=True, help=f"the model family's {kind.what} module ({kind.expected})")
         for name, help in module.INPUTS.items():
             parser.add_argument(f"--{name}", type=Path, required=True, help=help)
         configure(parser)

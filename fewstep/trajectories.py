@@ -7,6 +7,7 @@ from .models import EDMDenoiser, load_model
 from .sampling import TeacherSplit
 
 INPUTS = {"teacher": "the teacher stage's model directory"}
+launch = runtime.run  # start-up: the default pipeline's params schema, in the project root
 
 
 def teacher_splits(params, args, device) -> tuple[EDMDenoiser, tuple[int, ...], list[TeacherSplit]]:
@@ -17,7 +18,3 @@ def teacher_splits(params, args, device) -> tuple[EDMDenoiser, tuple[int, ...], 
     split = TeacherSplit("train", params.trajectories.num_samples, teacher.num_classes,
                          conditions=lambda labels: labels, noise_stream="trajectories")
     return teacher, (c, size, size), [split]
-
-
-def launch(stage: str, main, configure) -> None:
-    runtime.run(stage, main, configure)

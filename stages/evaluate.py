@@ -13,14 +13,14 @@ from fewstep.metrics import latency_ms
 from fewstep.sampling import batched
 
 
-def generate(run: Evaluation, batch_size: int, device) -> tuple[dict, dict]:
+def generate(run: Evaluation, seed: int, batch_size: int, device) -> tuple[dict, dict]:
     """Every model's samples per sampling seed, and its per-image times (ms, one per batch). A model that
     generated nothing here (the teacher with one seed: its samples come from the trajectories) is timed on one
     batch, so every latency is measured the same way."""
     samples = {name: [] for name in run.models}
     timings = {name: [] for name in run.models}
     for i in range(run.seeds):
-        noise = seed_noise(run.noise, run.seed, i)
+        noise = seed_noise(run.noise, seed, i)
         for name, model in run.models.items():
             if i == 0 and name == "teacher":
                 samples[name].append(run.teacher_samples)  # seed 0 is the trajectories' noise: their teacher samples
@@ -38,7 +38,7 @@ def main(params, args, device, family):
     p = params.evaluate
     run = family.evaluation(params, args, device)
     started = time.perf_counter()
-    samples, timings = generate(run, p.batch_size, device)
+    samples, timings = generate(run, params.seed, p.batch_size, device)
     print(f"[evaluate] samples of {len(run.models)} models x {run.seeds} seeds in {time.perf_counter() - started:.1f} s",
           flush=True)
     images = {name: [run.decode(x) for x in per_seed] for name, per_seed in samples.items()}

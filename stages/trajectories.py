@@ -1,8 +1,8 @@
 """trajectories: the teacher's deterministic ODE solves (EDM Heun, CFG at trajectories.guidance) from seeded
-noise, for every family (`--family`: its teacher-solve module). The family names its splits: the EDM family one `train` split of class
-labels in turn (its distillation pairs and the evaluation's teacher side); text-to-image families the train
-prompts in turn (`num_samples`) and every held-out prompt (`eval_per_prompt` each, the evaluation's teacher
-side). Sharded safetensors in one layout (fewstep.io.load_trajectories reads it):
+noise, for every family (`--family`: its teacher-solve module). The family names its splits: the EDM family one
+`train` split of class labels in turn (its distillation pairs and the evaluation's teacher side); text-to-image
+families the train prompts in turn (`num_samples`) and every held-out prompt (`eval_per_prompt` each, the
+evaluation's teacher side). Sharded safetensors in one layout (fewstep.io.load_trajectories reads it):
 
     <out>/index.json                     sampling_steps, guidance, nfe, sigmas, keep_states, {split: shards}
     <out>/<split>-NNNNN.safetensors      noise, cond_index, samples[, states: every Heun state]

@@ -19,6 +19,7 @@ from ..models import GanHead
 from ..params import ParamsError
 from .. import fsdp, parallel, runtime
 from . import family as families, models, teacher as teachers
+from . import launch as start_up
 from .denoiser import SDDenoiser
 from .store import CondSampler, Encoded, RealSampler
 
@@ -76,12 +77,7 @@ def _digest(model: SDDenoiser) -> str:
 # --- the text-to-image families' trainer for the shared stage scripts (fewstep.families) --------------
 
 INPUTS = {"encode": "the encode stage's output (cached text conditioning and latents)"}
-
-
-def launch(stage: str, main, configure) -> None:
-    from . import launch as start
-
-    start.run(stage, main, configure)
+launch = start_up.run  # start-up: the SD params schema, continued from the repository root
 
 
 def train_stage(params, settings, args, *, stage: str, out: Path, device: torch.device, generator: torch.Generator,

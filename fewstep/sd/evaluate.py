@@ -14,6 +14,7 @@ from ..evaluation import Evaluation, Model
 from ..io import ArtifactError, load_trajectories
 from ..sampling import heun_sample, student_sample
 from . import encode, models, teacher as teachers
+from . import launch as start_up
 from .prompts import image_tensor
 from .store import Encoded
 
@@ -179,6 +180,7 @@ def fidelity(features: dict[str, torch.Tensor], images: dict[str, torch.Tensor],
 # --- the evaluation the shared stage runs (stages/evaluate.py --family fewstep/sd/evaluate.py) -------------
 
 INPUTS = {"encode": "the encode stage's output (cached held-out prompts)"}
+launch = start_up.run  # start-up: the SD params schema, continued from the repository root
 
 
 def image_metrics(p, images: dict, prompts: list[str], resolution: int,
@@ -251,15 +253,11 @@ def evaluation(params, args, device) -> Evaluation:
             print(f"[evaluate] {line}", flush=True)
         return {**metrics, "skipped": skipped, "num_samples": len(cond), "num_prompts": len(held_out.texts)}
 
-    return Evaluation(models={"teacher": Model(traj["index"]["nfe"],
-                                               lambda i: (lambda n, c: heun_sample(teacher, n, c, steps, guidance))),
-                              "student": Model(len(sigmas), lambda i: (lambda n, c: student_sample(student, n, c, sigmas, gen)))},
-                      student="student", noise=traj["noise"], cond=cond, teacher_samples=traj["samples"], seeds=1,
-                      seed=params.seed, decode=lambda x: encode.to_images(vae, x, p.batch_size, device), score=score,
+    run_teacher = lambda n, c: heun_sample(teacher, n, c, steps, guidance)
+    run_student = lambda n, c: student_sample(student, n, c, sigmas, gen)  # one stream: a single sampling seed
+    sampled = {"teacher": Model(traj["index"]["nfe"], lambda i: run_teacher),
+               "student": Model(len(sigmas), lambda i: run_student)}
+    return Evaluation(models=sampled, student="student", noise=traj["noise"], cond=cond,
+                      teacher_samples=traj["samples"], seeds=1,
+                      decode=lambda x: encode.to_images(vae, x, p.batch_size, device), score=score,
                       grids=["teacher", "student"], captions=prompts)
-
-
-def launch(stage: str, main, configure) -> None:
-    from . import launch as start
-
-    start.run(stage, main, configure)

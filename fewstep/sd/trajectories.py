@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from .. import sampling
 from . import models, teacher as teachers
+from . import launch as start_up
 from .denoiser import SDDenoiser
 from .store import Encoded
 
 INPUTS = {"encode": "the encode stage's output (cached text conditioning)"}
+launch = start_up.run  # start-up: the SD params schema, continued from the repository root
 
 
 def teacher_splits(params, args, device) -> tuple[SDDenoiser, tuple[int, ...], list[sampling.TeacherSplit]]:
@@ -22,9 +24,3 @@ def teacher_splits(params, args, device) -> tuple[SDDenoiser, tuple[int, ...], l
               for name, encoded, count in (("train", train, p.num_samples),
                                            ("eval", held_out, len(held_out.texts) * p.eval_per_prompt))]
     return teacher, tuple(train.index["latent_shape"]), splits
-
-
-def launch(stage: str, main, configure) -> None:
-    from . import launch as start
-
-    start.run(stage, main, configure)
