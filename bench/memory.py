@@ -9,7 +9,8 @@ distill steps through fewstep's trainer (`fewstep.distill.fit`) on random text c
 measures the bytes held of the trained networks' parameters, gradients and AdamW states (a shard counts its
 local part), the peak memory (CUDA: max allocated; CPU: the highest RSS while training, above the RSS before
 the models were built: teacher and activations included) and the time per step. A configuration that runs
-out of memory is recorded as such. Writes bench/results/memory.{json,md}. The worker alone:
+out of memory is recorded as such. Writes bench/results/memory.{json,md} (`--results gpu`: gpu.{json,md}, what
+bench/gpu.py runs). The worker alone:
 
     torchrun --nproc_per_node=2 bench/memory.py --worker --parallel fsdp --size tiny --out r.json
     python bench/memory.py --worker --virtual-ranks 2 ...   # one process replaying 2 ranks' batches
@@ -162,7 +163,7 @@ def worker(args) -> None:
     from fewstep.sd import models
     from fewstep.sd.distill import noise_levels
     from fewstep.sd import family as families
-    from fewstep.sd.params import DistillParams
+    from fewstep.params import validate
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -174,10 +175,11 @@ def worker(args) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     virtual = args.virtual_ranks
-    settings = DistillParams(batch_size=args.batch_size * (virtual or ranks), steps=args.steps, lr=1e-4, log_every=1,
-                             checkpoint_every=0, grad_accum=virtual or 1, student_timesteps=[999, 499],
-                             lora={"rank": args.lora}, dmd2={"ttur": 1, "gan": {"generator_weight": 5e-3,
-                                                                                  "critic_weight": 1e-2}})
+    section = {"batch_size": args.batch_size * (virtual or ranks), "steps": args.steps, "lr": 1e-4, "log_every": 1,
+               "checkpoint_every": 0, "grad_accum": virtual or 1, "student_timesteps": [999, 499],
+               "lora": {"rank": args.lora}, "dmd2": {"ttur": 1, "gan": {"generator_weight": 5e-3, "critic_weight": 1e-2}}}
+    settings = validate({"teacher": {"path": "unused", "family": "sdxl"}, "prompts": {"source": "unused"},
+                         "distill": section}).distill
     generator = torch.Generator().manual_seed(args.seed)
     settings = parallel.per_rank(settings, "distill", generator)
     if virtual:  # grad_accum micro-batches of batch_size each, as the ranks would draw them
@@ -280,14 +282,14 @@ def study(args) -> None:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     results = ROOT / "bench/results"
-    (results / "memory.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")
+    (results / f"{args.results}.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")
     lines = ["| size | student M params | LoRA | parallel | teacher | ranks | trained state MB / rank | peak MB / rank "
              "| s / step |", "|---|---|---|---|---|---|---|---|---|"]
     number = lambda value, digits: "-" if value is None else value if isinstance(value, str) else f"{value:.{digits}f}"
     lines += [f"| {r['size']} | {number(r['student_params_m'], 1)} | {r['lora'] or 'full'} | {r['parallel']} | "
               f"{r['teacher']} | {r['ranks']} | {number(r['trained_mb_per_rank'], 1)} | {number(r['peak_mb_per_rank'], 0)} | "
               f"{number(r['seconds_per_step'], 2)} |" for r in rows]
-    (results / "memory.md").write_text(
+    (results / f"{args.results}.md").write_text(
         f"# Memory per rank: DDP vs FSDP2 ({args.device}, {args.precision}, batch {args.batch_size} per rank, "
         f"{args.steps} DMD2 steps)\n\nMade by `python bench/memory.py {' '.join(sys.argv[1:])}`. Trained state = "
         "parameters + gradients + AdamW states of student, fake score and GAN head held by one rank; peak = "
@@ -313,6 +315,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--virtual-ranks", type=int, default=0)
     parser.add_argument("--out", default="memory-row.json")
+    parser.add_argument("--results", default="memory", help="the study's files: bench/results/<results>.{json,md}")
     args = parser.parse_args()
     if args.worker:
         args.lora, args.teacher = args.lora[0], args.teacher[0]
