@@ -121,7 +121,7 @@ class EmaSimulator:
 # --- the EDM family's trainer for the shared stage scripts (fewstep.families) ---------------------------
 
 INPUTS = {"teacher": "the teacher stage's model directory", "prepare": "the prepare stage's output"}
-launch = runtime.run  # start-up: the default pipeline's params schema, in the project root
+launch = runtime.run  # start-up: params of the edm family, in the project root
 
 
 def train_stage(params, settings, args, *, stage: str, out: Path, device: torch.device, generator: torch.Generator,

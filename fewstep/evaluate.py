@@ -19,7 +19,7 @@ from .sampling import heun_sample, student_sigmas_for
 
 INPUTS = {"prepare": "the prepare stage's output (held-out images, featurizer)",
           "teacher": "the teacher stage's model directory"}
-launch = runtime.run  # start-up: the default pipeline's params schema, in the project root
+launch = runtime.run  # start-up: params of the edm family, in the project root
 
 
 def student_step_counts(num_steps: int) -> list[int]:

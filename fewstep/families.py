@@ -12,8 +12,8 @@ script) follows it:
     python ../../stages/trajectories.py --family ../../fewstep/sd/trajectories.py   ... text-to-image
     python stages/evaluate.py --family fewstep/evaluate.py ...                 scoring, EDM (sd/evaluate.py: T2I)
 
-Every kind defines INPUTS (their upstream folders besides the stage's own) and `launch` (start-up: params schema,
-working directory). A trainer adds `train_stage(params, settings, args, *, stage, out, device, generator,
+Every kind defines INPUTS (their upstream folders besides the stage's own) and `launch` (start-up: params, which
+must be of the module's families, working directory). A trainer adds `train_stage(params, settings, args, *, stage, out, device, generator,
 autocast, student_dir, critic_dir, train_generator)`; a teacher-solve module `teacher_splits(params, args,
 device) -> (teacher, noise_shape, [fewstep.sampling.TeacherSplit])`; an evaluation module `evaluation(params,
 args, device) -> fewstep.evaluation.Evaluation`. Each stage has its own kind of module so that its closure is the

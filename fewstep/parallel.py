@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from . import runtime
 from .io import atomic_output
 
 
@@ -114,3 +115,12 @@ def output(path: Path):
         return
     with tempfile.TemporaryDirectory(prefix=f"rank{world()[0]}-") as scratch:
         yield Path(scratch) / Path(path).name
+
+
+def train(trainer, stage: str, params, settings, args, device: torch.device, **continued) -> None:
+    """One training stage (critic, distill, finetune) with the family's trainer on `settings` (the stage's
+    params section): the stage's own random stream, the run's autocast; rank 0 writes `args.out`."""
+    with output(args.out) as out:
+        trainer.train_stage(params, settings, args, stage=stage, out=out, device=device,
+                            generator=runtime.seeded(params.seed, stage),
+                            autocast=runtime.autocast_factory(params, device), **continued)

@@ -1,14 +1,26 @@
-"""params.yaml schema: one pydantic model per stage section, validated at every stage start.
+"""params.yaml schema, one for every model family: one pydantic model per stage section, validated at every
+stage start.
+
+`teacher.family` names the family: `edm` (the default: a teacher trained from data, digits or an image folder)
+or a text-to-image one (`sdxl`, `sd15`, `sd3`: a pretrained teacher at `teacher.path`). Every section means the
+same in every family; a key that only one kind of family has says so in its field (`only(...)`), and setting it
+in another family's params stops with one line saying where it applies. Text-to-image pipelines start from
+their own defaults (`TEXT_TO_IMAGE_DEFAULTS`, GPU-sized values) under what params.yaml states. `finetune`
+inherits `distill` and states only what differs.
 
 A user mistake becomes one line naming the dotted key and what was expected, e.g.
 ``distill.lr must be > 0, got -1``.
 """
 from __future__ import annotations
 
+import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      field_validator, model_validator)
+
+from .inputs import InputPath
 
 
 class ParamsError(ValueError):
@@ -19,10 +31,45 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # "1200" is not a number, "yes" not a bool
 
 
-PositiveInt = Field(gt=0)
+EDM = ("edm",)
+TEXT_TO_IMAGE = ("sdxl", "sd15", "sd3")
+Family = Literal["edm", "sdxl", "sd15", "sd3"]
+FAMILY_NAMES = {EDM: "the edm family (a teacher trained from data)",
+                TEXT_TO_IMAGE: "the text-to-image families (sdxl, sd15, sd3)"}
+
+
+def only(families: tuple[str, ...], default: Any = None, **constraints) -> Any:
+    """A key that the `families` have and the others do not: setting it elsewhere is one error line."""
+    return Field(default, json_schema_extra={"families": list(families)}, **constraints)
+
+
+def ordered(low: str, high: str):
+    """A section check that key `low` < key `high`."""
+    def check(self):
+        if getattr(self, low) >= getattr(self, high):
+            raise ValueError(f"{low} must be < {high}, got {getattr(self, low)} >= {getattr(self, high)}")
+        return self
+    return model_validator(mode="after")(check)
+
 
 #: A pair written as a YAML list (strict mode takes only tuples); its items stay strict numbers.
 Pair = Annotated[tuple[float, float], BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)]
+
+
+class RunParams(Section):
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    num_threads: int = Field(0, ge=0)  # 0: torch's default
+    launcher: str = "python"  # how training stages start; data parallel: "torchrun --standalone --nproc_per_node=8"
+    # text-to-image UNets / transformers: recompute activations in backward (GPU memory for compute)
+    gradient_checkpointing: bool = only(TEXT_TO_IMAGE, False)
+    # how the launcher's processes share the training: ddp = full copies + averaged gradients; fsdp = FSDP2
+    # (each process holds 1/N of the trained weights, gradients and optimizer states; docs/gpu.md)
+    parallel: Literal["ddp", "fsdp"] = only(TEXT_TO_IMAGE, "ddp")
+    shard_teacher: bool = only(TEXT_TO_IMAGE, False)  # fsdp: shard the frozen teacher too (else a whole copy each)
+
+
+# --- the edm family's own stages: prepare (data + evaluation classifier) and a teacher trained from data ---
 
 
 class DataParams(Section):
@@ -46,14 +93,12 @@ class EDMParams(Section):
     sigma_data: float = Field(0.5, gt=0)
     rho: float = Field(7.0, gt=0)
 
-    @model_validator(mode="after")
-    def _ordered(self):
-        if self.sigma_min >= self.sigma_max:
-            raise ValueError(f"sigma_min must be < sigma_max, got {self.sigma_min} >= {self.sigma_max}")
-        return self
+    _ordered = ordered("sigma_min", "sigma_max")
 
 
-class TeacherParams(Section):
+class TrainedTeacherParams(Section):
+    """The edm family's teacher, trained from data by stages/teacher.py."""
+
     steps: int = Field(1200, gt=0)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(2e-4, gt=0)
@@ -65,6 +110,7 @@ class TeacherParams(Section):
     layers_per_block: int = Field(1, gt=0)
     checkpoint_every: int = Field(200, ge=0)  # training steps between resumable checkpoints; 0 = none
     edm: EDMParams = EDMParams()
+    family: Literal["edm"] = "edm"
 
     @field_validator("channels")
     @classmethod
@@ -74,15 +120,83 @@ class TeacherParams(Section):
         return v
 
 
-class TrajectoriesParams(Section):
-    """The teacher's ODE solves (stages/trajectories.py), every family."""
+# --- the text-to-image families' own stages: a pretrained teacher, prompts, encode cache, benchmark ------
 
-    num_samples: int = Field(2000, gt=0)     # teacher samples of the train split (conditions in turn)
-    sampling_steps: int = Field(18, gt=0)  # Heun steps; NFE = 2 * steps - 1 (twice that under CFG)
+
+class PretrainedTeacherParams(Section):
+    """A text-to-image teacher: a local diffusers pipeline directory of the family's layout (fewstep/sd/family.py)."""
+
+    path: str                                # a local diffusers pipeline directory (or a hub id, network permitting)
+    family: Family = "sdxl"                  # edm never lands here (the teacher section's discriminator)
+
+
+def _teacher_kind(value: Any) -> str:
+    """Which teacher section this is: a pretrained one names a text-to-image family or a path."""
+    if isinstance(value, BaseModel):
+        return "pretrained" if isinstance(value, PretrainedTeacherParams) else "trained"
+    family = value.get("family") if isinstance(value, dict) else None
+    if family is None:
+        return "pretrained" if isinstance(value, dict) and "path" in value else "trained"
+    return "trained" if family == "edm" else "pretrained"
+
+
+#: the tags of the teacher section's two shapes; not part of a key's dotted name
+TEACHER_SHAPES = {"trained": TrainedTeacherParams, "pretrained": PretrainedTeacherParams}
+TeacherParams = Annotated[Union[Annotated[TrainedTeacherParams, Tag("trained")],
+                                Annotated[PretrainedTeacherParams, Tag("pretrained")]], Discriminator(_teacher_kind)]
+
+
+class PromptsParams(Section):
+    source: str                      # a text file (one prompt a line) or a `datasets` save_to_disk directory
+    text_column: str = "text"        # datasets only
+    image_column: str | None = None  # datasets only: real images for the GAN (else teacher samples stand in)
+    eval_count: int = Field(8, gt=0)  # prompts held out for evaluation; the rest train
+    max_prompts: int = Field(0, ge=0)  # 0: every prompt of the source
+
+
+class EncodeParams(Section):
+    resolution: int | None = Field(None, gt=0)  # image side in pixels; null = the teacher's native size
+    batch_size: int = Field(16, gt=0)
+    shard_size: int = Field(1024, gt=0)
+    negative_prompt: str = ""           # the unconditional branch of classifier-free guidance
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp16"  # storage of cached embeddings and latents
+
+
+class BenchmarkParams(Section):
+    """DMD2's text-to-image protocol on local caption/image pairs (fewstep.sd.benchmark); off while source is unset."""
+
+    source: InputPath = None         # an imagefolder (images + metadata.jsonl: file_name, text) or a save_to_disk dataset
+    text_column: str = "text"
+    image_column: str = "image"
+    count: int = Field(0, ge=0)      # pairs drawn by a seeded shuffle; 0 = all (DMD2: 10k COCO-2014 for SDXL, 30k for SD1.5)
+    resolution: int = Field(512, gt=0)  # both image sets are resized to this before the featurizer (DMD2: 512 / 256)
+    featurizer: InputPath = None     # FID's network: the FID Inception (inception-2015-12-05.pt, TorchScript), a .pt2, ...
+    clip_path: InputPath = None      # a local CLIP model directory (transformers CLIPModel) for the CLIP score
+    teacher: bool = True             # also sample the teacher (trajectories' steps and guidance) on every caption
+    batch_size: int = Field(8, gt=0)  # also the batch at which latency is timed (median over the batches)
+    bootstrap: int = Field(100, ge=0)  # resamples of the generated images for FID's 95% interval; 0 = none
+    grid_size: int = Field(4, gt=0)
+
+    @model_validator(mode="after")
+    def _something_to_score(self):
+        if self.source and not (self.featurizer or self.clip_path):
+            raise ValueError("source is set but neither featurizer nor clip_path: nothing to score")
+        return self
+
+
+# --- the shared stages: trajectories, critic, distill, finetune, evaluate ---------------------------------
+
+
+class TrajectoriesParams(Section):
+    """The teacher's ODE solves (stages/trajectories.py)."""
+
+    num_samples: int = Field(2000, gt=0)   # teacher samples of the train split (conditions in turn)
+    sampling_steps: int = Field(18, gt=0)  # EDM Heun steps; NFE = 2 * steps - 1 (twice that under CFG)
     guidance: float = Field(1.0, ge=0)     # CFG scale of the teacher (1: no guidance)
     batch_size: int = Field(500, gt=0)
     shard_size: int = Field(1000, gt=0)
     keep_states: bool = True               # also store every ODE state (steps + 1 per sample: consistency)
+    eval_per_prompt: int = only(TEXT_TO_IMAGE, 1, gt=0)  # teacher samples per held-out prompt (evaluation's pairs)
 
 
 class GanParams(Section):
@@ -129,9 +243,9 @@ class ConsistencyParams(Section):
 class TrainLoopParams(OptimParams):
     """Knobs of the one trainer, shared by every objective."""
     steps: int = Field(400, gt=0)
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0)  # the global batch: divided over run.launcher's processes
     grad_accum: int = Field(1, gt=0)  # micro-batches per optimizer update (effective batch = batch_size * grad_accum)
-    ema_decay: float = Field(0.99, ge=0, lt=1)
+    ema_decay: float = Field(0.99, ge=0, lt=1)  # 0: no EMA copy is kept
     ema_warmup: bool = True  # diffusers' warm-up, decay min(ema_decay, (1+n)/(10+n)) at update n; false: ema_decay throughout
     checkpoint_every: int = Field(50, ge=0)  # training steps between resumable checkpoints; 0 = none
     log_every: int = Field(10, gt=0)
@@ -142,59 +256,65 @@ class CriticParams(TrainLoopParams):
     gan: GanParams = GanParams()
 
 
-class ObjectiveParams(TrainLoopParams):
-    """What every family's distillation section states the same way: the objective and its subsections,
-    backward simulation, CFG on the real score and the DM noise range (each family gives t_min / t_max its
-    own units and defaults)."""
+class LoraParams(Section):
+    rank: int = Field(0, ge=0)  # 0: train the full student network; > 0: a LoRA student of this rank (peft)
+    alpha: float | None = Field(None, gt=0)  # LoRA scale numerator; null = rank
+    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class DistillParams(TrainLoopParams):
     objective: Literal["dmd2", "dmd", "sid", "consistency"] = "dmd2"
+    student_steps: int | None = None  # null: as many as the student's listed noise levels, else 1
+    # the student's conditioning noise levels, in the family's terms; null: student_steps evenly spaced
+    student_sigmas: list[float] | None = only(EDM)           # sigmas; null: over the Karras grid
+    student_timesteps: list[int] | None = only(TEXT_TO_IMAGE)  # DDPM timesteps; null: 999, 999 - 1000/k, ...
     backward_simulation: bool = True  # multi-step: the student's input at step k comes from its own steps < k
     simulate_with: Literal["student", "ema"] = "student"  # weights that run those earlier steps
+    per_step_critic: bool = only(EDM, False)  # multi-step: the fake score / GAN head condition on the step that made a sample
+    steps_per_batch: Literal["one", "all"] = "one"  # multi-step: one random step per batch (DMD2) | all, split evenly
+    init_student: str | None = None  # a saved student of this teacher to start from (e.g. a 1-step one); null = the teacher
     real_guidance: float = Field(1.0, ge=0)  # CFG on the real (teacher) score; 1 = none
+    # the DM / fake-score noise range, in the family's terms: edm, positions on the Karras grid in [0, 1]
+    # (0 = sigma_max); text-to-image, DDPM timesteps t ~ U{t_min..t_max} in [0, 999]
     t_min: float = Field(0.02, ge=0)
     t_max: float = Field(0.98, gt=0)
+    eval_every: int = only(EDM, 0, ge=0)  # quality curve: score the EMA student every N steps; 0 = off
+    eval_samples: int = only(EDM, 500, gt=1)  # images per curve point (KID-T vs the teacher, FID vs held-out)
+    lora: LoraParams = only(TEXT_TO_IMAGE, LoraParams())
     dmd2: DMD2Params = DMD2Params()
     dmd: DMDParams = DMDParams()
     sid: SiDParams = SiDParams()
     consistency: ConsistencyParams = ConsistencyParams()
 
-    @model_validator(mode="after")
-    def _t_range(self):
-        if self.t_min >= self.t_max:
-            raise ValueError(f"t_min must be < t_max, got {self.t_min} >= {self.t_max}")
-        return self
-
-
-class DistillParams(ObjectiveParams):
-    student_steps: int = 1
-    student_sigmas: list[float] | None = None  # conditioning noise levels; null = spread over the Karras grid
-    per_step_critic: bool = False  # multi-step: the fake score / GAN head condition on the step that made a sample
-    steps_per_batch: Literal["one", "all"] = "one"  # multi-step: one random step per batch (DMD2) | all, split evenly
-    init_student: str | None = None  # a saved fewstep student to start from (e.g. a 1-step one); null = the teacher
-    t_min: float = Field(0.02, ge=0, lt=1)  # DM timestep range as fractions of the Karras grid
-    t_max: float = Field(0.98, gt=0, le=1)
-    eval_every: int = Field(0, ge=0)  # quality curve: score the EMA student every N steps; 0 = off
-    eval_samples: int = Field(500, gt=1)  # images per curve point (KID-T vs the teacher, FID vs held-out)
+    _t_range = ordered("t_min", "t_max")
 
     @field_validator("student_steps")
     @classmethod
     def _steps(cls, v):
-        if v not in (1, 2, 4):
+        if v is not None and v not in (1, 2, 4):
             raise ValueError(f"must be 1, 2 or 4, got {v}")
         return v
 
-    @field_validator("student_sigmas")
+    @field_validator("student_sigmas", "student_timesteps")
     @classmethod
-    def _sigmas(cls, v):
-        if v is not None and (not v or any(s <= 0 for s in v) or any(a <= b for a, b in zip(v, v[1:]))):
-            raise ValueError(f"must be a non-empty, strictly decreasing list of positive noise levels, got {v}")
+    def _levels(cls, v, info):
+        in_range = (lambda s: s > 0) if info.field_name == "student_sigmas" else (lambda t: 0 <= t <= 999)
+        if v is not None and (not v or not all(map(in_range, v)) or any(a <= b for a, b in zip(v, v[1:]))):
+            raise ValueError(f"must be a non-empty, strictly decreasing list of {_LEVELS[info.field_name]}, got {v}")
         return v
 
     @model_validator(mode="after")
-    def _sigma_count(self):
-        if self.student_sigmas is not None and len(self.student_sigmas) != self.student_steps:
-            raise ValueError(f"student_sigmas must have student_steps ({self.student_steps}) entries, "
-                             f"got {len(self.student_sigmas)}")
+    def _step_count(self):
+        levels = self.student_sigmas if self.student_sigmas is not None else self.student_timesteps
+        name = "student_sigmas" if self.student_sigmas is not None else "student_timesteps"
+        if self.student_steps is None:
+            self.student_steps = len(levels) if levels is not None else 1
+        elif levels is not None and len(levels) != self.student_steps:
+            raise ValueError(f"{name} must have student_steps ({self.student_steps}) entries, got {len(levels)}")
         return self
+
+
+_LEVELS = {"student_sigmas": "positive noise levels", "student_timesteps": "timesteps in [0, 999]"}
 
 
 class FinetuneParams(DistillParams):
@@ -209,32 +329,124 @@ class FinetuneParams(DistillParams):
         return v
 
 
+class FidParams(Section):
+    featurizer: InputPath = None  # .pt2 / TorchScript (images in [-1, 1] -> features; or the FID Inception) or a fewstep featurizer dir
+    reference: InputPath = None   # a folder of reference images (searched recursively)
+
+
 class EvaluateParams(Section):
     seeds: int = Field(3, gt=0)  # sampling seeds; FID and friends are averaged over them
-    batch_size: int = Field(250, gt=0)  # also the batch at which latency is timed
-    knn_k: int = Field(3, gt=0)
+    batch_size: int = Field(250, gt=0)  # also the batch at which latency is timed (median over the batches)
     grid_size: int = Field(10, gt=0)
-    floor_splits: int = Field(20, gt=0)  # random halvings of the held-out images that the floor averages
+    knn_k: int = only(EDM, 3, gt=0)  # precision / recall neighbourhoods in the classifier's features
+    floor_splits: int = only(EDM, 20, gt=0)  # random halvings of the held-out images that the floor averages
+    clip_path: InputPath = only(TEXT_TO_IMAGE)  # a local CLIP model directory: enables the CLIP score
+    fid: FidParams = only(TEXT_TO_IMAGE, FidParams())  # FID against your own reference images
 
 
-class RunParams(Section):
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    num_threads: int = Field(0, ge=0)  # 0: torch's default
-    launcher: str = "python"  # how training stages start; data parallel: "torchrun --standalone --nproc_per_node=8"
+#: Where a text-to-image pipeline's params start (GPU-sized; DMD2's SDXL recipe), under what it states.
+_T2I_LOOP = {"batch_size": 4, "lr": 5e-7, "betas": [0.9, 0.999], "ema_decay": 0.0, "checkpoint_every": 100}
+_T2I_DISTILL = {**_T2I_LOOP, "steps": 200, "real_guidance": 8.0, "t_min": 20, "t_max": 980,
+                "dmd2": {"ttur": 5, "gan": {"generator_weight": 5e-3, "critic_weight": 1e-2}}}
+TEXT_TO_IMAGE_DEFAULTS = {
+    "trajectories": {"num_samples": 64, "sampling_steps": 25, "guidance": 8.0, "batch_size": 8, "shard_size": 256,
+                     "keep_states": False},  # latents' ODE states are large: kept for the consistency objective only
+    "critic": {**_T2I_LOOP, "steps": 50, "gan": {"generator_weight": 5e-3, "critic_weight": 1e-2}},
+    "distill": _T2I_DISTILL,
+    "finetune": {**_T2I_DISTILL, "steps": 50, "lr": 2e-7},
+    "evaluate": {"seeds": 1, "batch_size": 8, "grid_size": 4},  # a seed beyond the first re-solves the teacher
+}
+
+
+def _family_of(raw: dict) -> str:
+    teacher = raw.get("teacher")
+    if isinstance(teacher, dict) and _teacher_kind(teacher) == "pretrained":
+        family = teacher.get("family", "sdxl")
+        return family if family in TEXT_TO_IMAGE else "sdxl"  # an unknown family: the teacher section says so
+    return "edm"
 
 
 class Params(Section):
     seed: int = Field(0, ge=0)
     run: RunParams = RunParams()
-    data: DataParams = DataParams()
-    featurizer: FeaturizerParams = FeaturizerParams()
-    teacher: TeacherParams = TeacherParams()
+    data: DataParams = only(EDM, DataParams())
+    featurizer: FeaturizerParams = only(EDM, FeaturizerParams())  # the evaluation classifier
+    teacher: TeacherParams = TrainedTeacherParams()
+    prompts: PromptsParams = only(TEXT_TO_IMAGE)  # required there (checked below); None in the edm family
+    encode: EncodeParams = only(TEXT_TO_IMAGE, EncodeParams())
     trajectories: TrajectoriesParams = TrajectoriesParams()
     critic: CriticParams = CriticParams()
     distill: DistillParams = DistillParams()
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
+    benchmark: BenchmarkParams = only(TEXT_TO_IMAGE, BenchmarkParams())
+
+    @property
+    def family(self) -> str:
+        return self.teacher.family
+
+    @model_validator(mode="before")
+    @classmethod
+    def _as_the_family_reads_it(cls, raw: Any) -> Any:
+        """What params.yaml states, checked against its family, with finetune inheriting distill and, for a
+        text-to-image family, its defaults beneath."""
+        if not isinstance(raw, dict):
+            return raw
+        family = _family_of(raw)
+        misplaced = _misplaced(raw, cls, family)
+        if misplaced:
+            raise ParamsError(misplaced)
+        raw = inherit_distill(raw)
+        if family in TEXT_TO_IMAGE:
+            raw = {**raw, **{section: _deep_merge(defaults, raw[section]) if isinstance(raw.get(section), dict)
+                             else raw.get(section, defaults) for section, defaults in TEXT_TO_IMAGE_DEFAULTS.items()}}
+        return raw
+
+    @model_validator(mode="after")
+    def _family_terms(self):
+        """Keys whose values are read in the family's terms."""
+        if self.family in TEXT_TO_IMAGE and self.prompts is None:
+            raise ParamsError("prompts is required for a text-to-image teacher (prompts.source: the prompts to distill on)")
+        for name in ("distill", "finetune"):
+            section = getattr(self, name)
+            for key in ("t_min", "t_max"):
+                value = getattr(section, key)
+                if self.family == "edm" and value > 1:
+                    raise ParamsError(f"{name}.{key} must be <= 1 for the edm family (a position on the Karras grid, "
+                                      f"0 = sigma_max), got {value:g}")
+                if self.family in TEXT_TO_IMAGE and (value != int(value) or value > 999):
+                    raise ParamsError(f"{name}.{key} must be a whole DDPM timestep in [0, 999] for the text-to-image "
+                                      f"families, got {value:g}")
+            if self.family in TEXT_TO_IMAGE and section.student_timesteps is None:
+                k = section.student_steps
+                section.student_timesteps = [999 - j * 1000 // k for j in range(k)]
+        return self
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The section model a field holds (directly or as `X | None`), if any."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _misplaced(raw: dict, model: type[BaseModel], family: str, prefix: str = "") -> str | None:
+    """The first key `raw` states that `family` does not have, phrased as the error line."""
+    for key, value in raw.items():
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            continue  # an unknown key: validation names it
+        families = (field.json_schema_extra or {}).get("families") if isinstance(field.json_schema_extra, dict) else None
+        if families and family not in families:
+            return (f"{prefix}{key} applies to {FAMILY_NAMES[tuple(families)]} only; "
+                    f"this pipeline's teacher.family is {family}")
+        inner = _model_in(field.annotation)
+        if inner is not None and isinstance(value, dict):
+            found = _misplaced(value, inner, family, f"{prefix}{key}.")
+            if found:
+                return found
+    return None
 
 
 def _num(value) -> str:
@@ -262,39 +474,37 @@ _PHRASES = {
 }
 
 
-#: Keys another family's schema has: say where they apply rather than "not a known key".
-ELSEWHERE = {
-    "run.parallel": "does not apply to this pipeline: FSDP sharding is for the SD pipelines' UNets "
-                    "(pipelines/*/params.yaml); here every process trains whole copies",
-    "run.shard_teacher": "does not apply to this pipeline: it is an option of FSDP sharding in the SD pipelines",
-}
+def _dotted(loc: tuple) -> list[str]:
+    """A pydantic error location as the user's keys (list indices and the teacher section's shape tags dropped)."""
+    return [str(p) for p in loc if not isinstance(p, int) and p not in TEACHER_SHAPES]
 
 
-def _one_line(err: dict[str, Any], section: tuple = ()) -> str:
-    loc = [str(p) for p in (*section, *err["loc"]) if not isinstance(p, int)]
-    key = ".".join(loc) or "params"
+def _one_line(err: dict[str, Any]) -> str:
+    key = ".".join(_dotted(err["loc"])) or "params"
     kind, ctx = err["type"], err.get("ctx", {})
     if kind == "extra_forbidden":
-        return f"{key} {ELSEWHERE[key]}" if key in ELSEWHERE else f"{key} is not a known key"
+        return f"{key} is not a known key"
     if kind == "missing":
         return f"{key} is required"
     if kind == "value_error":
         # our own validators phrase their message; pydantic prefixes "Value error, "
         msg = err["msg"].removeprefix("Value error, ")
-        return f"{key} {msg}"
+        return f"{key} {msg}" if err["loc"] else msg
     phrase = _PHRASES.get(kind, lambda c: err["msg"].lower())(ctx)
     quoted = kind in ("int_type", "float_type") and isinstance(err["input"], str)
     return f"{key} {phrase}, got {err['input']!r}" + (" (a quoted string: write the number without quotes)" if quoted else "")
 
 
-def _known_keys_hint(model: type[BaseModel], loc: tuple) -> str:
+def _known_keys_hint(loc: tuple) -> str:
     """The valid keys of the section where an unknown key was found."""
+    model: type[BaseModel] | None = Params
     for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
-            return ""
-        model = field.annotation
-    return f" (valid keys: {', '.join(model.model_fields)})"
+        if isinstance(part, str) and part in TEACHER_SHAPES:
+            model = TEACHER_SHAPES[part]
+        else:
+            field = model.model_fields.get(str(part)) if model is not None else None
+            model = _model_in(field.annotation) if field is not None else None
+    return f" (valid keys: {', '.join(model.model_fields)})" if model is not None else ""
 
 
 #: What makes the student itself: finetune continues distill's student, so these may only repeat distill's values.
@@ -322,22 +532,19 @@ def inherit_distill(raw: dict) -> dict:
     return {**raw, "finetune": _deep_merge({k: v for k, v in distill.items() if k != "init_student"}, finetune)}
 
 
-def validate(raw: Any, schema: type[BaseModel] = Params) -> BaseModel:
-    """Validate a params mapping against `schema` (the default pipeline's `Params`, or another
-    pipeline's, e.g. fewstep.sd.params.SDParams)."""
+def validate(raw: Any) -> Params:
+    """Validate a params mapping (every family's: `teacher.family` says which)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ParamsError(f"params must be a mapping of stage sections, got {type(raw).__name__}")
-    if {"distill", "finetune"} <= set(schema.model_fields):
-        raw = inherit_distill(raw)
     try:
-        return schema.model_validate(raw)
+        return Params.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         line = _one_line(err)
-        if err["type"] == "extra_forbidden" and not line.endswith(tuple(ELSEWHERE.values())):
-            line += _known_keys_hint(schema, err["loc"])
+        if err["type"] == "extra_forbidden":
+            line += _known_keys_hint(err["loc"])
         more = len(exc.errors()) - 1
         raise ParamsError(line + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")) from None
 
@@ -350,7 +557,7 @@ def parse_yaml(text: str) -> Any:
     return YAML(typ="safe", pure=True).load(text)
 
 
-def load(path: str | Path = "params.yaml", schema: type[BaseModel] = Params) -> BaseModel:
+def load(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
@@ -363,6 +570,6 @@ def load(path: str | Path = "params.yaml", schema: type[BaseModel] = Params) -> 
         where = f" at line {mark.line + 1}" if mark else ""
         raise ParamsError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     try:
-        return validate(raw, schema)
+        return validate(raw)
     except ParamsError as exc:
         raise ParamsError(f"{path}: {exc}") from None

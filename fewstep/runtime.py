@@ -12,7 +12,7 @@ import torch
 
 from .errors import DataError, TrainingDiverged
 from .io import ArtifactError
-from .params import Params, ParamsError, load
+from .params import EDM, FAMILY_NAMES, Params, ParamsError, load
 
 USER_ERRORS = (ParamsError, DataError, ArtifactError, TrainingDiverged)
 
@@ -79,16 +79,19 @@ def restore_previous_outputs() -> list[str]:
 
 
 def run(stage: str, main: Callable[[Params, argparse.Namespace, torch.device], None],
-        configure: Callable[[argparse.ArgumentParser], None], schema: type = Params) -> None:
-    """Parse the stage's arguments, validate params against `schema`, run `main`, and turn user errors
-    into one line."""
+        configure: Callable[[argparse.ArgumentParser], None], families: tuple[str, ...] = EDM) -> None:
+    """Parse the stage's arguments, validate params (whose teacher.family must be one of the stage code's
+    `families`), run `main`, and turn user errors into one line."""
     parser = argparse.ArgumentParser(prog=f"stages/{stage}.py")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     configure(parser)
     args = parser.parse_args()
     started = time.perf_counter()
     try:
-        params = load(args.params, schema)
+        params = load(args.params)
+        if params.family not in families:
+            raise ParamsError(f"{args.params}: teacher.family is {params.family}, but this stage runs the code of "
+                              f"{FAMILY_NAMES[families]} (the module its command names)")
         if params.run.num_threads:
             torch.set_num_threads(params.run.num_threads)
         torch.manual_seed(params.seed)

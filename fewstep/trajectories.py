@@ -7,7 +7,7 @@ from .models import EDMDenoiser, load_model
 from .sampling import TeacherSplit
 
 INPUTS = {"teacher": "the teacher stage's model directory"}
-launch = runtime.run  # start-up: the default pipeline's params schema, in the project root
+launch = runtime.run  # start-up: params of the edm family, in the project root
 
 
 def teacher_splits(params, args, device) -> tuple[EDMDenoiser, tuple[int, ...], list[TeacherSplit]]:

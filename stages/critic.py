@@ -2,7 +2,7 @@
 student's samples, so distillation starts with an accurate fake score. Every family (`--trainer`)."""
 from pathlib import Path
 
-from fewstep import families, parallel, runtime
+from fewstep import families, parallel
 
 
 def main(params, args, device, trainer):
@@ -11,10 +11,7 @@ def main(params, args, device, trainer):
     # with critic's own optimizer settings and GAN weights.
     loop = {k: getattr(c, k) for k in type(c).model_fields if k != "gan"}
     settings = d.model_copy(update={**loop, "dmd2": d.dmd2.model_copy(update={"gan": c.gan})})
-    with parallel.output(args.out) as out:  # rank 0 writes; other ranks a scratch dir
-        trainer.train_stage(params, settings, args, stage="critic", out=out, device=device,
-                            generator=runtime.seeded(params.seed, "critic"),
-                            autocast=runtime.autocast_factory(params, device), train_generator=False)
+    parallel.train(trainer, "critic", params, settings, args, device, train_generator=False)
     print(f"[critic] fake score + GAN head -> {args.out / 'critic'}", flush=True)
 
 

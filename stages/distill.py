@@ -2,14 +2,11 @@
 Every family (`--trainer`)."""
 from pathlib import Path
 
-from fewstep import families, parallel, runtime
+from fewstep import families, parallel
 
 
 def main(params, args, device, trainer):
-    with parallel.output(args.out) as out:  # rank 0 writes; other ranks a scratch dir
-        trainer.train_stage(params, params.distill, args, stage="distill", out=out, device=device,
-                            generator=runtime.seeded(params.seed, "distill"),
-                            autocast=runtime.autocast_factory(params, device), critic_dir=args.critic)
+    parallel.train(trainer, "distill", params, params.distill, args, device, critic_dir=args.critic)
     print(f"[distill] student -> {args.out / 'student'}", flush=True)
 
 

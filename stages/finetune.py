@@ -2,15 +2,12 @@
 low-learning-rate phase with the GAN on real data). Every family (`--trainer`)."""
 from pathlib import Path
 
-from fewstep import families, parallel, runtime
+from fewstep import families, parallel
 
 
 def main(params, args, device, trainer):
-    with parallel.output(args.out) as out:  # rank 0 writes; other ranks a scratch dir
-        trainer.train_stage(params, params.finetune, args, stage="finetune", out=out, device=device,
-                            generator=runtime.seeded(params.seed, "finetune"),
-                            autocast=runtime.autocast_factory(params, device),
-                            student_dir=args.distilled / "student", critic_dir=args.distilled / "critic")
+    parallel.train(trainer, "finetune", params, params.finetune, args, device,
+                   student_dir=args.distilled / "student", critic_dir=args.distilled / "critic")
     print(f"[finetune] student -> {args.out / 'student'}", flush=True)
 
 

@@ -56,8 +56,17 @@ CASES = [
      "finetune.student_steps is 4 but distill.student_steps is 1: finetune continues distill's student and inherits "
      "its student_steps; set distill.student_steps only"),
     ({"finetune": {"lr": -1}}, "finetune.lr must be > 0, got -1"),
-    ({"run": {"parallel": "fsdp"}}, "run.parallel does not apply to this pipeline: FSDP sharding is for the SD "
-                                    "pipelines' UNets"),
+    ({"run": {"parallel": "fsdp"}}, "run.parallel applies to the text-to-image families (sdxl, sd15, sd3) only; "
+                                    "this pipeline's teacher.family is edm"),
+    ({"distill": {"lora": {"rank": 4}}}, "distill.lora applies to the text-to-image families (sdxl, sd15, sd3) only"),
+    ({"distill": {"t_max": 980}}, "distill.t_max must be <= 1 for the edm family (a position on the Karras grid"),
+    ({"teacher": {"path": "t"}, "prompts": {"source": "p"}, "distill": {"per_step_critic": True}},
+     "distill.per_step_critic applies to the edm family (a teacher trained from data) only; this pipeline's "
+     "teacher.family is sdxl"),
+    ({"teacher": {"path": "t"}, "prompts": {"source": "p"}, "distill": {"t_min": 0.5}},
+     "distill.t_min must be a whole DDPM timestep in [0, 999] for the text-to-image families, got 0.5"),
+    ({"teacher": {"path": "t", "family": "sd4"}}, "teacher.family must be one of 'edm', 'sdxl', 'sd15' or 'sd3', got 'sd4'"),
+    ({"teacher": {"path": "t"}}, "prompts is required for a text-to-image teacher"),
 ]
 
 
@@ -70,9 +79,42 @@ def test_bad_params_one_line(raw, message):
     assert text.startswith(message), text
 
 
-def test_finetune_inherits_distill_and_states_only_what_differs():
-    from fewstep.sd.params import SDParams
+def _family_keys(model, prefix=""):
+    """(dotted key, families) of every key the schema marks as some families' only."""
+    from fewstep.params import _model_in
 
+    for name, info in model.model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get("families"):
+            yield prefix + name, tuple(extra["families"])
+        inner = _model_in(info.annotation)
+        if inner is not None:
+            yield from _family_keys(inner, f"{prefix}{name}.")
+
+
+def test_a_key_of_another_family_stops_with_one_line_saying_where_it_applies():
+    """One schema for every family: each key only some families have is refused in the others, by name."""
+    from fewstep.params import EDM, Params
+
+    keys = dict(_family_keys(Params))
+    assert {"data", "prompts", "run.parallel", "distill.lora", "distill.per_step_critic", "finetune.student_sigmas",
+            "evaluate.floor_splits", "evaluate.fid", "trajectories.eval_per_prompt"} <= set(keys)
+    for key, families in keys.items():
+        family = "sd3" if families == EDM else "edm"
+        raw = {"teacher": {"path": "t", "family": family}, "prompts": {"source": "p"}} if family != "edm" else {}
+        *sections, last = key.split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[last] = None
+        with pytest.raises(ParamsError) as info:
+            validate(raw)
+        where = "the edm family (a teacher trained from data)" if families == EDM else \
+            "the text-to-image families (sdxl, sd15, sd3)"
+        assert str(info.value) == f"{key} applies to {where} only; this pipeline's teacher.family is {family}"
+
+
+def test_finetune_inherits_distill_and_states_only_what_differs():
     params = load(ROOT / "params.yaml")
     assert (params.finetune.steps, params.finetune.lr, params.finetune.eval_every) == (60, 5e-5, 20)
     assert params.finetune.model_dump(exclude={"steps", "lr", "eval_every", "init_student"}) == \
@@ -84,9 +126,11 @@ def test_finetune_inherits_distill_and_states_only_what_differs():
     assert tuned.finetune.dmd2.ttur == 1 and tuned.finetune.dmd2.gan.critic_weight == 0.05  # merged, not replaced
     assert tuned.finetune.init_student is None  # finetune starts from the distilled student
     assert validate({"distill": {"student_steps": 4}, "finetune": {"student_steps": 4}}).finetune.student_steps == 4
-    sd = validate({"teacher": {"path": "t"}, "prompts": {"source": "p"}, "distill": {"student_timesteps": [399]}},
-                  SDParams)
+    sd = validate({"teacher": {"path": "t"}, "prompts": {"source": "p"}, "distill": {"student_timesteps": [399]}})
     assert sd.finetune.student_timesteps == [399] and sd.finetune.steps == 50  # the finetune default where unstated
+    assert sd.finetune.student_steps == 1 and sd.distill.lr == 5e-7  # counted from the timesteps; the family's default
+    four = validate({"teacher": {"path": "t", "family": "sd3"}, "prompts": {"source": "p"}, "distill": {"student_steps": 4}})
+    assert four.finetune.student_timesteps == [999, 749, 499, 249]  # one -S distill.student_steps=4 for every family
 
 
 def test_defaults_validate():

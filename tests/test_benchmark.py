@@ -9,9 +9,9 @@ import sd_fixtures as sd
 
 
 def _params(**sections):
-    from fewstep.sd.params import SDParams
+    from fewstep.params import Params
 
-    return SDParams.model_validate({"teacher": {"path": "t"}, "prompts": {"source": "p"}, **sections})
+    return Params.model_validate({"teacher": {"path": "t"}, "prompts": {"source": "p"}, **sections})
 
 
 def test_input_paths_are_found_in_the_schema_and_hashed_by_content(tmp_path):
@@ -40,8 +40,7 @@ def test_input_paths_are_found_in_the_schema_and_hashed_by_content(tmp_path):
 def test_benchmark_needs_something_to_score(tmp_path):
     import yaml
 
-    from fewstep.params import ParamsError
-    from fewstep.sd.params import load
+    from fewstep.params import ParamsError, load
 
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"teacher": {"path": "t"}, "prompts": {"source": "p"}, "benchmark": {"source": "x"}}))

@@ -69,10 +69,10 @@ def test_batch_size_is_the_global_batch_for_every_family(family, monkeypatch):
     """Rank 1 of 2 trains on half of `batch_size` with its own rank-salted noise, for the digits and the SD
     params alike; a batch that does not divide is one line naming the key."""
     from fewstep.parallel import per_rank
-    from fewstep.params import DistillParams
-    from fewstep.sd.params import DistillParams as SDDistillParams
+    from fewstep.params import validate
 
-    settings = (DistillParams if family == "default" else SDDistillParams)(batch_size=8)
+    t2i = {"teacher": {"path": "t", "family": "sdxl"}, "prompts": {"source": "p"}} if family == "sd" else {}
+    settings = validate({**t2i, "distill": {"batch_size": 8}}).distill
     assert per_rank(settings, "distill", torch.Generator().manual_seed(5)) is settings  # one process: as written
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -166,15 +166,17 @@ def test_encode_stage_reports_a_missing_teacher_in_one_line(tmp_path):
 
 def test_sd_params_unknown_key_and_bad_timesteps():
     from fewstep.params import ParamsError, validate
-    from fewstep.sd.params import SDParams
 
     base = {"teacher": {"path": "t"}, "prompts": {"source": "p"}}
     with pytest.raises(ParamsError, match=r"^distill.lr_rate is not a known key \(valid keys: .*student_timesteps"):
-        validate({**base, "distill": {"lr_rate": 1}}, SDParams)
+        validate({**base, "distill": {"lr_rate": 1}})
     with pytest.raises(ParamsError, match=r"^distill.student_timesteps must be a non-empty, strictly decreasing"):
-        validate({**base, "distill": {"student_timesteps": [249, 999]}}, SDParams)
+        validate({**base, "distill": {"student_timesteps": [249, 999]}})
     with pytest.raises(ParamsError, match=r"^teacher.path is required"):
-        validate({"prompts": {"source": "p"}, "teacher": {}}, SDParams)
+        validate({"prompts": {"source": "p"}, "teacher": {"family": "sd15"}})
+    with pytest.raises(ParamsError, match=r"^prompts applies to the text-to-image families \(sdxl, sd15, sd3\) only; "
+                                          r"this pipeline's teacher.family is edm"):
+        validate({"prompts": {"source": "p"}, "teacher": {}})
 
 
 def test_lora_student_trains_adapters_only_and_saves_merged(teachers, tmp_path):
@@ -306,6 +308,45 @@ def test_every_objective_distills_an_sd_teacher(request, family, objective):
     rows = (out / "live/plots/metrics/generator/loss.tsv").read_text().split("\n")[1:]
     losses = [float(row.split("\t")[1]) for row in rows if row]
     assert losses and all(torch.isfinite(torch.tensor(losses))), losses
+
+
+@pytest.mark.slow
+def test_init_student_steps_per_batch_and_seeds_work_for_sd_as_for_the_default(prepared):
+    """The distillation keys the digits pipeline had alone now serve the text-to-image families: a 4-step SDXL
+    student starts from a saved 1-step one (distill.init_student) and trains every step per batch
+    (steps_per_batch: all), and evaluate.seeds: 2 scores it on a second noise draw and averages."""
+    import json
+
+    params = yaml.safe_load((prepared / "params.yaml").read_text())
+    params["distill"].update(student_steps=1, student_timesteps=None)
+    (prepared / "params-one.yaml").write_text(yaml.safe_dump(params))
+    _stage(prepared, "distill", "--encode", "encode", "--trajectories", "trajectories", "--critic", "critic/critic",
+           "--out", "distill-one", params="params-one.yaml")
+    params["distill"].update(student_steps=4, init_student=str(prepared / "distill-one/student"),
+                             steps_per_batch="all")  # params paths are relative to the repository root
+    params["evaluate"]["seeds"] = 2
+    (prepared / "params-init.yaml").write_text(yaml.safe_dump(params))
+    _stage(prepared, "distill", "--encode", "encode", "--trajectories", "trajectories", "--critic", "critic/critic",
+           "--out", "distill-init", params="params-init.yaml")
+    info = json.loads((prepared / "distill-init/student/fewstep.json").read_text())
+    assert info["student_timesteps"] == [999, 749, 499, 249]
+    _stage(prepared, "evaluate", "--encode", "encode", "--trajectories", "trajectories", "--student",
+           "distill-init/student", "--samples", "evaluate-init/samples", "--metrics", "evaluate-init/metrics.json",
+           params="params-init.yaml")
+    metrics = json.loads((prepared / "evaluate-init/metrics.json").read_text())
+    assert metrics["student"]["steps"] == 4 and metrics["seeds"] == 2
+    assert {"fid_t", "kid_t", "fid_t_ci95"} <= set(metrics["student"]) and "fid_t" in metrics["teacher"]
+    lo, hi = metrics["student"]["fid_t_ci95"]  # over the two seeds
+    assert lo <= metrics["student"]["fid_t"] <= hi
+
+    # a student of another teacher's network is refused in one line naming the key
+    params["distill"]["init_student"] = str(prepared / "critic/critic")
+    (prepared / "params-bad.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run([sys.executable, *sd.stage_script("distill"), "--params", "params-bad.yaml", "--encode",
+                           "encode", "--trajectories", "trajectories", "--critic", "critic/critic", "--out", "distill-bad"],
+                          cwd=prepared, env=sd.project_env(ROOT), capture_output=True, text=True)
+    assert proc.returncode == 1 and "error: distill.init_student: " in proc.stderr
+    assert "critic/critic is a critic, expected a student" in proc.stderr
 
 
 @pytest.mark.slow

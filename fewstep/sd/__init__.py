@@ -1,2 +1,2 @@
-"""Stable Diffusion teachers (SDXL, SD1.5): the pieces the pipelines under pipelines/sdxl and
-pipelines/sd15 share — params schema, teacher checks, encode cache, VE denoiser, export."""
+"""Text-to-image teachers (SDXL, SD1.5, SD3): the pieces the pipelines under pipelines/sdxl, pipelines/sd15
+and pipelines/sd3 share — start-up, teacher checks, encode cache, VE denoiser, export."""

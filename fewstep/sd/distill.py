@@ -14,7 +14,7 @@ from .. import objectives
 from ..hashing import Hasher
 from ..checkpoint import CHECKPOINTS, Checkpointer, GeneratorState, fingerprint
 from ..distill import fit, trajectory_batches
-from ..io import load_trajectories
+from ..io import ArtifactError, load_trajectories
 from ..models import GanHead
 from ..params import ParamsError
 from .. import fsdp, parallel, runtime
@@ -24,10 +24,11 @@ from .denoiser import SDDenoiser
 from .store import CondSampler, Encoded, RealSampler
 
 
-def noise_levels(model: SDDenoiser, t_min: int, t_max: int, generator: torch.Generator, device) -> Callable:
-    """DMD2's noise levels for SD: integer timesteps t ~ U{t_min..t_max}, as VE sigmas."""
+def noise_levels(model: SDDenoiser, t_min: float, t_max: float, generator: torch.Generator, device) -> Callable:
+    """DMD2's noise levels for SD: integer timesteps t ~ U{t_min..t_max} (whole numbers, checked by the
+    params), as VE sigmas."""
     sigmas = model.log_sigmas.exp().float()
-    return lambda n: sigmas[torch.randint(t_min, t_max + 1, (n,), generator=generator)].to(device)
+    return lambda n: sigmas[torch.randint(int(t_min), int(t_max) + 1, (n,), generator=generator)].to(device)
 
 
 def real_data(train: Encoded, trajectories: dict, batch_size: int, generator, device) -> RealSampler:
@@ -40,12 +41,22 @@ def real_data(train: Encoded, trajectories: dict, batch_size: int, generator, de
 
 def load_student(path: Path, student_dir: Path | None, settings, negative, latent_size: int, device, run_p,
                  lora: bool, stage: str) -> SDDenoiser:
-    """The student: the teacher's network or a previous stage's student, optionally under LoRA adapters."""
+    """The student: the teacher's network, a previous stage's student (finetune continues it), or a saved
+    student to start from (distill.init_student: any step count), optionally under LoRA adapters."""
     # a LoRA student's base is frozen: stored like the teacher (bf16 on GPU); a full student trains in fp32
     dtype = models.frozen_dtype(device, run_p.precision) if lora else torch.float32
     ckpt = run_p.gradient_checkpointing
-    if student_dir is None:
+    start = student_dir or (Path(settings.init_student) if settings.init_student else None)
+    if start is None:
         student = models.denoiser(models.teacher_network(path, dtype), path, negative, device, run_p.precision, ckpt)
+    elif student_dir is None:  # init_student: a student of this teacher, whatever its timesteps
+        try:
+            student, info = models.load(start, path, negative, device, run_p.precision, ckpt, dtype)
+        except (ArtifactError, OSError, ValueError) as exc:
+            raise ParamsError(f"distill.init_student: {exc}") from None
+        if info.get("role") != "student":
+            raise ParamsError(f"distill.init_student: {start} is a {info.get('role')}, expected a student distilled "
+                              "from this teacher")
     else:
         student, info = models.load(student_dir, path, negative, device, run_p.precision, ckpt, dtype)
         if info["student_timesteps"] != list(settings.student_timesteps):
@@ -77,7 +88,7 @@ def _digest(model: SDDenoiser) -> str:
 # --- the text-to-image families' trainer for the shared stage scripts (fewstep.families) --------------
 
 INPUTS = {"encode": "the encode stage's output (cached text conditioning and latents)"}
-launch = start_up.run  # start-up: the SD params schema, continued from the repository root
+launch = start_up.run  # start-up: params of a text-to-image family, continued from the repository root
 
 
 def train_stage(params, settings, args, *, stage: str, out: Path, device: torch.device, generator: torch.Generator,
@@ -139,14 +150,16 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
         student_sigmas=sigmas, params=settings, generator=generator, device=device, sigma_data=1.0,
         trajectories=trajectory_batches(traj, lambda index: train.cond[index.cpu()].to(device), settings.batch_size,
                                         generator, device),
-        step_generator=torch.Generator().manual_seed(seed) if sharded or ranks > 1 else None)
+        step_generator=torch.Generator().manual_seed(seed) if sharded or ranks > 1 else None,
+        all_steps_per_batch=settings.steps_per_batch == "all")
     print(f"[{stage}] {t.family} student timesteps {list(settings.student_timesteps)} "
           f"(sigmas {[round(s, 4) for s in sigmas]}), lora rank {settings.lora.rank if lora else 'off (full network)'}, "
           f"real data: {'cached images' if train.latents is not None else 'teacher samples'}, "
           f"parallel: {run_p.parallel} on {ranks} process(es)", flush=True)
 
     # --- train (resumable), then save on rank 0 --------------------------------------------------------
-    inputs = [d for d in (path, encode_dir, trajectories_dir, student_dir, critic_dir) if d is not None]
+    init = Path(settings.init_student) if student_dir is None and settings.init_student else None
+    inputs = [d for d in (path, encode_dir, trajectories_dir, student_dir, init, critic_dir) if d is not None]
     key = fingerprint(stage, global_settings.model_dump(mode="json"), train_generator, [Hasher().tree(d) for d in inputs])
     # one checkpoint folder per pipeline and stage (and rank, unless sharded: FSDP checkpoints reshard)
     folder = CHECKPOINTS / parallel.checkpoint_name(pipeline, stage, per_rank=not sharded)

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .. import runtime
-from ..evaluation import Evaluation, Model
+from ..evaluation import Evaluation, Model, student_sampler
 from ..io import ArtifactError, load_trajectories
-from ..sampling import heun_sample, student_sample
+from ..metrics import over_seeds
+from ..sampling import heun_sample
 from . import encode, models, teacher as teachers
 from . import launch as start_up
 from .prompts import image_tensor
@@ -180,7 +180,7 @@ def fidelity(features: dict[str, torch.Tensor], images: dict[str, torch.Tensor],
 # --- the evaluation the shared stage runs (stages/evaluate.py --family fewstep/sd/evaluate.py) -------------
 
 INPUTS = {"encode": "the encode stage's output (cached held-out prompts)"}
-launch = start_up.run  # start-up: the SD params schema, continued from the repository root
+launch = start_up.run  # start-up: params of a text-to-image family, continued from the repository root
 
 
 def image_metrics(p, images: dict, prompts: list[str], resolution: int,
@@ -207,10 +207,10 @@ def image_metrics(p, images: dict, prompts: list[str], resolution: int,
 
 
 def evaluation(params, args, device) -> Evaluation:
-    """The student against the teacher on the held-out prompts, same noise (one sampling seed: the
-    trajectories' eval split): fidelity to the teacher always (FID-T, KID-T, pixel W1 against the teacher's other
-    samples of the same prompts; the teacher's own score is the floor), in the configured featurizer's space or
-    else the teacher network's; CLIP score when evaluate.clip_path is set and FID when evaluate.fid.featurizer
+    """The student against the teacher on the held-out prompts, same noise (sampling seed 0: the trajectories'
+    eval split; evaluate.seeds > 1 adds fresh noise for both, and the scores are averaged): fidelity to the
+    teacher always (FID-T, KID-T, pixel W1 against the teacher's other samples of the same prompts; the
+    teacher's own score is the floor), in the configured featurizer's space or else the teacher network's; CLIP score when evaluate.clip_path is set and FID when evaluate.fid.featurizer
     and evaluate.fid.reference are set (otherwise the metrics say what was skipped and why). Latency is in
     latent space (text encoding and decoding excluded)."""
     p = params.evaluate
@@ -224,40 +224,50 @@ def evaluation(params, args, device) -> Evaluation:
     student.requires_grad_(False).eval()
     sigmas = [teacher.sigma_of(t) for t in info["student_timesteps"]]
     steps, guidance = traj["index"]["sampling_steps"], traj["index"]["guidance"]
-    gen = runtime.seeded(params.seed, "evaluate")
     vae = teachers.load_vae(path)
     del vae.encoder  # decoding only: the encoder's work was cached by the encode stage
 
-    def score(samples: dict[str, list[torch.Tensor]], decoded: dict[str, list[torch.Tensor]]) -> dict:
-        latents = {name: x[0] for name, x in samples.items()}
-        images = {name: x[0] for name, x in decoded.items()}
-        resolution = held_out.index["resolution"]
-        net = load_featurizer(p.fid.featurizer, resolution) if p.fid.featurizer else None
+    resolution = held_out.index["resolution"]
+    rounds = len(cond) // len(held_out.texts)  # trajectories.eval_per_prompt samples of each held-out prompt
+
+    def score_seed(latents: dict[str, torch.Tensor], images: dict[str, torch.Tensor], net) -> tuple[dict, list]:
         features = {name: embed(net, x, p.batch_size) for name, x in images.items()} if net else None
         scores, skipped = image_metrics(p, images, prompts, resolution, features, net, device)
-        metrics = {"teacher": {"steps": steps, "guidance": guidance},
-                   "student": {"steps": len(sigmas), "timesteps": info["student_timesteps"]}}
-        rounds = len(cond) // len(held_out.texts)  # trajectories.eval_per_prompt samples of each held-out prompt
         if rounds >= 2:  # fidelity in the featurizer's space, else in the teacher network's (needs no other model)
             space = features or {name: teacher_features(teacher, x, cond, p.batch_size, device, params.seed)
                                  for name, x in latents.items()}
             for name, values in fidelity(space, images, rounds).items():
                 scores[name].update(values)
-            metrics["fidelity_features"] = p.fid.featurizer or f"teacher network's middle block, t={FEATURE_TIMESTEP}"
         else:
             skipped.append("fid_t: skipped (set trajectories.eval_per_prompt >= 2: the teacher's other samples of a "
                            "prompt are FID-T's reference)")
-        for name in images:
-            metrics[name].update(scores[name])
+        return scores, skipped
+
+    def score(samples: dict[str, list[torch.Tensor]], decoded: dict[str, list[torch.Tensor]]) -> dict:
+        net = load_featurizer(p.fid.featurizer, resolution) if p.fid.featurizer else None
+        runs = [score_seed({name: x[i] for name, x in samples.items()}, {name: x[i] for name, x in decoded.items()},
+                           net) for i in range(p.seeds)]
+        skipped = runs[0][1]
+        metrics = {"teacher": {"steps": steps, "guidance": guidance},
+                   "student": {"steps": len(sigmas), "timesteps": info["student_timesteps"]}}
+        if rounds >= 2:
+            metrics["fidelity_features"] = p.fid.featurizer or f"teacher network's middle block, t={FEATURE_TIMESTEP}"
+        for name in decoded:
+            per_seed = [scores[name] for scores, _ in runs]
+            if len(runs) == 1:
+                metrics[name].update(per_seed[0])
+            else:  # means over the seeds with their 95% t-intervals (in place of one seed's per-sample intervals)
+                metrics[name].update(over_seeds({key: [r[key] for r in per_seed] for key, value in per_seed[0].items()
+                                                 if isinstance(value, (int, float)) and not isinstance(value, bool)}))
         for line in skipped:
             print(f"[evaluate] {line}", flush=True)
-        return {**metrics, "skipped": skipped, "num_samples": len(cond), "num_prompts": len(held_out.texts)}
+        return {**metrics, "skipped": skipped, "num_samples": len(cond), "num_prompts": len(held_out.texts),
+                "seeds": p.seeds}
 
     run_teacher = lambda n, c: heun_sample(teacher, n, c, steps, guidance)
-    run_student = lambda n, c: student_sample(student, n, c, sigmas, gen)  # one stream: a single sampling seed
     sampled = {"teacher": Model(traj["index"]["nfe"], lambda i: run_teacher),
-               "student": Model(len(sigmas), lambda i: run_student)}
+               "student": Model(len(sigmas), lambda i: student_sampler(student, sigmas, params.seed, i))}
     return Evaluation(models=sampled, student="student", noise=traj["noise"], cond=cond,
-                      teacher_samples=traj["samples"], seeds=1,
+                      teacher_samples=traj["samples"], seeds=p.seeds,
                       decode=lambda x: encode.to_images(vae, x, p.batch_size, device), score=score,
                       grids=["teacher", "student"], captions=prompts)

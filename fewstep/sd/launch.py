@@ -9,11 +9,11 @@ import os
 from pathlib import Path
 
 from .. import runtime
-from .params import SDParams
+from ..params import TEXT_TO_IMAGE
 
 
 def run(stage: str, main, configure) -> None:
-    """runtime.run with the SD schema, `main` running from the repository root (the folder above fewstep/)."""
+    """runtime.run for the text-to-image families, `main` running from the repository root (the folder above fewstep/)."""
     root = Path(__file__).resolve().parents[2]
 
     def from_root(params, args, device):
@@ -24,4 +24,4 @@ def run(stage: str, main, configure) -> None:
         os.chdir(root)
         main(params, args, device)
 
-    runtime.run(stage, from_root, configure, schema=SDParams)
+    runtime.run(stage, from_root, configure, families=TEXT_TO_IMAGE)

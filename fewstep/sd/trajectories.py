@@ -9,7 +9,7 @@ from .denoiser import SDDenoiser
 from .store import Encoded
 
 INPUTS = {"encode": "the encode stage's output (cached text conditioning)"}
-launch = start_up.run  # start-up: the SD params schema, continued from the repository root
+launch = start_up.run  # start-up: params of a text-to-image family, continued from the repository root
 
 
 def teacher_splits(params, args, device) -> tuple[SDDenoiser, tuple[int, ...], list[sampling.TeacherSplit]]:
