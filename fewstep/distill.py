@@ -75,7 +75,7 @@ def fit(setup: objectives.Setup, params, out: Path, stage: str, train_generator:
           f"lr={params.lr} critic_updates={critic_updates if train_generator else 'all'} "
           f"student_sigmas={[round(s, 4) for s in setup.student_sigmas]} "
           f"backward_simulation={params.backward_simulation}"
-          f"{f' ({params.simulate_with})' if params.backward_simulation else ''}"
+          f"{f' ({params.simulate_with})' if params.backward_simulation and train_generator else ''}"
           f"{' all steps per batch' if setup.all_steps_per_batch and len(setup.student_sigmas) > 1 else ''}", flush=True)
     last = train(phases, params.steps, out / "live", desc=stage, log_every=params.log_every, autocast=autocast,
                  after_step=after_step, checkpoint=checkpoint,

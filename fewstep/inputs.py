@@ -23,13 +23,14 @@ InputPath = Annotated[str | None, Field(json_schema_extra={"input_path": True})]
 def declared(section: BaseModel, prefix: str = "") -> dict[str, str | None]:
     """{dotted key: value} of every InputPath field, set or not, found by walking the params model."""
     found: dict[str, str | None] = {}
-    for name, info in type(section).model_fields.items():
-        value = getattr(section, name)
+    for name, info in section.__class__.model_fields.items():
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         if extra.get("input_path"):
-            found[f"{prefix}{name}"] = value
-        elif isinstance(value, BaseModel):
-            found.update(declared(value, f"{prefix}{name}."))
+            found[f"{prefix}{name}"] = getattr(section, name)
+        elif isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):  # only paths are read
+            value = getattr(section, name)
+            if value is not None:
+                found.update(declared(value, f"{prefix}{name}."))
     return found
 
 

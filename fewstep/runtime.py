@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .errors import DataError, TrainingDiverged
 from .io import ArtifactError
-from .params import EDM, FAMILY_NAMES, Params, ParamsError, load
+from .params import EDM, FAMILY_NAMES, Params, ParamsError, ReadRecorder, load
 
 USER_ERRORS = (ParamsError, DataError, ArtifactError, TrainingDiverged)
 
@@ -41,8 +43,6 @@ def autocast_factory(params: Params, device: torch.device):
 
 def pipeline_name(params_file: str) -> str:
     """The pipeline a params file configures: its folder's name under pipelines/, else "default"."""
-    from pathlib import Path
-
     folder = Path(params_file).resolve().parent
     return folder.name if folder.parent.name == "pipelines" else "default"
 
@@ -90,14 +90,20 @@ def run(stage: str, main: Callable[[Params, argparse.Namespace, torch.device], N
     try:
         params = load(args.params)
         if params.family not in families:
-            raise ParamsError(f"{args.params}: teacher.family is {params.family}, but this stage runs the code of "
-                              f"{FAMILY_NAMES[families]} (the module its command names)")
+            raise ParamsError(f"{args.params}: teacher.family is {params.family}, but this stage's module (named in "
+                              f"its command) serves {FAMILY_NAMES[families]}")
+        reads_dir = os.environ.get("FEWSTEP_PARAMS_READS")  # the test that dvc.yaml lists what each stage reads
+        if reads_dir:
+            reads: set[str] = set()
+            params = ReadRecorder(params, reads)
         if params.run.num_threads:
             torch.set_num_threads(params.run.num_threads)
         torch.manual_seed(params.seed)
         device = device_for(params)
         print(f"[{stage}] device={device} precision={params.run.precision} seed={params.seed}", flush=True)
         main(params, args, device)
+        if reads_dir:
+            Path(reads_dir, f"{stage}.json").write_text(json.dumps(sorted(reads), indent=1) + "\n")
     except USER_ERRORS as exc:
         print(f"[{stage}] error: {exc}", file=sys.stderr, flush=True)
         restored = restore_previous_outputs()

@@ -3,13 +3,14 @@ student's samples, so distillation starts with an accurate fake score. Every fam
 from pathlib import Path
 
 from fewstep import families, parallel
+from fewstep.params import TrainLoopParams
 
 
 def main(params, args, device, trainer):
     c, d = params.critic, params.distill
     # The critic learns the *initial student's* distribution: it samples like the distill stage will,
     # with critic's own optimizer settings and GAN weights.
-    loop = {k: getattr(c, k) for k in type(c).model_fields if k != "gan"}
+    loop = {k: getattr(c, k) for k in TrainLoopParams.model_fields}
     settings = d.model_copy(update={**loop, "dmd2": d.dmd2.model_copy(update={"gan": c.gan})})
     parallel.train(trainer, "critic", params, settings, args, device, train_generator=False)
     print(f"[critic] fake score + GAN head -> {args.out / 'critic'}", flush=True)

@@ -85,6 +85,24 @@ def run_stage(stage: str, cwd: Path, *args: str, check: bool = True) -> subproce
     return run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--params", "params.yaml", *args], cwd, check)
 
 
+def undeclared_reads(reads_dir: Path, dvcfile: Path) -> dict[str, list[str]]:
+    """Per stage that ran with FEWSTEP_PARAMS_READS=reads_dir: the params keys it read that its dvc.yaml entry
+    does not list (a change to one would not rerun the stage: a stale result). Also checks every stage ran."""
+    import json
+
+    stages = yaml.safe_load(dvcfile.read_text())["stages"]
+    reads = {file.stem: json.loads(file.read_text()) for file in reads_dir.glob("*.json")}
+    assert set(reads) == set(stages), f"stages without a record of their reads: {set(stages) ^ set(reads)}"
+    missing = {}
+    for stage, keys in reads.items():
+        declared = [key for entry in stages[stage].get("params", [])
+                    for key in ([entry] if isinstance(entry, str) else [k for ks in entry.values() for k in ks])]
+        unlisted = [key for key in keys if not any(key == d or key.startswith(d + ".") for d in declared)]
+        if unlisted:
+            missing[stage] = unlisted
+    return missing
+
+
 def write_params(folder: Path, params: dict) -> Path:
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))

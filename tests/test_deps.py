@@ -70,6 +70,17 @@ def test_a_trainer_that_is_not_one_is_refused_in_one_line(tmp_path):
     assert proc.returncode == 1 and "differs from the named file" in proc.stderr, proc.stderr
 
 
+def test_a_family_module_refuses_another_familys_params_in_one_line(tmp_path):
+    """One schema reads every pipeline's params; a stage whose module serves other families says so."""
+    proc = run([sys.executable, str(ROOT / "stages/distill.py"), "--trainer", str(ROOT / "fewstep/distill.py"),
+                "--params", str(ROOT / "pipelines/sd3/params.yaml"), "--teacher", "t", "--prepare", "p", "--critic", "c",
+                "--trajectories", "tr", "--out", "o"], tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        f"[distill] error: {ROOT / 'pipelines/sd3/params.yaml'}: teacher.family is sd3, but this stage runs the code "
+        "of the edm family (a teacher trained from data) (the module its command names)"), proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_fine_grained_evaluation_code_is_not_a_dep_of_training():
     stages = {s.stage: set(s.expected) for s in stage_deps(ROOT / "dvc.yaml", ROOT)}
     for training in ("prepare", "teacher", "trajectories", "critic", "distill", "finetune"):

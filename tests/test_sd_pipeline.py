@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 import sd_fixtures
+from conftest import undeclared_reads
 from sd_fixtures import assets, make_sd_project, run, sd_params, sdxl_project  # noqa: F401 (assets: fixture)
 
 STAGES = ["inputs", "encode", "trajectories", "critic", "distill", "finetune", "export", "evaluate", "benchmark"]
@@ -17,7 +18,7 @@ def ran(output: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sdxl_pipeline_cached_rerun_param_edit_and_export(tmp_path, assets):
+def test_sdxl_pipeline_cached_rerun_param_edit_and_export(tmp_path, assets, monkeypatch):
     import torch
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
@@ -26,8 +27,12 @@ def test_sdxl_pipeline_cached_rerun_param_edit_and_export(tmp_path, assets):
     inception = shutil.copy(assets["inception"], tmp_path / "inception.pt")  # a file this test may change
     project = sdxl_project(tmp_path, assets, benchmark={"featurizer": str(inception)})
     started = time.perf_counter()
+    (tmp_path / "reads").mkdir()
+    monkeypatch.setenv("FEWSTEP_PARAMS_READS", str(tmp_path / "reads"))  # each stage notes the params keys it reads
     first = run(["dvc", "repro"], project / "pipelines/sdxl")
+    monkeypatch.delenv("FEWSTEP_PARAMS_READS")
     print(f"tiny sdxl pipeline: {time.perf_counter() - started:.1f} s")
+    assert undeclared_reads(tmp_path / "reads", project / "pipelines/sdxl/dvc.yaml") == {}  # no stale stage
     assert ran(first.stdout) == STAGES or sorted(ran(first.stdout)) == sorted(STAGES)
     assert "real images: yes" in first.stdout + first.stderr
 
@@ -109,7 +114,7 @@ def test_sd15_pipeline_text_prompts_one_step(tmp_path, assets):
 
 
 @pytest.mark.slow
-def test_sd3_pipeline_cached_rerun_lr_edit_and_export(tmp_path, assets):
+def test_sd3_pipeline_cached_rerun_lr_edit_and_export(tmp_path, assets, monkeypatch):
     """The flow-matching family through the same stages: a tiny SD3 teacher (transformer, three text encoders,
     shifted flow-matching scheduler, a VAE that shifts its latents), DMD2's losses on x0 = x_t - t v; a no-op
     rerun; a distill.lr edit reruns exactly distill onward; the exported StableDiffusion3Pipeline generates."""
@@ -120,8 +125,12 @@ def test_sd3_pipeline_cached_rerun_lr_edit_and_export(tmp_path, assets):
                                                                                      "image_column": "image"}),
                               assets["sd3"], assets["dataset"])
     folder = project / "pipelines/sd3"
+    (tmp_path / "reads").mkdir()
+    monkeypatch.setenv("FEWSTEP_PARAMS_READS", str(tmp_path / "reads"))
     first = run(["dvc", "repro"], folder)
+    monkeypatch.delenv("FEWSTEP_PARAMS_READS")
     assert sorted(ran(first.stdout)) == sorted(STAGES)
+    assert undeclared_reads(tmp_path / "reads", folder / "dvc.yaml") == {}  # the flow family reads what dvc.yaml lists
     assert "sd3 student timesteps [999, 749, 499, 249]" in first.stdout and "real images: yes" in first.stdout
     assert (folder / "distill/student/transformer/config.json").is_file()
     assert ran(run(["dvc", "repro"], folder).stdout) == ["inputs"]

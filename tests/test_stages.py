@@ -3,9 +3,10 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
-from conftest import STAGE_ARGS, run_stage, tiny_params, write_params
+from conftest import ROOT, STAGE_ARGS, run_stage, tiny_params, undeclared_reads, write_params
 from fewstep.models import load_model
 
 
@@ -15,11 +16,48 @@ LOGS = {}  # stage -> its completed process, from the module's one pipeline run
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+    import os
+
     folder = tmp_path_factory.mktemp("stages")
     write_params(folder, tiny_params())
-    for stage, args in STAGE_ARGS.items():
-        LOGS[stage] = run_stage(stage, folder, *args)
+    (folder / "reads").mkdir()
+    os.environ["FEWSTEP_PARAMS_READS"] = str(folder / "reads")  # each stage notes the params keys it reads
+    try:
+        for stage, args in STAGE_ARGS.items():
+            LOGS[stage] = run_stage(stage, folder, *args)
+    finally:
+        del os.environ["FEWSTEP_PARAMS_READS"]
     return folder
+
+
+def test_every_stage_lists_the_params_it_reads(workdir):
+    """dvc.yaml's params of each stage cover every key the stage read (DVC reruns a stage only for those)."""
+    assert undeclared_reads(workdir / "reads", ROOT / "dvc.yaml") == {}
+    critic = json.loads((workdir / "reads/critic.json").read_text())
+    assert "critic.lr" in critic and "distill.t_min" in critic and "distill.lr" not in critic  # its own loop keys
+
+
+@pytest.mark.parametrize("objective", ["dmd", "sid", "consistency"])
+def test_the_critic_lists_what_every_objective_reads(workdir, tmp_path, objective):
+    """The critic reads a subset of distill's keys; for every objective and the multi-step options it still
+    reads only listed ones (a 4-step student with per-step critics, all steps per batch, EMA simulation)."""
+    import os
+    import shutil
+
+    folder = tmp_path / "project"
+    shutil.copytree(workdir, folder, ignore=shutil.ignore_patterns("reads", "critic", "distill", "finetune", "evaluate"))
+    write_params(folder, tiny_params(**{"distill.objective": objective, "distill.student_steps": 4,
+                                        "distill.per_step_critic": True, "distill.steps_per_batch": "all",
+                                        "distill.simulate_with": "ema"}))
+    (folder / "reads").mkdir()
+    os.environ["FEWSTEP_PARAMS_READS"] = str(folder / "reads")
+    try:
+        run_stage("critic", folder, *STAGE_ARGS["critic"])
+    finally:
+        del os.environ["FEWSTEP_PARAMS_READS"]
+    stages = {"critic": yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["critic"]}
+    (folder / "critic.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    assert undeclared_reads(folder / "reads", folder / "critic.yaml") == {}
 
 
 def test_prepare(workdir):

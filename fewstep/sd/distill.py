@@ -125,7 +125,7 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
     # --- the four networks (FSDP: trained ones built on the CPU, then sharded onto the device) -----------
     build_on = torch.device("cpu") if sharded else device
     teacher = models.teacher_denoiser(path, train.negative, build_on if run_p.shard_teacher else device, run_p.precision)
-    lora = bool(settings.lora.rank) and train_generator
+    lora = train_generator and bool(settings.lora.rank)  # the critic stage trains no student
     latent_size = train.index["latent_shape"][1]
     student = load_student(path, student_dir, settings, train.negative, latent_size, build_on, run_p, lora, stage)
     fake, head = load_critic(path, critic_dir, train.negative, build_on, run_p)
