@@ -76,8 +76,8 @@ def test_a_family_module_refuses_another_familys_params_in_one_line(tmp_path):
                 "--params", str(ROOT / "pipelines/sd3/params.yaml"), "--teacher", "t", "--prepare", "p", "--critic", "c",
                 "--trajectories", "tr", "--out", "o"], tmp_path, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
-        f"[distill] error: {ROOT / 'pipelines/sd3/params.yaml'}: teacher.family is sd3, but this stage runs the code "
-        "of the edm family (a teacher trained from data) (the module its command names)"), proc.stderr
+        f"[distill] error: {ROOT / 'pipelines/sd3/params.yaml'}: teacher.family is sd3, but this stage's module "
+        "(named in its command) serves the edm family (a teacher trained from data)"), proc.stderr
     assert not (tmp_path / "o").exists()
 
 
