@@ -39,14 +39,14 @@ def real_data(train: Encoded, trajectories: dict, batch_size: int, generator, de
     return RealSampler(trajectories["samples"], train.cond[trajectories["cond_index"]], batch_size, generator, device)
 
 
-def load_student(path: Path, student_dir: Path | None, settings, negative, latent_size: int, device, run_p,
-                 lora: bool, stage: str) -> SDDenoiser:
+def load_student(path: Path, student_dir: Path | None, init_dir: Path | None, settings, negative, latent_size: int,
+                 device, run_p, lora: bool, stage: str) -> SDDenoiser:
     """The student: the teacher's network, a previous stage's student (finetune continues it), or a saved
     student to start from (distill.init_student: any step count), optionally under LoRA adapters."""
     # a LoRA student's base is frozen: stored like the teacher (bf16 on GPU); a full student trains in fp32
     dtype = models.frozen_dtype(device, run_p.precision) if lora else torch.float32
     ckpt = run_p.gradient_checkpointing
-    start = student_dir or (Path(settings.init_student) if settings.init_student else None)
+    start = student_dir or init_dir
     if start is None:
         student = models.denoiser(models.teacher_network(path, dtype), path, negative, device, run_p.precision, ckpt)
     elif student_dir is None:  # init_student: a student of this teacher, whatever its timesteps
@@ -127,7 +127,9 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
     teacher = models.teacher_denoiser(path, train.negative, build_on if run_p.shard_teacher else device, run_p.precision)
     lora = train_generator and bool(settings.lora.rank)  # the critic stage trains no student
     latent_size = train.index["latent_shape"][1]
-    student = load_student(path, student_dir, settings, train.negative, latent_size, build_on, run_p, lora, stage)
+    init_dir = Path(settings.init_student) if student_dir is None and settings.init_student else None
+    student = load_student(path, student_dir, init_dir, settings, train.negative, latent_size, build_on, run_p, lora,
+                           stage)
     fake, head = load_critic(path, critic_dir, train.negative, build_on, run_p)
     tap = families.get(t.family).gan_tap(fake.unet)
     if sharded:
@@ -158,8 +160,7 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
           f"parallel: {run_p.parallel} on {ranks} process(es)", flush=True)
 
     # --- train (resumable), then save on rank 0 --------------------------------------------------------
-    init = Path(settings.init_student) if student_dir is None and settings.init_student else None
-    inputs = [d for d in (path, encode_dir, trajectories_dir, student_dir, init, critic_dir) if d is not None]
+    inputs = [d for d in (path, encode_dir, trajectories_dir, student_dir, init_dir, critic_dir) if d is not None]
     key = fingerprint(stage, global_settings.model_dump(mode="json"), train_generator, [Hasher().tree(d) for d in inputs])
     # one checkpoint folder per pipeline and stage (and rank, unless sharded: FSDP checkpoints reshard)
     folder = CHECKPOINTS / parallel.checkpoint_name(pipeline, stage, per_rank=not sharded)
@@ -174,8 +175,8 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
         def rebuild() -> list:
             fresh = list(load_critic(path, critic_dir, train.negative, cpu, run_p))
             if train_generator:
-                fresh.insert(0, load_student(path, student_dir, settings, train.negative, latent_size, cpu, run_p,
-                                             lora, stage))
+                fresh.insert(0, load_student(path, student_dir, init_dir, settings, train.negative, latent_size, cpu,
+                                             run_p, lora, stage))
             return fresh
 
         trained = fsdp.unsharded(([student] if train_generator else []) + [fake, head], rebuild)

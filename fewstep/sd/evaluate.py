@@ -210,9 +210,10 @@ def evaluation(params, args, device) -> Evaluation:
     """The student against the teacher on the held-out prompts, same noise (sampling seed 0: the trajectories'
     eval split; evaluate.seeds > 1 adds fresh noise for both, and the scores are averaged): fidelity to the
     teacher always (FID-T, KID-T, pixel W1 against the teacher's other samples of the same prompts; the
-    teacher's own score is the floor), in the configured featurizer's space or else the teacher network's; CLIP score when evaluate.clip_path is set and FID when evaluate.fid.featurizer
-    and evaluate.fid.reference are set (otherwise the metrics say what was skipped and why). Latency is in
-    latent space (text encoding and decoding excluded)."""
+    teacher's own score is the floor), in the configured featurizer's space or else the teacher network's;
+    CLIP score when evaluate.clip_path is set and FID when evaluate.fid.featurizer and evaluate.fid.reference
+    are set (otherwise the metrics say what was skipped and why). Latency is in latent space (text encoding and
+    decoding excluded)."""
     p = params.evaluate
     path = teachers.resolve(params.teacher.path, params.teacher.family)
     held_out = Encoded.load(args.encode, "eval")

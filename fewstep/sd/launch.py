@@ -13,7 +13,8 @@ from ..params import TEXT_TO_IMAGE
 
 
 def run(stage: str, main, configure) -> None:
-    """runtime.run for the text-to-image families, `main` running from the repository root (the folder above fewstep/)."""
+    """runtime.run for the text-to-image families, `main` running from the repository root (the folder above
+    fewstep/)."""
     root = Path(__file__).resolve().parents[2]
 
     def from_root(params, args, device):
