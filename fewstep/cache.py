@@ -74,9 +74,9 @@ def stage_specs(root: str | Path = ".", dvcfile: str | None = None) -> list[Stag
     try:
         graph = repo.index.graph
         order = [s for s in reversed(list(nx.topological_sort(graph))) if hasattr(s, "cmd")]
-        if dvcfile is not None:
-            wanted = (root / dvcfile).parent.resolve() / Path(dvcfile).name
-            order = [s for s in order if Path(s.path).parent.resolve() / Path(s.path).name == wanted]
+        if dvcfile is not None:  # the pipeline's dvc.yaml and those below it (a *-digits pipeline's mini/)
+            folder = (root / dvcfile).parent.absolute()
+            order = [s for s in order if Path(s.path).parent.absolute() == folder or folder in Path(s.path).absolute().parents]
         specs = []
         for stage in order:
             deps, params, params_file = [], [], "params.yaml"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 #: Where pipelines live: the embedded default at the root and one folder each under pipelines/.
-PIPELINE_GLOBS = ("dvc.yaml", "pipelines/*/dvc.yaml")
+PIPELINE_GLOBS = ("dvc.yaml", "pipelines/*/dvc.yaml", "pipelines/*/mini/dvc.yaml")
 
 
 class DepsError(ValueError):
@@ -212,9 +212,10 @@ def stage_deps(dvcfile: str | Path, root: str | Path) -> list[StageDeps]:
     stages = doc.get("stages") or {}
     out = []
     for name, stage in stages.items():
+        stage = stage.get("do", stage)  # a foreach stage: its template
         base = (dvcfile.parent / stage.get("wdir", ".")).resolve()
         outs = {_rel(base / str(o if isinstance(o, str) else next(iter(o))), root)
-                for s in stages.values() for o in (s.get("outs") or []) if "${" not in str(o)}
+                for s in stages.values() for o in (s.get("do", s).get("outs") or []) if "${" not in str(o)}
         declared = [str(d if isinstance(d, str) else next(iter(d))) for d in (stage.get("deps") or [])]
         scripts = stage_scripts(stage["cmd"], base)
         if not scripts:
@@ -253,7 +254,7 @@ def write(root: str | Path, dvcfiles: list[Path] | None = None) -> list[str]:
             continue
         yaml, doc = _load(dvcfile)
         for name, stage in doc["stages"].items():
-            info = stages[name]
+            info, stage = stages[name], stage.get("do", stage)
             data = [d for d in stage.get("deps") or [] if str(d if isinstance(d, str) else next(iter(d))) not in info.code]
             stage["deps"] = info.expected + data
         target = dvcfile.resolve()  # through a link: the file every linked pipeline shares

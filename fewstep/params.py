@@ -123,11 +123,40 @@ class TrainedTeacherParams(Section):
 # --- the text-to-image families' own stages: a pretrained teacher, prompts, encode cache, benchmark ------
 
 
+class MiniVaeParams(Section):
+    """The mini teacher's AutoencoderKL, trained first on the upsampled real images (stages/sd/mini_vae.py)."""
+
+    channels: list[int] = [32, 64]     # block widths; the VAE downsamples by 2 ** (len - 1)
+    steps: int = Field(300, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)  # SD's VAE: a KL term small beside the reconstruction
+
+
+class MiniTeacherParams(Section):
+    """A mini teacher of the family's own architecture, trained here on `data.source` captioned
+    `a handwritten digit k` (the *-digits pipelines; stages/sd/mini_teacher.py writes it at teacher.path)."""
+
+    resolution: int = Field(16, ge=8)   # image side: the data upsampled to it
+    vae: MiniVaeParams = MiniVaeParams()
+    width: int = Field(32, gt=0, multiple_of=32)  # UNet: block widths (width, 2 width); transformer: its width
+    depth: int = Field(1, gt=0)         # UNet: layers a block; transformer: joint blocks
+    steps: int = Field(2000, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    caption_dropout: float = Field(0.1, ge=0, lt=1)  # trained on the pipeline's negative branch, for CFG
+    checkpoint_every: int = Field(500, ge=0)
+    sampling_steps: int = Field(25, gt=0)  # the recommended call written to teacher/fewstep.json
+    guidance: float = Field(4.0, ge=0)
+
+
 class PretrainedTeacherParams(Section):
     """A text-to-image teacher: a local diffusers pipeline directory of the family's layout (fewstep/sd/family.py)."""
 
     path: str                                # a local diffusers pipeline directory (or a hub id, network permitting)
     family: Family = "sdxl"                  # edm never lands here (the teacher section's discriminator)
+    mini: MiniTeacherParams | None = None    # set: the teacher at `path` is trained here from data (*-digits)
 
 
 def _teacher_kind(value: Any) -> str:
@@ -334,6 +363,25 @@ class FidParams(Section):
     reference: InputPath = None   # a folder of reference images (searched recursively)
 
 
+class JudgeParams(Section):
+    """A mini teacher's pipeline judged through plain diffusers (stages/sd/judge.py): the teacher and the exported
+    student at their recommended calls, each image classified by prepare's featurizer."""
+
+    by: list[str] = []                 # [the prepare folder whose classifier and held-out images judge]; [] = no judge
+    per_class: int = Field(40, gt=0)   # images of each digit, per seed
+    seeds: int = Field(3, gt=0)        # generation seeds; scores are averaged with 95% t-intervals
+    batch_size: int = Field(100, gt=0)  # also the batch at which latency is timed
+    grid_size: int = Field(10, gt=0)
+
+
+    @field_validator("by")
+    @classmethod
+    def _one(cls, v):
+        if len(v) > 1:
+            raise ValueError(f"must name at most one prepare folder, got {v}")
+        return v
+
+
 class EvaluateParams(Section):
     seeds: int = Field(3, gt=0)  # sampling seeds; FID and friends are averaged over them
     batch_size: int = Field(250, gt=0)  # also the batch at which latency is timed (median over the batches)
@@ -369,8 +417,8 @@ def _family_of(raw: dict) -> str:
 class Params(Section):
     seed: int = Field(0, ge=0)
     run: RunParams = RunParams()
-    data: DataParams = only(EDM, DataParams())
-    featurizer: FeaturizerParams = only(EDM, FeaturizerParams())  # the evaluation classifier
+    data: DataParams = DataParams()  # real data: the edm teacher's, or a text-to-image mini teacher's
+    featurizer: FeaturizerParams = FeaturizerParams()  # the evaluation classifier trained on it
     teacher: TeacherParams = TrainedTeacherParams()
     prompts: PromptsParams = only(TEXT_TO_IMAGE)  # required there (checked below); None in the edm family
     encode: EncodeParams = only(TEXT_TO_IMAGE, EncodeParams())
@@ -380,6 +428,7 @@ class Params(Section):
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
     benchmark: BenchmarkParams = only(TEXT_TO_IMAGE, BenchmarkParams())
+    judge: JudgeParams = only(TEXT_TO_IMAGE, JudgeParams())  # the *-digits pipelines' plain-diffusers judgement
 
     @property
     def family(self) -> str:

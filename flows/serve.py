@@ -1,19 +1,22 @@
-"""Serve the `distill` deployments from this machine (no work pool needed):
+"""Serve the `distill` deployments of prefect.yaml from this machine (no work pool needed; stages run here):
 
-    python flows/serve.py            # then: prefect deployment run distill/digits  (or distill/sdxl, distill/sd15, distill/sd3)
+    python flows/serve.py            # then: prefect deployment run distill/digits  (or distill/sdxl-digits, ...)
 """
+from pathlib import Path
+
+import yaml
 from prefect import serve
 
 from distill import distill
 
+
+def deployments(prefect_yaml: Path = Path(__file__).resolve().parents[1] / "prefect.yaml"):
+    """The distill deployments as prefect.yaml declares them (one list), each running its pipeline here."""
+    for entry in yaml.safe_load(prefect_yaml.read_text())["deployments"]:
+        if entry.get("entrypoint") == "flows/distill.py:distill":
+            yield distill.to_deployment(name=entry["name"], parameters={"pipeline": entry["parameters"]["pipeline"]},
+                                        description=entry["description"].split(", cache misses")[0])
+
+
 if __name__ == "__main__":
-    serve(
-        distill.to_deployment(name="digits", parameters={"pipeline": "default"},
-                              description="the embedded default pipeline (dvc.yaml at the repo root)"),
-        distill.to_deployment(name="sdxl", parameters={"pipeline": "sdxl"},
-                              description="the SDXL pipeline (pipelines/sdxl/dvc.yaml)"),
-        distill.to_deployment(name="sd15", parameters={"pipeline": "sd15"},
-                              description="the SD1.5 pipeline (pipelines/sd15/dvc.yaml)"),
-        distill.to_deployment(name="sd3", parameters={"pipeline": "sd3"},
-                              description="the SD3 pipeline (pipelines/sd3/dvc.yaml)"),
-    )
+    serve(*deployments())

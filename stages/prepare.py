@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fewstep import data, runtime
+from fewstep.params import EDM, TEXT_TO_IMAGE
 from fewstep.io import atomic_output, save_tensors, write_json
 from fewstep.models import Featurizer
 
@@ -53,4 +54,6 @@ def main(params, args, device):
 
 
 if __name__ == "__main__":
-    runtime.run("prepare", main, lambda ap: ap.add_argument("--out", type=Path, required=True))
+    # every family that trains its teacher from data: the edm default and the text-to-image minis (*-digits)
+    runtime.run("prepare", main, lambda ap: ap.add_argument("--out", type=Path, required=True),
+                families=EDM + TEXT_TO_IMAGE)

@@ -85,13 +85,16 @@ def run_stage(stage: str, cwd: Path, *args: str, check: bool = True) -> subproce
     return run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--params", "params.yaml", *args], cwd, check)
 
 
-def undeclared_reads(reads_dir: Path, dvcfile: Path) -> dict[str, list[str]]:
+def undeclared_reads(reads_dir: Path, *dvcfiles: Path) -> dict[str, list[str]]:
     """Per stage that ran with FEWSTEP_PARAMS_READS=reads_dir: the params keys it read that its dvc.yaml entry
-    does not list (a change to one would not rerun the stage: a stale result). Also checks every stage ran."""
+    (in any of `dvcfiles`) does not list (a change to one would not rerun the stage: a stale result). Also checks
+    every stage ran (a foreach stage only where its list is not empty, i.e. where it ran)."""
     import json
 
-    stages = yaml.safe_load(dvcfile.read_text())["stages"]
+    entries = {name: stage for dvcfile in dvcfiles for name, stage in yaml.safe_load(dvcfile.read_text())["stages"].items()}
     reads = {file.stem: json.loads(file.read_text()) for file in reads_dir.glob("*.json")}
+    stages = {name: stage.get("do", stage) for name, stage in entries.items()
+              if "foreach" not in stage or name in reads}
     assert set(reads) == set(stages), f"stages without a record of their reads: {set(stages) ^ set(reads)}"
     missing = {}
     for stage, keys in reads.items():
