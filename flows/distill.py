@@ -105,7 +105,8 @@ def prepare_run(pipeline: str, root: Path = ROOT, params_text: str | None = None
                 overrides: dict[str, Any] | None = None) -> Run:
     """Read the pipeline from DVC, check its deps against the code, apply params, compute every key."""
     dvcfile = dvcfile_for(pipeline, root)
-    problems = deps.check(root, [root / dvcfile])
+    mini = root / Path(dvcfile).parent / "mini" / "dvc.yaml"  # a *-digits pipeline's mini teacher stages
+    problems = deps.check(root, [root / dvcfile] + ([mini] if mini.is_file() else []))
     if problems:
         raise PipelineError(f"{problems[0]} — stage deps are stale; run `fewstep deps --write`"
                             + (f" ({len(problems) - 1} more)" if len(problems) > 1 else ""))

@@ -124,7 +124,7 @@ def make_project(folder: Path, params: dict) -> Path:
     # the other pipelines, as a clone has them (each its own DVC project), without anything run there
     shutil.copytree(ROOT / "pipelines", folder / "pipelines", ignore=shutil.ignore_patterns(
         "__pycache__", "tmp", "cache", "config.local", "dvc.lock", "encode", "trajectories", "critic", "distill",
-        "finetune", "export", "evaluate"))
+        "finetune", "export", "evaluate", "prepare", "captions", "vae", "teacher", "judge", "inputs", "benchmark"))
     write_params(folder, params)
     run(["git", "init", "-q"], folder)
     run(["git", "config", "user.email", "t@example.com"], folder)

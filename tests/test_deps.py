@@ -16,7 +16,8 @@ def copy_repo(dest: Path) -> Path:
     for item in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / item, dest / item)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "encode", "trajectories", "critic", "distill",
-                                    "finetune", "export", "evaluate", "tmp", "cache", "config.local", "dvc.lock")
+                                    "finetune", "export", "evaluate", "tmp", "cache", "config.local", "dvc.lock",
+                                    "prepare", "captions", "vae", "teacher", "judge", "inputs", "benchmark")
     for folder in ("stages", "fewstep", "flows", "pipelines"):
         shutil.copytree(ROOT / folder, dest / folder, ignore=ignore)
     run(["git", "init", "-q"], dest)
@@ -27,9 +28,13 @@ def copy_repo(dest: Path) -> Path:
 
 def test_every_pipeline_lists_exactly_the_code_its_stages_import():
     assert [p.relative_to(ROOT).as_posix() for p in pipeline_files(ROOT)][:1] == ["dvc.yaml"]
-    # the default plus the text-to-image pipelines' one dvc.yaml (sd15's and sd3's link to it: listed once)
-    assert [p.relative_to(ROOT).as_posix() for p in pipeline_files(ROOT)] == ["dvc.yaml", "pipelines/sdxl/dvc.yaml"]
-    assert (ROOT / "pipelines/sd15/dvc.yaml").is_symlink() and (ROOT / "pipelines/sd3/dvc.yaml").is_symlink()
+    # the default, the text-to-image pipelines' one dvc.yaml (the others link to it: listed once) and the mini
+    # teachers' stages of the *-digits pipelines (one file, linked from sd15-digits and sd3-digits)
+    assert [p.relative_to(ROOT).as_posix() for p in pipeline_files(ROOT)] == [
+        "dvc.yaml", "pipelines/sdxl/dvc.yaml", "pipelines/sdxl-digits/mini/dvc.yaml"]
+    for name in ("sd15", "sd3", "sdxl-digits", "sd15-digits", "sd3-digits"):
+        assert (ROOT / f"pipelines/{name}/dvc.yaml").is_symlink()
+    assert (ROOT / "pipelines/sd15-digits/mini/dvc.yaml").is_symlink() and (ROOT / "pipelines/sd3-digits/mini/dvc.yaml").is_symlink()
     assert check(ROOT) == []
 
 
@@ -189,6 +194,7 @@ def _stage_names(status: dict, repo: Path) -> set[str]:
     names = set()
     for key in status:
         path, _, stage = key.rpartition(":")
+        stage = stage.split("@")[0]  # a foreach stage's instance (judge@prepare) is its template's closure
         rel = Path(path).resolve().relative_to(repo.resolve()).as_posix() if path else "dvc.yaml"
         names.add(stage if rel == "dvc.yaml" else f"{rel}:{stage}")
     return names
@@ -204,7 +210,7 @@ def test_an_edit_flips_exactly_the_stages_that_import_the_file(tmp_path, monkeyp
         rel = dvcfile.relative_to(repo).as_posix()
         for s in stage_deps(dvcfile, repo):
             closures[s.stage if rel == "dvc.yaml" else f"{rel}:{s.stage}"] = set(s.chains)
-    assert len(_projects(repo)) == 4  # the root, sd15, sd3, sdxl
+    assert len(_projects(repo)) == 7  # the root, sd15, sd3, sdxl and their *-digits
     assert _status(repo) == {}, "placeholders not committed"
     code = sorted(p.relative_to(repo).as_posix() for folder in ("fewstep", "stages", "flows")
                   for p in (repo / folder).rglob("*.py"))

@@ -6,9 +6,21 @@ from pathlib import Path
 import numpy as np
 
 from fewstep.data import load_prepared
-from fewstep.io import atomic_output
+from fewstep.io import atomic_output, read_json, write_json
 from fewstep.params import ParamsError
 from fewstep.sd import mini
+
+
+def content_fingerprint(folder: Path) -> None:
+    """`datasets` fingerprints a dataset made in memory at random; the saved one gets its content's digest, so the
+    same images give the same bytes (and no needless rerun downstream)."""
+    import xxhash
+
+    state = read_json(folder / "state.json")
+    digest = xxhash.xxh3_64()
+    for entry in state["_data_files"]:
+        digest.update((folder / entry["filename"]).read_bytes())
+    write_json({**state, "_fingerprint": digest.hexdigest()}, folder / "state.json")
 
 
 def main(params, args, device):
@@ -25,6 +37,7 @@ def main(params, args, device):
     rows = {"text": texts, "image": [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]}
     with atomic_output(args.out) as out:
         Dataset.from_dict(rows, features=Features({"text": Value("string"), "image": ImageFeature()})).save_to_disk(str(out))
+        content_fingerprint(out)
     print(f"[captions] {len(texts)} captioned images at {images.shape[-1]}x{images.shape[-1]} -> {args.out}", flush=True)
 
 

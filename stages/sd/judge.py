@@ -4,20 +4,29 @@ at its recommended call (teacher/fewstep.json) and the exported student at its o
 images of each `a handwritten digit k` per seed. prepare's featurizer (a classifier on real digits) reads them at
 the data's side: prompt accuracy from its logits, FID against the held-out real digits in its features, FID-T of
 the student against the teacher; the teacher's FID-T is its own seeds against each other (the floor). Means over
-`judge.seeds` with 95% t-intervals; latency is the pipeline call's median wall time per image."""
+`judge.seeds` with 95% t-intervals; latency is the pipeline call's median wall time per image.
+
+Beside them, on the same prompts and seeds, fewstep's own samplers from the encode stage's cached conditioning:
+the teacher by EDM Heun on its noise range at the trajectories' steps and guidance (`teacher_heun`), and the
+student by fewstep's few-step sampler (`student_fewstep`). The export must agree with the latter within the
+intervals (else the exported scheduler does not replay the student); the former is the teacher baseline every
+other stage uses."""
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from fewstep import runtime
 from fewstep.data import load_prepared
 from fewstep.distances import fid
 from fewstep.grid import write_scores
 from fewstep.io import ArtifactError, read_json
 from fewstep.metrics import latency_ms, over_seeds
 from fewstep.models import Featurizer
-from fewstep.sd import mini, teacher as teachers
+from fewstep.sampling import batched, heun_sample, student_sample
+from fewstep.sd import encode, mini, models as sd_models, teacher as teachers
+from fewstep.sd.store import Encoded
 
 CALL_KEYS = ("num_inference_steps", "guidance_scale", "sigmas", "timesteps")
 
@@ -39,7 +48,7 @@ def load_pipeline(path: Path, family: str, device):
 def generate(pipe, call: dict, prompts: list[str], batch_size: int, seed: int, desc: str):
     """Images in [-1, 1] for the prompts (one seeded generator for the whole set), and seconds per image per batch."""
     generator = torch.Generator().manual_seed(seed)
-    images, seconds = [], []
+    images, seconds = [], []  # ms per image, per batch
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", mininterval=1.0):
         batch = prompts[start:start + batch_size]
         began = time.perf_counter()
@@ -49,6 +58,39 @@ def generate(pipe, call: dict, prompts: list[str], batch_size: int, seed: int, d
     return torch.cat(images), seconds
 
 
+class FewstepSamplers:
+    """The teacher (EDM Heun) and the student (its few steps) as fewstep samples them, decoded by the teacher's VAE,
+    for prompts of the cached training captions (each caption's cached conditioning, CFG against the cached
+    negative)."""
+
+    def __init__(self, params, args, device):
+        path = teachers.resolve(params.teacher.path, params.teacher.family)
+        cached = Encoded.load(args.encode, "train")
+        self.rows = {text: i for i, text in enumerate(cached.texts)}  # any row of a caption: all hold the same embedding
+        self.cond, self.device, self.batch_size = cached.cond, device, params.judge.batch_size
+        self.teacher = sd_models.teacher_denoiser(path, cached.negative, device, params.run.precision)
+        self.student, info = sd_models.load(args.student, path, cached.negative, device, params.run.precision)
+        self.student.requires_grad_(False).eval()
+        self.sigmas = [self.teacher.sigma_of(t) for t in info["student_timesteps"]]
+        self.steps, self.guidance = params.trajectories.sampling_steps, params.trajectories.guidance
+        self.shape = tuple(cached.index["latent_shape"])
+        self.vae = teachers.load_vae(path)
+        self.seed = params.seed
+
+    def generate(self, name: str, prompts: list[str], seed: int):
+        missing = sorted({p for p in prompts if p not in self.rows})
+        if missing:
+            raise ArtifactError(f"the encode stage cached no conditioning for {missing[0]!r} (prompts.source)")
+        cond = self.cond[torch.tensor([self.rows[p] for p in prompts])]
+        noise = torch.randn((len(prompts), *self.shape), generator=runtime.seeded(self.seed, f"judge/{seed}"))
+        renoise = runtime.seeded(self.seed, f"judge/student/{seed}")
+        sample = ((lambda x, c: heun_sample(self.teacher, x, c, self.steps, self.guidance)) if name == "teacher_heun"
+                  else (lambda x, c: student_sample(self.student, x, c, self.sigmas, renoise)))
+        seconds = []  # ms per image, per batch
+        latents = batched(sample, noise, cond, self.batch_size, self.device, desc=f"{name} seed {seed}", timings=seconds)
+        return encode.to_images(self.vae, latents, self.batch_size, self.device), seconds
+
+
 def main(params, args, device):
     p, family = params.judge, params.teacher.family
     info, data = load_prepared(args.prepare, splits=("test",))
@@ -56,14 +98,21 @@ def main(params, args, device):
     reference = featurizer.embed(data["test_images"])
     labels = torch.arange(len(info["class_names"])).repeat_interleave(p.per_class)
     prompts = [mini.caption(int(info["class_names"][k])) for k in labels.tolist()]
-    models = {"teacher": args.teacher, "student": args.export}
+    models = {"teacher": args.teacher, "student": args.export, "teacher_heun": None, "student_fewstep": None}
     per_seed = {name: {"prompt_accuracy": [], "fid": []} for name in models}
     features, latency, calls, grids = {}, {}, {}, {}
+    fewstep = FewstepSamplers(params, args, device)
     for name, path in models.items():
-        pipe, calls[name] = load_pipeline(path, family, device)
+        if path is not None:
+            pipe, calls[name] = load_pipeline(path, family, device)
+            draw = lambda seed: generate(pipe, calls[name], prompts, p.batch_size, seed, f"{name} seed {seed}")
+        else:
+            calls[name] = {"sampler": "fewstep EDM Heun", "steps": fewstep.steps, "guidance": fewstep.guidance} \
+                if name == "teacher_heun" else {"sampler": "fewstep student", "steps": len(fewstep.sigmas)}
+            draw = lambda seed: fewstep.generate(name, prompts, seed)
         features[name], timings = [], []
         for seed in range(p.seeds):
-            images, seconds = generate(pipe, calls[name], prompts, p.batch_size, seed, f"{name} seed {seed}")
+            images, seconds = draw(seed)
             grey = mini.to_grey(images, info["resolution"])
             with torch.no_grad():
                 predicted = featurizer.logits(grey).argmax(1)
@@ -76,15 +125,17 @@ def main(params, args, device):
                                   for k in range(len(info["class_names"]))])
                 grids[name] = images[pick]
         latency[name] = latency_ms(timings)
-        del pipe
     seeds = range(p.seeds)
-    per_seed["student"]["fid_t"] = [fid(features["teacher"][s], features["student"][s]) for s in seeds]
+    for name in ("student", "teacher_heun", "student_fewstep"):  # against the teacher's recommended call
+        per_seed[name]["fid_t"] = [fid(features["teacher"][s], features[name][s]) for s in seeds]
     if p.seeds > 1:  # the floor: the teacher against itself under other noise
         per_seed["teacher"]["fid_t"] = [fid(features["teacher"][(s + 1) % p.seeds], features["teacher"][s]) for s in seeds]
     metrics = {name: {**over_seeds(values), "latency_ms": latency[name], "call": calls[name], "images": len(prompts)}
                for name, values in per_seed.items()}
     metrics["featurizer"] = f"{args.prepare}/featurizer at {info['resolution']}x{info['resolution']}"
     metrics["seeds"] = p.seeds
+    metrics["latency"] = "pipeline call, per image (teacher, student: text encoding and decoding included); " \
+                         "sampler only, per image (teacher_heun, student_fewstep: latents)"
     write_scores(args.out / "samples", args.out / "metrics.json", grids, min(p.grid_size, p.per_class), metrics)
     for name in models:
         m = metrics[name]
@@ -96,6 +147,8 @@ def configure(ap):
     ap.add_argument("--prepare", type=Path, required=True)
     ap.add_argument("--teacher", type=Path, required=True)
     ap.add_argument("--export", type=Path, required=True)
+    ap.add_argument("--encode", type=Path, required=True)
+    ap.add_argument("--student", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
 
 
