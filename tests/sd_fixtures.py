@@ -17,35 +17,12 @@ PROMPTS = ["a red square", "a blue circle", "a green triangle on white", "two ye
            "a purple line", "an orange square at night", "a small grey dot", "a red and blue stripe"]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's byte -> printable character table (every byte gets a visible stand-in)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>", max_length: int = 77) -> Path:
     """A CLIP BPE tokenizer directory: every byte and byte+</w> as tokens plus a few merges."""
-    from transformers import CLIPTokenizer
+    from fewstep.sd.mini import clip_tokenizer
 
-    chars = list(_bytes_to_unicode().values())
     merges = ["r e", "e d</w>", "a r", "o n</w>", "s q", "u a", "i n", "t h", "th e</w>", "c i"]
-    tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    raw = folder.parent / f".{folder.name}-raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    (raw / "vocab.json").write_text(json.dumps(vocab))
-    (raw / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (raw / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "pad_token": pad_token}))
-    CLIPTokenizer.from_pretrained(raw).save_pretrained(folder)
+    clip_tokenizer(folder, pad_token=pad_token, max_length=max_length, merges=merges)
     return folder
 
 

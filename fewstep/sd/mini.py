@@ -52,13 +52,14 @@ def _word_merges(words) -> list[str]:
     return list(dict.fromkeys(merges))
 
 
-def clip_tokenizer(folder: Path, words=WORDS, pad_token: str = "<|endoftext|>", max_length: int = 77):
+def clip_tokenizer(folder: Path, words=WORDS, pad_token: str = "<|endoftext|>", max_length: int = 77,
+                   merges: list[str] | None = None):
     """A CLIP BPE tokenizer saved to `folder`: every byte (and byte + </w>) is a token, so any prompt
-    tokenizes; `words` are single tokens."""
+    tokenizes; `words` are single tokens (or, given `merges`, exactly those merges apply)."""
     from transformers import CLIPTokenizer
 
     chars = list(_bytes_to_unicode().values())
-    merges = _word_merges(words)
+    merges = _word_merges(words) if merges is None else merges
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
