@@ -97,7 +97,9 @@ def test_a_key_of_another_family_stops_with_one_line_saying_where_it_applies():
     from fewstep.params import EDM, Params
 
     keys = dict(_family_keys(Params))
-    assert {"data", "prompts", "run.parallel", "distill.lora", "distill.per_step_critic", "finetune.student_sigmas",
+    # data and featurizer are every family's: the edm teacher's data, or a text-to-image mini teacher's (*-digits)
+    assert not {"data", "featurizer"} & set(keys)
+    assert {"prompts", "run.parallel", "distill.lora", "distill.per_step_critic", "finetune.student_sigmas",
             "evaluate.floor_splits", "evaluate.fid", "trajectories.eval_per_prompt"} <= set(keys)
     for key, families in keys.items():
         family = "sd3" if families == EDM else "edm"

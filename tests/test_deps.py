@@ -189,6 +189,19 @@ def _project_placeholders(repo: Path) -> None:
     run(["dvc", "commit", "-f", "-q"], repo)
 
 
+def _existing_stages(repo: Path) -> set[str]:
+    """Every stage DVC instantiates in every project, named as _stage_names names them."""
+    from dvc.repo import Repo
+
+    names = set()
+    for project in _projects(repo):
+        with Repo(str(project)) as dvc:
+            for stage in dvc.index.stages:
+                rel = Path(stage.path).resolve().relative_to(repo.resolve()).as_posix()
+                names.add(stage.name.split("@")[0] if rel == "dvc.yaml" else f"{rel}:{stage.name.split('@')[0]}")
+    return names
+
+
 def _stage_names(status: dict, repo: Path) -> set[str]:
     """`dvc status` keys as "stage" (root dvc.yaml) or "pipelines/x/dvc.yaml:stage"."""
     names = set()
@@ -211,6 +224,8 @@ def test_an_edit_flips_exactly_the_stages_that_import_the_file(tmp_path, monkeyp
         for s in stage_deps(dvcfile, repo):
             closures[s.stage if rel == "dvc.yaml" else f"{rel}:{s.stage}"] = set(s.chains)
     assert len(_projects(repo)) == 7  # the root, sd15, sd3, sdxl and their *-digits
+    # a foreach template over an empty list (judge where judge.by is []) is no stage: nothing to flip
+    closures = {stage: files for stage, files in closures.items() if stage in _existing_stages(repo)}
     assert _status(repo) == {}, "placeholders not committed"
     code = sorted(p.relative_to(repo).as_posix() for folder in ("fewstep", "stages", "flows")
                   for p in (repo / folder).rglob("*.py"))

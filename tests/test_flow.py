@@ -52,7 +52,7 @@ def test_unknown_pipeline_is_one_clear_line(tmp_path, prefect_server):
     proc = flow(project, tmp_path / "cache", "--pipeline", "sdlx", check=False)
     assert proc.returncode == 1
     assert ("distill: error: pipeline 'sdlx' does not exist yet: no pipelines/sdlx/dvc.yaml "
-            "(available: default, sd15, sd3, sdxl)") in proc.stderr
+            "(available: default, sd15, sd15-digits, sd3, sd3-digits, sdxl, sdxl-digits)") in proc.stderr
     # a pipeline that exists but whose teacher weights were never downloaded: the path, its key, the guide
     proc = flow(project, tmp_path / "cache", "--pipeline", "sdxl", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
