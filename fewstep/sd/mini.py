@@ -246,9 +246,3 @@ def to_grey(images: torch.Tensor, resolution: int) -> torch.Tensor:
     if grey.shape[-1] != resolution:
         grey = F.interpolate(grey, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
     return grey.clamp(-1, 1)
-
-
-def label_of(prompt: str) -> int | None:
-    """The digit a `CAPTION` prompt asks for (None for any other prompt)."""
-    head, _, last = prompt.strip().rpartition(" ")
-    return int(last) if head == CAPTION.rsplit(" ", 1)[0] and last.isdigit() else None
