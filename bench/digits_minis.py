@@ -6,6 +6,7 @@ FID <= 1.5x the teacher's; `dvc repro` <= 15 minutes on 2 cores).
 
     python bench/digits_minis.py                      # sdxl, sd15, sd3 (tens of minutes on 2 cores)
     python bench/digits_minis.py --families sdxl      # one family
+    python bench/digits_minis.py --keep /tmp/minis    # keep the clones (their dvc.lock and DVC cache)
 """
 from __future__ import annotations
 
@@ -62,11 +63,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", nargs="+", default=["sdxl", "sd15", "sd3"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    ap.add_argument("--keep", type=Path, help="run the clones here and keep them (default: a temporary folder)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for family in args.families:
-            clone = Path(scratch) / family / "fewstep"
+            clone = (args.keep or Path(scratch)) / family / "fewstep"
             subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
             rows.append(run_family(family, clone))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "judge"}), flush=True)

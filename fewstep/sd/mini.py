@@ -144,6 +144,9 @@ def scheduler(family: str):
                                   prediction_type="epsilon", use_karras_sigmas=False)
 
 
+SD3_CLIP_TOKENS = 16  # BOS, `a handwritten digit k`, EOS and room to spare
+
+
 def pipeline(family: str, autoencoder, width: int, depth: int, latent_side: int, seed: int, work: Path):
     """The family's diffusers pipeline with random text encoders and a random network, around a trained VAE."""
     import diffusers
@@ -164,6 +167,10 @@ def pipeline(family: str, autoencoder, width: int, depth: int, latent_side: int,
                  "tokenizer": tokenizer("tokenizer"), "tokenizer_2": tokenizer("tokenizer_2", pad_token="!"),
                  "unet": unet(width, depth, latent_side, 2 * text, sdxl=True, pooled_width=text)}
     else:  # sd3: CLIP-L and CLIP-G stand-ins with projections (pooled = both), T5 as wide as the joint attention
+        # The MMDiT runs every text token through every block (a UNet only attends to them), so the mini's CLIP
+        # context is SD3_CLIP_TOKENS positions, not 77: captions are 6 tokens, and 77 + 256 T5 tokens cost the
+        # transformer a third more time here for nothing.
+        tokenizer = lambda name, **kw: clip_tokenizer(work / name, max_length=SD3_CLIP_TOKENS, **kw)
         t5 = T5EncoderModel(T5Config(vocab_size=len(WORDS) + 4, d_model=2 * text, d_kv=16, d_ff=4 * text,
                                      num_layers=2, num_heads=4))
         parts = {"text_encoder": CLIPTextModelWithProjection(clip_text_config(text, projection_dim=text)),
