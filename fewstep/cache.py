@@ -128,6 +128,24 @@ class MissingInput(FileNotFoundError):
         super().__init__(f"{dep} not found: stage {spec.name} reads it{setting}; how to get it: {guide}")
 
 
+def external_inputs(specs: list[StageSpec]) -> list[str]:
+    """The files and folders stages read that no stage produces and that are not code: a teacher's weights, a
+    prompts dataset."""
+    return sorted({dep for spec in specs for dep in spec.deps if producer(dep, specs) is None
+                   and not dep.endswith(".py")})
+
+
+def missing_input(specs: list[StageSpec], root: str | Path = ".") -> MissingInput | None:
+    """The first external input that does not exist: what the flow refuses to start without, and what the
+    inputs stage checks first under DVC."""
+    root = Path(root).resolve()
+    for spec in specs:
+        for dep in spec.deps:
+            if producer(dep, specs) is None and not (root / dep).exists():
+                return MissingInput(dep, spec, parse_yaml((root / spec.params_file).read_text()) or {})
+    return None
+
+
 def _flat(params, prefix: str = ""):
     for name, value in (params.items() if isinstance(params, dict) else ()):
         if isinstance(value, dict):

@@ -128,6 +128,28 @@ def plots(args) -> int:
     return 0
 
 
+def checkout(args) -> int:
+    """`fewstep checkout`: every stage back to dvc.lock from this machine's caches, computing nothing."""
+    from .wayback import checkout as restore
+
+    if not (args.project / "dvc.yaml").exists():
+        print(f"fewstep checkout: error: {args.project} holds no dvc.yaml (the root, or pipelines/<name>)",
+              file=sys.stderr)
+        return 1
+    results = restore(args.project)
+    for result in results:
+        print(result.line())
+    kept = [r.stage for r in results if r.source == "kept"]
+    if kept:
+        print(f"fewstep checkout: {', '.join(kept)} not restored (their outputs are as before); `dvc repro` "
+              f"recomputes them", file=sys.stderr)
+        return 1
+    if any(r.source == "run-cache" for r in results):
+        print("dvc.lock now names this machine's outputs; `git diff dvc.lock` shows where they differ from the "
+              "commit's (another machine type: float bits). Commit it to make them the baseline here.")
+    return 0
+
+
 def deps(args) -> int:
     """`fewstep deps --check`: one line per stage whose code deps differ from its import closure (exit 1);
     `--write`: rewrite them."""
@@ -190,6 +212,11 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--rows", type=int, default=5, help="row pairs in the grid (default: %(default)s)")
     c.add_argument("--seed", type=int, default=0, help="seed of the noise (default: %(default)s)")
     c.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    k = sub.add_parser("checkout", help="the way back: every stage's outputs as dvc.lock says, from dvc.lock's "
+                                        "hashes or this machine's own run of the same code and params; never "
+                                        "recomputes, never deletes")
+    k.add_argument("--project", type=Path, default=Path("."),
+                   help="the DVC project: the root, or pipelines/<name> (default: %(default)s)")
     p = sub.add_parser("plots", help="write DVC's plots as one offline HTML page (charts as SVG, no CDN)")
     p.add_argument("--project", type=Path, default=Path("."),
                    help="the DVC project: the root, or pipelines/<name> (default: %(default)s)")
@@ -200,10 +227,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(deps(args))
     if args.command == "plots":
         sys.exit(plots(args))
+    if args.command == "checkout":
+        sys.exit(checkout(args))
     if args.command == "compare":
-        for name in ("seeds", "samples", "rows"):
+        from .compare import MIN_SAMPLES, K
+
+        for name in ("seeds", "rows"):
             if getattr(args, name) < 1:
                 c.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if args.samples < MIN_SAMPLES:
+            c.error(f"--samples must be >= {MIN_SAMPLES} (precision and recall use each sample's {K} nearest "
+                    f"neighbours; FID wants hundreds), got {args.samples}")
         sys.exit(compare(args))
     for name in ("steps", "rows"):
         value = getattr(args, name)

@@ -14,19 +14,27 @@ from .io import ArtifactError, atomic_output
 from .distances import kid
 from .metrics import Evaluator, differ, fid_kid, over_seeds
 from .models import Featurizer, load_model
+from .params import ParamsError
 from .sampling import batched, nfe, sample_model
+
+K = 3  # the evaluator's k for precision and recall
+MIN_SAMPLES = K + 1
 
 
 def compare(a: Path, b: Path, prepare: Path, grid: Path, seeds: int = 3, samples: int = 2000, rows: int = 5,
             columns: int = 10, seed: int = 0, device: str = "cpu", batch_size: int = 250) -> str:
     """Sample both models on the same noise and labels for `seeds` sampling seeds; write the grid; return the
     markdown table."""
+    if seeds < 1 or samples < MIN_SAMPLES:
+        raise ParamsError(f"--seeds must be >= 1, got {seeds}" if seeds < 1 else
+                          f"--samples must be >= {MIN_SAMPLES} (precision and recall use each sample's {K} nearest "
+                          f"neighbours; FID wants hundreds), got {samples}")
     models = {str(path): load_model(path, device) for path in (a, b)}
     (model_a, _), (model_b, _) = models.values()
     if model_a.num_classes != model_b.num_classes or model_a.unet.config.sample_size != model_b.unet.config.sample_size:
         raise ArtifactError(f"{a} and {b} do not make the same images (classes or resolution differ)")
     _, data = load_prepared(prepare, splits=("test",))
-    evaluator = Evaluator(Featurizer.load(prepare / "featurizer"), data["test_images"])
+    evaluator = Evaluator(Featurizer.load(prepare / "featurizer"), data["test_images"], k=K)
     c, size = model_a.unet.config.in_channels, model_a.unet.config.sample_size
     labels = torch.arange(samples) % model_a.num_classes
     features = {name: [] for name in models}
@@ -57,14 +65,19 @@ def compare(a: Path, b: Path, prepare: Path, grid: Path, seeds: int = 3, samples
     for name, steps, m, rest in scored:
         lines.append(f"| {name} | {steps} | {interval(m, 'fid')} | {interval(m, 'kid', 100)} | "
                      f"{rest['pixel_w1']:.4f} | {rest['precision']:.3f} | {rest['recall']:.3f} |")
-    verdict = "differ" if differ(scored[0][2], scored[1][2]) else "do not differ (the intervals overlap)"
-    lines += ["", f"FID of {b} against {a}'s samples for the same noise and labels: {interval(paired, 'fid')}.",
-              f"At 95% over {seeds} sampling seeds of {samples} samples, against {len(data['test_images'])} held-out "
-              f"images, the two FIDs {verdict}."]
+    lines += ["", f"FID of {b} against {a}'s samples for the same noise and labels: {interval(paired, 'fid')}."]
+    if seeds > 1:
+        verdict = "differ" if differ(scored[0][2], scored[1][2]) else "do not differ (the intervals overlap)"
+        lines.append(f"At 95% over {seeds} sampling seeds of {samples} samples, against {len(data['test_images'])} "
+                     f"held-out images, the two FIDs {verdict}.")
+    else:
+        lines.append(f"One sampling seed gives no interval, so no verdict: FID {scored[0][2]['fid']:.4g} against "
+                     f"{scored[1][2]['fid']:.4g} (--seeds 3 or more for 95% intervals).")
     columns = min(columns, samples)
-    chunks = []
-    for r in range(min(rows, samples // columns)):  # A's row, then B's row, on the same noise and labels
+    chunks, labels = [], []
+    for r in range(max(1, min(rows, samples // columns))):  # A's row, then B's row, on the same noise and labels
         chunks += [first[str(a)][r * columns:(r + 1) * columns], first[str(b)][r * columns:(r + 1) * columns]]
+        labels += [f"A {Path(a).as_posix()}", f"B {Path(b).as_posix()}"]
     with atomic_output(grid) as out:
-        save_grid(torch.cat(chunks), out, nrow=columns)
+        save_grid(torch.cat(chunks), out, nrow=columns, row_labels=labels)
     return "\n".join(lines) + "\n"

@@ -10,8 +10,10 @@ from PIL import Image
 from .io import atomic_output, write_json
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int | None = None) -> None:
-    """Tile (N, C, H, W) images in [-1, 1] into a PNG, `nrow` per row, upscaled so small images stay visible."""
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int | None = None,
+              row_labels: list[str] | None = None) -> None:
+    """Tile (N, C, H, W) images in [-1, 1] into a PNG, `nrow` per row, upscaled so small images stay visible;
+    `row_labels`: one text per row, written in a margin on the left."""
     images = images.detach().float().cpu().clamp(-1, 1)
     n, c, h, w = images.shape
     ncol = nrow
@@ -24,7 +26,26 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int | No
     array = ((canvas + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     array = np.repeat(np.repeat(array, scale, axis=0), scale, axis=1)
     mode = "L" if c == 1 else "RGB"
-    Image.fromarray(array[..., 0] if c == 1 else array, mode=mode).save(path)
+    image = Image.fromarray(array[..., 0] if c == 1 else array, mode=mode)
+    if row_labels:
+        image = _label_rows(image, row_labels, (h + 1) * scale)
+    image.save(path)
+
+
+def _label_rows(image: Image.Image, labels: list[str], row_height: int) -> Image.Image:
+    """The grid with a white margin on its left holding each row's label, vertically centred on the row."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=max(10, min(16, row_height // 3)))
+    probe = ImageDraw.Draw(image)
+    width = max(probe.textbbox((0, 0), text, font=font)[2] for text in labels) + 12
+    labelled = Image.new(image.mode, (image.width + width, image.height), 255 if image.mode == "L" else (255,) * 3)
+    labelled.paste(image, (width, 0))
+    draw = ImageDraw.Draw(labelled)
+    for r, text in enumerate(labels):
+        draw.text((6, r * row_height + row_height // 2), text, fill=0 if image.mode == "L" else (0,) * 3,
+                  font=font, anchor="lm")
+    return labelled
 
 
 def write_scores(samples_dir: Path, metrics_file: Path, grids: dict[str, torch.Tensor], grid_size: int, metrics: dict,

@@ -572,8 +572,16 @@ def _one_line(err: dict[str, Any]) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         return f"{key} {msg}" if err["loc"] else msg
     phrase = _PHRASES.get(kind, lambda c: err["msg"].lower())(ctx)
-    quoted = kind in ("int_type", "float_type") and isinstance(err["input"], str)
+    quoted = kind in ("int_type", "float_type") and _is_number(err["input"])
     return f"{key} {phrase}, got {err['input']!r}" + (" (a quoted string: write the number without quotes)" if quoted else "")
+
+
+def _is_number(value: Any) -> bool:
+    """A string that holds a number (`"1200"`): the user quoted a number, as opposed to writing a word."""
+    try:
+        return isinstance(value, str) and float(value) == float(value)
+    except ValueError:
+        return False
 
 
 def _known_keys_hint(loc: tuple) -> str:
@@ -622,12 +630,25 @@ def validate(raw: Any) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        line = _one_line(err)
-        if err["type"] == "extra_forbidden":
-            line += _known_keys_hint(err["loc"])
-        more = len(exc.errors()) - 1
-        raise ParamsError(line + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")) from None
+        errors = _own_errors(exc.errors(), raw)
+        line = _one_line(errors[0])
+        if errors[0]["type"] == "extra_forbidden":
+            line += _known_keys_hint(errors[0]["loc"])
+        others = [_one_line(err) for err in errors[1:]]
+        raise ParamsError(line + (f"; also {'; '.join(others)}" if others else "")) from None
+
+
+def _own_errors(errors: list[dict], raw: dict) -> list[dict]:
+    """Pydantic's errors less the echoes of inheritance: a bad distill key finetune does not state is reported
+    under finetune too (finetune inherits it); the user wrote it once, under distill."""
+    finetune = raw.get("finetune") if isinstance(raw.get("finetune"), dict) else {}
+    distill_locs = {tuple(_dotted(err["loc"]))[1:] for err in errors if _dotted(err["loc"])[:1] == ["distill"]}
+
+    def echo(err: dict) -> bool:
+        dotted = _dotted(err["loc"])
+        return dotted[:1] == ["finetune"] and tuple(dotted[1:]) in distill_locs and dotted[1] not in finetune
+
+    return [err for err in errors if not echo(err)] or errors
 
 
 def parse_yaml(text: str) -> Any:

@@ -65,8 +65,9 @@ def restore_previous_outputs() -> list[str]:
         return []
     from dvc.repo import Repo
 
-    restored = []
+    restored, cwd = [], os.getcwd()
     try:
+        os.chdir(project)  # DVC_STAGE is relative to the project (the SD stages run from the repository root)
         with Repo(project) as repo:
             for stage in repo.stage.collect(address):
                 for out in stage.outs:
@@ -75,6 +76,8 @@ def restore_previous_outputs() -> list[str]:
                         restored.append(out.def_path)
     except Exception as exc:  # noqa: BLE001 — best effort: the user's error line above is what matters
         print(f"could not restore the previous outputs from DVC's cache: {exc}", file=sys.stderr, flush=True)
+    finally:
+        os.chdir(cwd)
     return restored
 
 
@@ -100,7 +103,10 @@ def run(stage: str, main: Callable[[Params, argparse.Namespace, torch.device], N
             torch.set_num_threads(params.run.num_threads)
         torch.manual_seed(params.seed)
         device = device_for(params)
-        print(f"[{stage}] device={device} precision={params.run.precision} seed={params.seed}", flush=True)
+        precision = params.run.precision  # autocast's: CPU runs always compute in fp32
+        if device.type == "cpu" and precision != "fp32":
+            precision = f"fp32 (run.precision {precision} applies on GPUs)"
+        print(f"[{stage}] device={device} precision={precision} seed={params.seed}", flush=True)
         main(params, args, device)
         if reads_dir:
             Path(reads_dir, f"{stage}.json").write_text(json.dumps(sorted(reads), indent=1) + "\n")
@@ -111,4 +117,9 @@ def run(stage: str, main: Callable[[Params, argparse.Namespace, torch.device], N
             print(f"[{stage}] kept the previous outputs ({', '.join(restored)}); fix the error and rerun",
                   file=sys.stderr, flush=True)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from whatever loop was running
+        print(f"[{stage}] interrupted after {time.perf_counter() - started:.0f} s: nothing written (a training stage "
+              f"resumes from its last checkpoint on the next run; `dvc checkout` brings back the previous outputs)",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
     print(f"[{stage}] done in {time.perf_counter() - started:.1f} s", flush=True)

@@ -37,7 +37,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.states import Failed
 
 from fewstep import deps
-from fewstep.cache import StageSpec, stage_keys, stage_specs
+from fewstep.cache import StageSpec, missing_input, stage_keys, stage_specs
 from fewstep.hashing import Hasher
 from fewstep.locking import SafeReadLockManager
 from fewstep.params import parse_yaml
@@ -124,6 +124,9 @@ def prepare_run(pipeline: str, root: Path = ROOT, params_text: str | None = None
         share_remote(root, specs[0].project)
     except StoreError as exc:
         raise PipelineError(str(exc)) from None
+    missing = missing_input(specs, root)
+    if missing is not None:
+        raise PipelineError(str(missing))
     for spec in (s for s in specs if s.always_changed):  # e.g. `inputs`: its outputs are parts of later keys
         try:
             run_always_changed(root, spec, log=lambda line: None)

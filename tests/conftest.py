@@ -131,6 +131,7 @@ def make_project(folder: Path, params: dict) -> Path:
     run(["git", "config", "user.name", "test"], folder)
     run(["dvc", "init", "-q"], folder)
     run(["dvc", "config", "core.analytics", "false"], folder)
+    shutil.copytree(ROOT / ".dvc/plots", folder / ".dvc/plots")  # the project's plot template, as a clone has it
     run(["git", "add", "-A"], folder)
     run(["git", "commit", "-qm", "init"], folder)
     return folder

@@ -231,11 +231,13 @@ def test_latency_is_timed_on_the_generated_batches(workdir):
     assert metrics["seeds"] == 1 and metrics["teacher"]["latency_ms"] > metrics["student@1"]["latency_ms"] > 0
 
 
-def test_compare_cli_grid_and_table(workdir, tmp_path):
-    """`fewstep compare`: both models on the same noise and labels; the table carries intervals and a verdict."""
+def test_newcomer_compare_cli_grid_and_table(workdir, tmp_path):
+    """`fewstep compare`: both models on the same noise and labels; the table carries intervals and a verdict,
+    the grid names its rows; one seed says there is no interval; too few samples is one line."""
     import sys
     from pathlib import Path
 
+    import numpy as np
     from PIL import Image
 
     from conftest import run
@@ -246,7 +248,17 @@ def test_compare_cli_grid_and_table(workdir, tmp_path):
     table = (tmp_path / "cmp.md").read_text()
     assert "| teacher/model |" in table and "| distill/student |" in table and " [" in table
     assert "against teacher/model's samples" in table and ("differ" in table)
-    assert Image.open(tmp_path / "cmp.png").size[1] > Image.open(tmp_path / "cmp.png").size[0] / 10 * 3
+    width, height = Image.open(tmp_path / "cmp.png").size
+    grid_width = 10 * (8 * 8 + 8) + 8  # ten 8x8 images at 8x, one-pixel borders at 8x
+    assert height == 4 * (8 * 8 + 8) + 8 and width > grid_width + 50  # four rows, and a margin with their labels
+    margin = np.asarray(Image.open(tmp_path / "cmp.png").convert("L"))[:, : width - grid_width]
+    assert (margin < 128).sum() > 100  # dark text on the white margin
+    one = run([fewstep, "compare", "teacher/model", "distill/student", "--samples", "40", "--seeds", "1",
+               "--out", str(tmp_path / "one.png")], workdir)
+    assert "One sampling seed gives no interval, so no verdict" in one.stdout and "differ" not in one.stdout
+    few = run([fewstep, "compare", "teacher/model", "distill/student", "--samples", "1"], workdir, check=False)
+    assert few.returncode == 2 and few.stderr.strip().splitlines()[-1].startswith(
+        "fewstep compare: error: --samples must be >= 4 (precision and recall use each sample's 3 nearest"), few.stderr
     bad = run([fewstep, "compare", "teacher/model", "distill/student", "--prepare", "nowhere"], workdir, check=False)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
         "fewstep compare: error: --prepare nowhere/featurizer does not exist (run the prepare stage: dvc repro prepare)"]
