@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+FAMILIES = ["sdxl", "sd15", "sd3"]
 
 
 def run_family(family: str, clone: Path) -> dict:
@@ -33,7 +34,8 @@ def run_family(family: str, clone: Path) -> dict:
     judge = json.loads((folder / "judge/metrics.json").read_text())
     evaluate = json.loads((folder / "evaluate/metrics.json").read_text())
     t, s = judge["teacher"], judge["student"]
-    return {"family": family, "repro_s": round(seconds, 1), "judge": judge,
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+    return {"family": family, "commit": commit, "repro_s": round(seconds, 1), "judge": judge,
             "evaluate_fid_t": {name: evaluate[name].get("fid_t") for name in ("teacher", "student")},
             "targets": {"teacher_accuracy_ge_0.90": t["prompt_accuracy"] >= 0.90,
                         "student_accuracy_ge_teacher_minus_0.05": s["prompt_accuracy"] >= t["prompt_accuracy"] - 0.05,
@@ -61,7 +63,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--families", nargs="+", default=["sdxl", "sd15", "sd3"])
+    ap.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
     ap.add_argument("--keep", type=Path, help="run the clones here and keep them (default: a temporary folder)")
     args = ap.parse_args()
@@ -73,11 +75,15 @@ def main() -> None:
             rows.append(run_family(family, clone))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "judge"}), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "digits_minis.json").write_text(json.dumps(rows, indent=2) + "\n")
+    results = args.out / "digits_minis.json"
+    # a run of some families replaces their rows and keeps the others'
+    earlier = [r for r in (json.loads(results.read_text()) if results.exists() else []) if r["family"] not in args.families]
+    rows = sorted(earlier + rows, key=lambda r: FAMILIES.index(r["family"]))
+    results.write_text(json.dumps(rows, indent=2) + "\n")
     (args.out / "digits_minis.md").write_text(
         "# Text-to-image minis trained on digits, judged through plain diffusers\n\n"
-        f"`python bench/digits_minis.py` ({', '.join(args.families)}); each row from a fresh clone's `dvc repro`.\n\n"
-        + table(rows) + "\n")
+        "`python bench/digits_minis.py`; each row from a fresh clone's `dvc repro` on 2 CPU cores, of the commit "
+        "named in digits_minis.json.\n\n" + table(rows) + "\n")
     print(table(rows))
 
 

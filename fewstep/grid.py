@@ -48,15 +48,41 @@ def _label_rows(image: Image.Image, labels: list[str], row_height: int) -> Image
     return labelled
 
 
+#: What `dvc metrics show` and `dvc exp show` print per model (the headline folder); metrics.json has the rest.
+HEADLINE = ("fid", "fid_low", "fid_high", "kid", "fid_t", "pixel_w1", "latency_ms", "nfe", "speedup")
+
+
 def write_scores(samples_dir: Path, metrics_file: Path, grids: dict[str, torch.Tensor], grid_size: int, metrics: dict,
-                 captions: list[str] | None = None) -> None:
+                 captions: list[str] | None = None, headline_dir: Path | None = None, student: str = "") -> None:
     """What evaluate and benchmark write: one grid per model (`grid_size` a row; "student@4" -> student_4.png),
-    the grids' prompts for text-to-image (prompts.json), and the metrics; each output whole or not at all."""
+    the grids' prompts for text-to-image (prompts.json), the metrics, and (`headline_dir`) one small file per
+    model with its HEADLINE numbers (the `student` row as student.json); each output whole or not at all."""
     with atomic_output(samples_dir) as out:
         out.mkdir()
         for name, images in grids.items():
             save_grid(images, out / f"{name.replace('@', '_')}.png", nrow=min(grid_size, len(images)))
         if captions is not None:
             write_json({"prompts": captions}, out / "prompts.json")
+    if headline_dir is not None:
+        with atomic_output(headline_dir) as out:
+            out.mkdir()
+            for name, row in headline(metrics, student).items():
+                write_json(row, out / f"{name}.json")
     with atomic_output(metrics_file) as out:
         write_json(metrics, out)
+
+
+def headline(metrics: dict, student: str) -> dict[str, dict]:
+    """Per model of metrics.json holding an FID, its HEADLINE numbers: the FID's 95% interval as two numbers (DVC's
+    tables show no lists), the speedup on the student's row. The student (`student`, e.g. "student@4") is named
+    `student`, so the files are the same for every student_steps (dvc.yaml lists them); its fewer-step subsets
+    stay in metrics.json."""
+    rows = {}
+    for name, row in metrics.items():
+        if not isinstance(row, dict) or "fid" not in row or (name.startswith("student") and name != student):
+            continue
+        flat = {**row, **dict(zip(("fid_low", "fid_high"), row.get("fid_ci95") or ()))}
+        if name == student and "latency_ms" in row and "latency_ms" in metrics.get("teacher", {}):
+            flat["speedup"] = metrics["teacher"]["latency_ms"] / row["latency_ms"]
+        rows["student" if name == student else name] = {key: flat[key] for key in HEADLINE if key in flat}
+    return rows

@@ -53,13 +53,15 @@ def main(params, args, device, family):
 
     n = min(p.grid_size ** 2, len(run.noise))
     write_scores(args.samples, args.metrics, {name: images[name][0][:n] for name in run.grids}, p.grid_size, metrics,
-                 None if run.captions is None else run.captions[:n])
-    print(f"[evaluate] metrics -> {args.metrics}, grids -> {args.samples}", flush=True)
+                 None if run.captions is None else run.captions[:n], args.headline, run.student)
+    print(f"[evaluate] metrics -> {args.metrics}, grids -> {args.samples}"
+          + (f", each model's headline -> {args.headline}" if args.headline else ""), flush=True)
 
 
 def configure(ap):
     for name in ("trajectories", "student", "samples", "metrics"):
         ap.add_argument(f"--{name}", type=Path, required=True)
+    ap.add_argument("--headline", type=Path, help="a folder for one small metrics file per model (DVC's views)")
 
 
 if __name__ == "__main__":
