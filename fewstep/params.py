@@ -642,11 +642,13 @@ def _own_errors(errors: list[dict], raw: dict) -> list[dict]:
     """Pydantic's errors less the echoes of inheritance: a bad distill key finetune does not state is reported
     under finetune too (finetune inherits it); the user wrote it once, under distill."""
     finetune = raw.get("finetune") if isinstance(raw.get("finetune"), dict) else {}
-    distill_locs = {tuple(_dotted(err["loc"]))[1:] for err in errors if _dotted(err["loc"])[:1] == ["distill"]}
+    in_distill = {(tuple(_dotted(err["loc"])[1:]), err["msg"]) for err in errors if _dotted(err["loc"])[:1] == ["distill"]}
 
     def echo(err: dict) -> bool:
         dotted = _dotted(err["loc"])
-        return dotted[:1] == ["finetune"] and tuple(dotted[1:]) in distill_locs and dotted[1] not in finetune
+        if dotted[:1] != ["finetune"] or (tuple(dotted[1:]), err["msg"]) not in in_distill:
+            return False
+        return len(dotted) == 1 or dotted[1] not in finetune  # a section-wide check, or a key finetune inherits
 
     return [err for err in errors if not echo(err)] or errors
 
