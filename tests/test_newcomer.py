@@ -47,15 +47,23 @@ def test_newcomer_ctrl_c_is_one_line(tmp_path):
     """Ctrl-C while a stage trains: the stage says it was interrupted in one line, no traceback."""
     project = make_project(tmp_path / "p", tiny_params(**{"teacher.steps": 100000}))
     log = tmp_path / "repro.log"
+    # As from a terminal: SIGINT at its default (a shell's background job, as CI may be, starts with it ignored)
+    terminal = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
     with log.open("w") as sink:
         proc = subprocess.Popen(["dvc", "repro", "teacher"], cwd=project, env=env(), stdout=sink,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        deadline = time.time() + 300
-        while "[teacher] device=" not in log.read_text() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-        time.sleep(5)  # into the training loop
-        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
-        proc.wait(timeout=120)
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=terminal)
+        try:
+            deadline = time.time() + 300
+            while "[teacher] device=" not in log.read_text() and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.5)
+            time.sleep(5)  # into the training loop
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+            proc.wait(timeout=120)
+        finally:  # never leave the 100000-step teacher behind
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     text = log.read_text()
     after = text.split("[teacher] device=")[1].splitlines()[1:]
     assert "Traceback" not in text, text[-3000:]
