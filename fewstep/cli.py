@@ -230,14 +230,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "checkout":
         sys.exit(checkout(args))
     if args.command == "compare":
-        from .compare import MIN_SAMPLES, K
+        from .compare import count_problem
 
-        for name in ("seeds", "rows"):
-            if getattr(args, name) < 1:
-                c.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-        if args.samples < MIN_SAMPLES:
-            c.error(f"--samples must be >= {MIN_SAMPLES} (precision and recall use each sample's {K} nearest "
-                    f"neighbours; FID wants hundreds), got {args.samples}")
+        if args.rows < 1:
+            c.error(f"--rows must be >= 1, got {args.rows}")
+        if problem := count_problem(args.seeds, args.samples):
+            c.error(problem)
         sys.exit(compare(args))
     for name in ("steps", "rows"):
         value = getattr(args, name)

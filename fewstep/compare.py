@@ -21,14 +21,23 @@ K = 3  # the evaluator's k for precision and recall
 MIN_SAMPLES = K + 1
 
 
+def count_problem(seeds: int, samples: int) -> str | None:
+    """Why these counts cannot be compared, or None (the CLI's argument check and the library's)."""
+    if seeds < 1:
+        return f"--seeds must be >= 1, got {seeds}"
+    if samples < MIN_SAMPLES:
+        return (f"--samples must be >= {MIN_SAMPLES} (precision and recall use each sample's {K} nearest neighbours; "
+                f"FID wants hundreds), got {samples}")
+    return None
+
+
 def compare(a: Path, b: Path, prepare: Path, grid: Path, seeds: int = 3, samples: int = 2000, rows: int = 5,
             columns: int = 10, seed: int = 0, device: str = "cpu", batch_size: int = 250) -> str:
     """Sample both models on the same noise and labels for `seeds` sampling seeds; write the grid; return the
     markdown table."""
-    if seeds < 1 or samples < MIN_SAMPLES:
-        raise ParamsError(f"--seeds must be >= 1, got {seeds}" if seeds < 1 else
-                          f"--samples must be >= {MIN_SAMPLES} (precision and recall use each sample's {K} nearest "
-                          f"neighbours; FID wants hundreds), got {samples}")
+    problem = count_problem(seeds, samples)
+    if problem:
+        raise ParamsError(problem)
     models = {str(path): load_model(path, device) for path in (a, b)}
     (model_a, _), (model_b, _) = models.values()
     if model_a.num_classes != model_b.num_classes or model_a.unet.config.sample_size != model_b.unet.config.sample_size:
