@@ -39,7 +39,7 @@ from prefect.states import Failed
 from fewstep import deps
 from fewstep.cache import StageSpec, missing_input, stage_keys, stage_specs
 from fewstep.hashing import Hasher
-from fewstep.locking import SafeReadLockManager
+from fewstep.locking import lock_manager
 from fewstep.params import parse_yaml
 from fewstep.stagerun import OutputsLost, StageError, compute, materialize, run_always_changed
 from fewstep.store import Store, StoreError, from_dvc, share_remote
@@ -90,6 +90,7 @@ class Run:
     specs: list[StageSpec]
     keys: dict[str, str]
     store: Store
+    params_before: str | None = None  # the params file before this run's overrides, put back at its end
 
     def spec(self, name: str) -> StageSpec:
         return next(s for s in self.specs if s.name == name)
@@ -112,12 +113,37 @@ def prepare_run(pipeline: str, root: Path = ROOT, params_text: str | None = None
                             + (f" ({len(problems) - 1} more)" if len(problems) > 1 else ""))
     specs = stage_specs(root, dvcfile)
     params_file = root / specs[0].params_file
-    if params_text is not None and params_file.read_text() != params_text:
-        tmp = params_file.with_name(f".{params_file.name}.tmp")
-        tmp.write_text(params_text)
-        os.replace(tmp, params_file)
-    if overrides:
-        apply_overrides(params_file, overrides)
+    before = params_file.read_text()
+    if params_text is not None and before != params_text:
+        write_text(params_file, params_text)
+    try:
+        if overrides:
+            apply_overrides(params_file, overrides)
+        run = _prepare(root, pipeline, dvcfile, specs)
+    except BaseException:
+        write_text(params_file, before)
+        raise
+    run.params_before = before if overrides or params_text not in (None, before) else None
+    return run
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def restore_params(run: "Run") -> bool:
+    """Put back the params file a run's overrides changed (they apply to that run only, as
+    `dvc exp run --temp` does). Returns whether there was anything to put back."""
+    if run.params_before is None:
+        return False
+    write_text(run.root / run.specs[0].params_file, run.params_before)
+    run.params_before = None
+    return True
+
+
+def _prepare(root: Path, pipeline: str, dvcfile: str, specs: list[StageSpec]) -> "Run":
     try:
         store = from_dvc(root)
         store.check()
@@ -176,12 +202,11 @@ def _blocks(store: Store):
 
 
 def stage_task(run: Run, refresh: bool = False, lock: bool = True):
-    """The cached stage task. `lock`: hold this clone's per-key lock while computing, so concurrent runs
-    here compute a key once; a run that only sends the work to a worker must not hold it (the worker,
-    perhaps in this very clone, takes it)."""
+    """The cached stage task. `lock`: hold the key's lock while computing — a lease on the team's Prefect
+    server, or this clone's lock file without one — so concurrent runs compute a key once and the others
+    take its record; a run that only sends the work to a worker must not hold it (the worker takes it)."""
     keys, results = _blocks(run.store)
-    isolation = {"isolation_level": "SERIALIZABLE",
-                 "lock_manager": SafeReadLockManager(lock_files_directory=run.root / ".fewstep" / "locks")}
+    isolation = {"isolation_level": "SERIALIZABLE", "lock_manager": lock_manager(run.root / ".fewstep" / "locks")}
     policy = CacheKeyFnPolicy(cache_key_fn=_key_from_argument, key_storage=keys, **(isolation if lock else {}))
     return run_stage.with_options(cache_policy=policy, persist_result=True, result_storage=results,
                                   result_serializer="json", refresh_cache=refresh)
@@ -299,6 +324,16 @@ def distill(pipeline: str = "default", overrides: dict[str, Any] | None = None, 
         run = prepare_run(pipeline, overrides=overrides)
     except PipelineError as exc:  # a user mistake: one clear line in the run's state, not a traceback
         return failed(str(exc))
+    try:
+        return _distill(run, placement, fetch, started)
+    finally:
+        if restore_params(run):
+            logger.info(f"{run.specs[0].params_file} is as it was: --set applied to this run only (its outputs are "
+                        f"in the workspace, so `dvc status` shows them changed; a plain run brings the others back)")
+
+
+def _distill(run: Run, placement: str, fetch: str, started: float):
+    logger = get_run_logger()
     logger.info(f"store: {run.store.describe()}; placement: {placement}")
     params_text = (run.root / run.specs[0].params_file).read_text()
     records: dict[str, dict] = {}

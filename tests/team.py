@@ -131,6 +131,13 @@ class Machine:
     def flow(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.sh(sys.executable, "flows/distill.py", *args, check=check)
 
+    def start_flow(self, *args: str, log: str = "flow.log") -> subprocess.Popen:
+        """The flow in the background, in a process group of its own (a test can kill the whole machine's run);
+        its output goes to `<home>/<log>`."""
+        out = open(self.home / log, "w")
+        return subprocess.Popen([sys.executable, "flows/distill.py", *args], cwd=self.root, env=self.env(), stdout=out,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
     def worker(self, pool: str) -> subprocess.Popen:
         log = self.home / f"worker-{pool}.log"
         out = open(log, "w")

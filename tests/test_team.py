@@ -1,6 +1,10 @@
 """A team across machines: the flow's keys and records and DVC's outputs and run-cache on a real S3 server
 (moto) or SFTP host, clones that share nothing else, and the faults a shared store must survive."""
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -152,3 +156,70 @@ def test_worker_with_other_code_refuses_the_stage_in_one_line(tmp_path, prefect_
     assert message.startswith(f"stage make: this worker's clone ({worker.root}, commit ")
     assert "the run asked for ffffffffffff: its code differs from the requester's" in message
     assert not (worker.root / "runs.log").exists()
+
+
+def _wait_for(condition, proc, what: str, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.5)
+
+
+def _finish(m, proc, log: str = "flow.log") -> dict:
+    assert proc.wait(timeout=600) == 0, (m.home / log).read_text()[-3000:]
+    return report(subprocess.CompletedProcess([], 0, (m.home / log).read_text(), ""))
+
+
+@pytest.mark.slow
+def test_team_two_machines_compute_one_key_once_and_a_dead_holder_frees_it(tmp_path, prefect_server):
+    """Two clones ask for the same uncached key together: one computes, the other waits on the lease held on
+    the Prefect server and takes the record as a hit. A holder that dies stops renewing its lease; the
+    waiter then computes the key itself within the lease time."""
+    endpoint, server = moto(tmp_path)
+    a_run = b_run = None
+    try:
+        make_bucket(endpoint, "team")
+        project = toy_project(tmp_path / "origin")
+        s3_remote(project, endpoint, "team")
+        commit(project)
+        a = machine(project, tmp_path / "a", prefect_server["url"], S3_CREDENTIALS)
+        b = machine(project, tmp_path / "b", prefect_server["url"], S3_CREDENTIALS)
+        waiting = lambda: "waiting for its record" in (b.home / "flow.log").read_text()
+
+        (a.root / "slow").write_text("1")  # a's `make` runs until this file goes
+        a_run = a.start_flow()
+        _wait_for((a.root / "started-make").exists, a_run, "start of make on a")
+        b_run = b.start_flow("--fetch", "all")
+        _wait_for(waiting, b_run, "wait on a's lease")
+        time.sleep(3)
+        assert not (b.root / "started-make").exists()  # b waits instead of computing
+        (a.root / "slow").unlink()
+        a_report, b_report = _finish(a, a_run), _finish(b, b_run)
+        assert a_report["make"] == "computed" and b_report["make"] == "cached", (a_report, b_report)
+        logs = [(m.root / "runs.log").read_text().split() if (m.root / "runs.log").exists() else [] for m in (a, b)]
+        assert sorted(logs[0] + logs[1]) == ["base", "make", "total"]  # every key computed once, team-wide
+        for rel in ("base.txt", "total.json", "made/part0.txt", "made/part39.txt", "dvc.lock"):
+            assert (a.root / rel).read_bytes() == (b.root / rel).read_bytes(), rel
+
+        # the holder dies mid-stage (its flow and the stage it runs, killed): its lease runs out
+        for m in (a, b):
+            (m.root / "started-make").unlink(missing_ok=True)
+        (a.root / "slow").write_text("1")
+        a_run = a.start_flow("--set", "seed=1", log="flow2.log")
+        _wait_for((a.root / "started-make").exists, a_run, "start of make on a")
+        b_run = b.start_flow("--set", "seed=1")
+        _wait_for(waiting, b_run, "wait on a's lease")
+        os.killpg(a_run.pid, signal.SIGKILL)
+        a_run.wait()
+        killed = time.time()
+        b_report = _finish(b, b_run)
+        assert b_report == {"base": "cached", "make": "computed", "total": "computed"}
+        assert time.time() - killed < 60 + 15 + 40  # lease, the server's expiry sweep, one retry interval
+        assert (b.root / "made" / "part0.txt").read_text().startswith("part 0 of seed 1")
+        assert b.sh("git", "status", "--porcelain", "params.yaml").stdout == ""  # --set applied to that run only
+    finally:
+        for proc in (a_run, b_run):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        stop(server)
