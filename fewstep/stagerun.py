@@ -147,25 +147,75 @@ def materialize(root: Path, spec: StageSpec, record: dict, store: Store,
     if bad:
         where = store.describe() if store.remote else "the local DVC cache"
         why = _reason(lines, rc) if rc != 0 else f"{len(bad)} files differ from the record, e.g. {bad[0]}"
+        damaged_objects = _objects_of(root, spec, record, bad, store) if store.remote else []
         _discard(root, bad)
         if store.remote:
-            _forget_remote_dirs(record, store)
+            _forget_remote_objects(record, store, damaged_objects)
+            if damaged_objects:
+                warn(f"{spec.name}: {len(damaged_objects)} damaged objects removed from {store.describe()}; "
+                     f"the recomputed ones are uploaded in their place")
+        _forget_local_objects(root, spec, damaged_objects)
         raise OutputsLost(spec.name, f"stage {spec.name}: outputs in {where} are incomplete or damaged ({why})")
     return "restored" if damaged else "fetched"
 
 
-def _forget_remote_dirs(record: dict, store: Store) -> None:
-    """DVC trusts a directory's `.dir` object on the remote to mean all of its files are there, so after
-    a loss its next push would skip the missing files. Removing the `.dir` objects makes the recomputing
-    clone's push check and upload every file again."""
-    fs = store.filesystem()
+def _objects_of(root: Path, spec: StageSpec, record: dict, bad: list[str], store: Store) -> list[str]:
+    """DVC's md5 object names behind the files that failed verification (dvc.lock for a file output, the
+    `.dir` listing for a directory's files: from the local cache, or the remote when a failed pull left
+    none here)."""
+    import json
+
+    from dvc.repo import Repo
+
+    wanted, objects = set(bad), []
+    with Repo(str(root / spec.project)) as repo:
+        cache = repo.cache.local
+        for out in record["lock"].get("outs", []):
+            md5 = out.get("md5", "")
+            rel = os.path.normpath(Path(spec.wdir) / out["path"])
+            if not md5.endswith(".dir"):
+                objects += [md5] if rel in wanted else []
+                continue
+            try:
+                listing = Path(cache.oid_to_path(md5))
+                text = listing.read_text() if listing.is_file() else _remote_object(store, md5).decode()
+                entries = json.loads(text)
+            except (OSError, ValueError):  # no readable listing anywhere: only the .dir object itself goes
+                continue
+            objects += [e["md5"] for e in entries if f"{rel}/{e['relpath']}" in wanted]
+    return objects
+
+
+def _remote_object_path(store: Store, fs, md5: str) -> str:
     base = store.dvc_url if store.is_local else fs._strip_protocol(store.dvc_url)
-    for out in record["lock"].get("outs", []):
-        md5 = out.get("md5", "")
-        if md5.endswith(".dir"):
-            path = f"{base}/files/md5/{md5[:2]}/{md5[2:]}"
-            if fs.exists(path):
-                fs.rm(path)
+    return f"{base}/files/md5/{md5[:2]}/{md5[2:]}"
+
+
+def _remote_object(store: Store, md5: str) -> bytes:
+    fs = store.filesystem()
+    return fs.cat_file(_remote_object_path(store, fs, md5))
+
+
+def _forget_remote_objects(record: dict, store: Store, objects: list[str]) -> None:
+    """Make the remote take the recomputed outputs again. DVC uploads only objects whose names the remote
+    lacks, and trusts a directory's `.dir` object to mean all of its files are there: so the record's `.dir`
+    objects and every object whose bytes were found damaged (present under its own name, rotted) are
+    removed, and the recomputing clone's push uploads them afresh."""
+    fs = store.filesystem()
+    dirs = [o.get("md5", "") for o in record["lock"].get("outs", []) if o.get("md5", "").endswith(".dir")]
+    for md5 in dirs + objects:
+        path = _remote_object_path(store, fs, md5)
+        if fs.exists(path):
+            fs.rm(path)
+
+
+def _forget_local_objects(root: Path, spec: StageSpec, objects: list[str]) -> None:
+    """Damaged objects pulled into this clone's DVC cache would be reused as they are: remove them."""
+    from dvc.repo import Repo
+
+    with Repo(str(root / spec.project)) as repo:
+        for md5 in objects:
+            Path(repo.cache.local.oid_to_path(md5)).unlink(missing_ok=True)
 
 
 def _discard(root: Path, bad: list[str]) -> None:

@@ -52,7 +52,7 @@ def test_s3_server_killed_mid_push_fails_in_one_line_and_a_rerun_recomputes_noth
 
 
 @pytest.mark.slow
-def test_s3_lost_objects_are_never_used_and_only_that_stage_is_recomputed(tmp_path, prefect_server):
+def test_s3_lost_and_rotted_objects_are_never_used_then_repaired_so_the_next_clone_computes_nothing(tmp_path, prefect_server):
     endpoint, server = moto(tmp_path)
     try:
         make_bucket(endpoint, "team")
@@ -62,13 +62,15 @@ def test_s3_lost_objects_are_never_used_and_only_that_stage_is_recomputed(tmp_pa
         a = machine(project, tmp_path / "a", prefect_server["url"], S3_CREDENTIALS)
         assert report(a.flow()) == {"base": "computed", "make": "computed", "total": "computed"}
 
-        # three file objects of make's output vanish from the store (a half-finished upload, a bad cleanup)
+        # two file objects of make's output vanish from the store (a half-finished upload, a bad cleanup) and
+        # one rots in place, under its own name
         s3 = s3_client(endpoint)
         objects = [k for k in bucket_keys(endpoint, "team", "dvc/files/md5/") if not k.endswith(".dir")
                    and s3.get_object(Bucket="team", Key=k)["Body"].read().startswith(b"part")]
         assert len(objects) == 40
-        for key in objects[:3]:
+        for key in objects[:2]:
             s3.delete_object(Bucket="team", Key=key)
+        s3.put_object(Bucket="team", Key=objects[2], Body=b"rotted")
 
         b = machine(project, tmp_path / "b", prefect_server["url"], S3_CREDENTIALS)
         proc = b.flow("--fetch", "all")
@@ -76,9 +78,12 @@ def test_s3_lost_objects_are_never_used_and_only_that_stage_is_recomputed(tmp_pa
         assert "make: outputs in remote 'team' (s3://team/dvc/fewstep) are incomplete or damaged" in proc.stdout + proc.stderr
         assert (b.root / "runs.log").read_text() == "make\n"  # total was not recomputed
 
+        assert s3.get_object(Bucket="team", Key=objects[2])["Body"].read() != b"rotted", proc.stdout + proc.stderr
+
         c = machine(project, tmp_path / "c", prefect_server["url"], S3_CREDENTIALS)
         assert report(c.flow("--fetch", "all")) == {"base": "cached", "make": "cached", "total": "cached"}
         assert not (c.root / "runs.log").exists() and (c.root / "made" / "part0.txt").is_file()
+        assert all((c.root / "made" / f.name).read_bytes() == f.read_bytes() for f in (b.root / "made").iterdir())
     finally:
         stop(server)
 
