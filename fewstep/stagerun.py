@@ -9,6 +9,7 @@ Records are plain JSON; the Prefect flow stores them under the stage's Merkle ke
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import time
@@ -50,8 +51,19 @@ def dvc(root: Path, *args: str, log: Callable[[str], None] = print) -> tuple[int
     return proc.wait(), lines
 
 
+_UNREACHABLE = (re.compile(r'Could not connect to the endpoint URL: "(\w+://[^/"]+)'),
+                re.compile(r"Connect call failed \('([\d.]+)', (\d+)\)"))
+
+
 def _reason(lines: list[str], rc: int) -> str:
-    """The most telling line of a failed DVC command (its last ERROR line)."""
+    """The most telling line of a failed DVC command: the server it could not reach, if that was the cause,
+    else its last ERROR line."""
+    for line in lines:
+        for pattern in _UNREACHABLE:
+            found = pattern.search(line)
+            if found:
+                where = ":".join(g for g in found.groups() if g) or "the server"
+                return f"cannot connect to {where}: is the storage server up?"
     errors = [l for l in lines if l.startswith("ERROR")]
     text = (errors[-1] if errors else lines[-1] if lines else f"exit code {rc}").removeprefix("ERROR: ")
     return text.strip()
@@ -114,7 +126,8 @@ def publish(root: Path, spec: StageSpec, store: Store, log: Callable[[str], None
     store.export_secrets()
     rc, lines = dvc(root / spec.project, "push", "--run-cache", spec.target, log=log)
     if rc != 0:
-        raise StageError(f"stage {spec.name}: push to {store.describe()} failed: {_reason(lines, rc)}")
+        raise StageError(f"stage {spec.name}: push to {store.describe()} failed: {_reason(lines, rc)} "
+                         f"(its outputs are kept here: rerun to push them)")
 
 
 def materialize(root: Path, spec: StageSpec, record: dict, store: Store,
@@ -131,6 +144,11 @@ def materialize(root: Path, spec: StageSpec, record: dict, store: Store,
     if damaged:
         warn(f"{spec.name}: local outputs missing or damaged: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
              f"restoring them")
+    elif _same_inputs(lock_entry(root, spec), record["lock"]) and any((root / rel).is_file() for rel in bad):
+        # computed here from the same code, params and inputs, yet other bytes (run-to-run measurements,
+        # float bits of another machine type): the team's record is kept, and said so
+        warn(f"{spec.name}: this workspace computed other bytes for the same inputs ({len(bad)} files differ, e.g. "
+             f"{bad[0]}); keeping the team's record, from {record.get('where', 'another run')}")
     write_lock_entry(root, spec, record["lock"])
     for rel, text in record.get("inline", {}).items():
         path = root / rel
@@ -157,6 +175,11 @@ def materialize(root: Path, spec: StageSpec, record: dict, store: Store,
         _forget_local_objects(root, spec, damaged_objects)
         raise OutputsLost(spec.name, f"stage {spec.name}: outputs in {where} are incomplete or damaged ({why})")
     return "restored" if damaged else "fetched"
+
+
+def _same_inputs(ours: dict, theirs: dict) -> bool:
+    """Two dvc.lock entries of one stage made from the same command, deps and params."""
+    return bool(ours) and all(ours.get(k) == theirs.get(k) for k in ("cmd", "deps", "params"))
 
 
 def _objects_of(root: Path, spec: StageSpec, record: dict, bad: list[str], store: Store) -> list[str]:

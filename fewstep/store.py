@@ -60,7 +60,8 @@ class Store:
         self.export_secrets()
         if self.is_local:
             return fsspec.filesystem("file")
-        register_sftp_fix()
+        if self.protocol in ("ssh", "sftp"):
+            register_sftp_fix()
         return fsspec.filesystem(self.protocol, **self.settings)
 
     def block(self, sub: str):
@@ -70,7 +71,8 @@ class Store:
         self.export_secrets()
         if self.is_local:
             return LocalFileSystem(basepath=str(Path(self.url) / sub))
-        register_sftp_fix()
+        if self.protocol in ("ssh", "sftp"):
+            register_sftp_fix()
         return RemoteFileSystem(basepath=self.path(sub), settings=self.settings)
 
     def check(self) -> None:
@@ -168,8 +170,13 @@ def register_sftp_fix() -> None:
     global _FIXED
     if _FIXED:
         return
+    import warnings
+
     from fsspec.asyn import sync_wrapper
-    from sshfs import SSHFileSystem
+
+    with warnings.catch_warnings():  # asyncssh still names DSA types, which cryptography deprecates: not ours
+        warnings.filterwarnings("ignore", message=".*DSA is deprecated")
+        from sshfs import SSHFileSystem
 
     class _SSHFileSystem(SSHFileSystem):
         async def _makedirs(self, path, *args, **kwargs):

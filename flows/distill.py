@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from fewstep.locking import lock_manager
 from fewstep.params import parse_yaml
 from fewstep.stagerun import OutputsLost, StageError, compute, materialize, run_always_changed
 from fewstep.store import Store, StoreError, from_dvc, share_remote
+from fewstep.worktree import CheckoutError, clean_checkout, head
 
 ROOT = Path(os.environ.get("FEWSTEP_ROOT", Path(__file__).resolve().parents[1])).resolve()
 
@@ -173,11 +175,11 @@ def _prepare(root: Path, pipeline: str, dvcfile: str, specs: list[StageSpec]) ->
 _RUNS: dict[tuple[Path, str], Run] = {}  # the latest prepared run of each pipeline in this process
 
 
-def current_run(pipeline: str, stage: str, key: str) -> Run:
+def current_run(pipeline: str, stage: str, key: str, root: Path = ROOT) -> Run:
     """The run the calling flow prepared (tasks execute in its process), so a stage does not check deps,
     reach the store and hash the code again; prepared afresh if none matches the stage's key."""
-    run = _RUNS.get((ROOT, pipeline))
-    return run if run is not None and run.keys.get(stage) == key else prepare_run(pipeline)
+    run = _RUNS.get((root, pipeline))
+    return run if run is not None and run.keys.get(stage) == key else prepare_run(pipeline, root)
 
 
 # ---- Prefect tasks over the store ------------------------------------------------------------------
@@ -233,12 +235,13 @@ def drop_record(run: Run, key: str) -> None:
 
 @task(task_run_name="{stage}")
 def run_stage(pipeline: str, stage: str, key: str, inputs: dict[str, dict], placement: str = "local",
-              force: bool = False, params_text: str | None = None) -> dict:
-    """Cache miss: compute the stage (here, or on a worker of its pool) and return its record."""
+              force: bool = False, params_text: str | None = None, root: str | None = None) -> dict:
+    """Cache miss: compute the stage (in the workspace `root`, or on a worker of its pool) and return its record."""
     logger = get_run_logger()
+    root = Path(root) if root else ROOT
     if placement == "workers":
-        return _on_worker(pipeline, stage, key, inputs, force, params_text)
-    run = current_run(pipeline, stage, key)
+        return _on_worker(pipeline, stage, key, inputs, force, params_text, root)
+    run = current_run(pipeline, stage, key, root)
     spec = run.spec(stage)
     for name, record in inputs.items():
         try:
@@ -250,27 +253,64 @@ def run_stage(pipeline: str, stage: str, key: str, inputs: dict[str, dict], plac
     return compute(run.root, spec, run.store, force=force, log=logger.info)
 
 
-def _on_worker(pipeline, stage, key, inputs, force, params_text) -> dict:
+def _on_worker(pipeline, stage, key, inputs, force, params_text, root: Path) -> dict:
     from prefect.deployments import run_deployment
 
-    run = current_run(pipeline, stage, key)
+    run = current_run(pipeline, stage, key, root)
     pool = run.spec(stage).pool
     logger = get_run_logger()
     logger.info(f"{stage}: sending to a worker of pool {pool}")
-    flow_run = run_deployment(name=f"fewstep-stage/{pool}", timeout=None, poll_interval=1,
+    flow_run = run_deployment(name=f"fewstep-stage/{pool}", timeout=0,
                               parameters={"pipeline": pipeline, "stage": stage, "key": key, "inputs": inputs,
-                                          "force": force, "params_text": params_text})
-    if not flow_run.state.is_completed():
-        lost = re.match(r"stage (\S+): outputs in .* are incomplete or damaged", flow_run.state.message or "")
-        if lost:  # the worker could not restore one of the inputs: the parent recomputes it
-            raise OutputsLost(lost.group(1), flow_run.state.message)
+                                          "force": force, "params_text": params_text, "commit": head(run.root)})
+    state = _follow(flow_run, f"{stage} on pool {pool}", logger.info)
+    if state.is_crashed():
         raise StageError(f"stage {stage} on pool {pool} (flow run {flow_run.name}): "
-                         f"{flow_run.state.name}: {flow_run.state.message or 'no message'}")
+                         f"{state.message or 'worker lost'}; start a worker on pool {pool} and rerun: "
+                         f"finished stages are kept")
+    if not state.is_completed():
+        lost = re.match(r"stage (\S+): outputs in .* are incomplete or damaged", state.message or "")
+        if lost:  # the worker could not restore one of the inputs: the parent recomputes it
+            raise OutputsLost(lost.group(1), state.message)
+        raise StageError(f"stage {stage} on pool {pool} (flow run {flow_run.name}): "
+                         f"{state.name}: {state.message or 'no message'}")
     record = stored_record(run, key)
     if record is None:
         raise StageError(f"stage {stage} on pool {pool}: the worker finished but stored no record under its key "
                          f"in {run.store.describe()}")
     return record
+
+
+PROGRESS_EVERY_S = 30.0
+
+
+def _follow(flow_run, label: str, say) -> Any:
+    """Wait for a flow run on a worker, relaying its log lines here as they arrive (and a line when it
+    has been quiet for PROGRESS_EVERY_S), so a laptop shows what its stage does on the worker."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    started = last = time.monotonic()
+    seen = 0
+    with get_client(sync_client=True) as client:
+        only_this = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id]))
+        while True:
+            state = client.read_flow_run(flow_run.id).state
+            logs = client.read_logs(log_filter=only_this, offset=seen, sort=LogSort.TIMESTAMP_ASC, limit=200)
+            for log in logs:
+                if log.level >= logging.INFO:  # a line each: a traceback there stays in the worker's log
+                    say(f"[{label}] {log.message.splitlines()[0] if log.message else ''}")
+            seen += len(logs)
+            now = time.monotonic()
+            if logs:
+                last = now
+            elif now - last >= PROGRESS_EVERY_S:
+                say(f"[{label}] {state.name.lower()} for {now - started:.0f} s (flow run {flow_run.name})")
+                last = now
+            if state.is_final() and not logs:
+                return state
+            time.sleep(2)
 
 
 # ---- the flow --------------------------------------------------------------------------------------
@@ -280,26 +320,43 @@ def failed(message: str):
     changes, so `prefect deployment run --watch` (which stops at the final state) prints it."""
     from prefect.logging.handlers import APILogHandler
 
+    _REPORTED.add(message)
     get_run_logger().error(message)
     APILogHandler().flush()
-    _REPORTED.add(message)
     return Failed(message=message)
 
 
 _REPORTED: set[str] = set()  # failures already told in one line by this process
 
 
-class _NoRepeatedTraceback(logging.Filter):
-    """A deployment's run process re-raises the run's own Failed state as FailedRun and logs it with a
-    traceback ("Engine execution exited with unexpected exception") that adds nothing to the one line the
-    flow already logged; drop exactly those records."""
+_ONE_LINE_FAULTS = ("StageError", "OutputsLost", "PipelineError", "StoreError")
+
+
+class _OneLineFaults(logging.Filter):
+    """A fault this flow explains in one line is told once: Prefect's traceback of it ("Task run failed with
+    exception"), its "Finished in state Failed(...)" restatements and the deployment process's re-raise of
+    the run's own Failed state are dropped (the state message keeps the line)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not (type(exc).__name__ == "FailedRun" and str(exc) in _REPORTED)
+        if exc is not None and (type(exc).__name__ in _ONE_LINE_FAULTS
+                                or (type(exc).__name__ == "FailedRun" and str(exc) in _REPORTED)):
+            return False
+        message = record.getMessage()
+        if message.startswith(("Finished in state Failed(", "Finished in state Crashed(")):
+            return not (any(name in message for name in _ONE_LINE_FAULTS) or any(m in message for m in _REPORTED))
+        return True
 
 
-logging.getLogger("prefect.flow_runs").addFilter(_NoRepeatedTraceback())
+class _PrintedAtExit(logging.Filter):
+    """On the console of `python flows/distill.py`, which prints the failure itself as its last line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in _REPORTED
+
+
+for _name in ("prefect.flow_runs", "prefect.task_runs"):
+    logging.getLogger(_name).addFilter(_OneLineFaults())
 
 
 def _failure(state) -> str:
@@ -318,18 +375,40 @@ def distill(pipeline: str = "default", overrides: dict[str, Any] | None = None, 
     outputs were lost everywhere: recomputed)."""
     started = time.perf_counter()
     logger = get_run_logger()
+    if placement not in ("local", "workers") or fetch not in ("needed", "all"):
+        return failed(f"placement must be local|workers and fetch needed|all, got {placement!r}, {fetch!r}")
     try:
-        if placement not in ("local", "workers") or fetch not in ("needed", "all"):
-            raise PipelineError(f"placement must be local|workers and fetch needed|all, got {placement!r}, {fetch!r}")
-        run = prepare_run(pipeline, overrides=overrides)
-    except PipelineError as exc:  # a user mistake: one clear line in the run's state, not a traceback
+        with _workspace() as root:
+            try:
+                run = prepare_run(pipeline, root, overrides=overrides)
+            except PipelineError as exc:  # a user mistake: one clear line in the run's state, not a traceback
+                return failed(str(exc))
+            try:
+                return _distill(run, placement, fetch, started)
+            finally:
+                if restore_params(run) and root == ROOT:
+                    logger.info(f"{run.specs[0].params_file} is as it was: --set applied to this run only (its "
+                                f"outputs are in the workspace, so `dvc status` shows them changed; a plain run "
+                                f"brings the others back)")
+    except CheckoutError as exc:
         return failed(str(exc))
-    try:
-        return _distill(run, placement, fetch, started)
-    finally:
-        if restore_params(run):
-            logger.info(f"{run.specs[0].params_file} is as it was: --set applied to this run only (its outputs are "
-                        f"in the workspace, so `dvc status` shows them changed; a plain run brings the others back)")
+
+
+def _workspace():
+    """This clone, or, for a run a worker took from a work pool (prefect.yaml sets FEWSTEP_ON_WORKER), a clean
+    checkout of the clone: the worker's own clone is never written to."""
+    from contextlib import nullcontext
+
+    if not os.environ.get("FEWSTEP_ON_WORKER"):
+        return nullcontext(ROOT)
+    return _checkout_root(clean_checkout(ROOT, "flow"))
+
+
+@contextmanager
+def _checkout_root(checkout):
+    with checkout as (root, commit):
+        get_run_logger().info(f"workspace: {root} (commit {commit[:12]})")
+        yield root
 
 
 def _distill(run: Run, placement: str, fetch: str, started: float):
@@ -344,8 +423,9 @@ def _distill(run: Run, placement: str, fetch: str, started: float):
         key = run.keys[spec.name]
         for attempt in range(3):
             inputs = {name: records[name] for name in run.producers(spec)}
-            state = stage_task(run, refresh, lock=placement == "local")(run.pipeline, spec.name, key, inputs, placement, force=refresh,
-                                             params_text=params_text, return_state=True)
+            state = stage_task(run, refresh, lock=placement == "local")(
+                run.pipeline, spec.name, key, inputs, placement, force=refresh, params_text=params_text,
+                root=str(run.root), return_state=True)
             if state.is_completed():
                 if state.name != "Cached" and stored_record(run, key) is None:  # Prefect only logs write errors
                     raise StageError(f"stage {spec.name}: computed, but its record could not be written to "
@@ -425,6 +505,8 @@ def main() -> None:
     ap.add_argument("--fetch", choices=["needed", "all"], default="needed",
                     help="outputs to bring into this clone: the final stages' and what must run here (default), or all")
     args = ap.parse_args()
+    for handler in logging.getLogger().handlers:  # Prefect's console handler
+        handler.addFilter(_PrintedAtExit())
     overrides = {k: parse_yaml(v) for k, v in (s.split("=", 1) for s in args.set)}
     state = distill(args.pipeline, overrides or None, "workers" if args.workers else "local", args.fetch,
                     return_state=True)

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from conftest import ROOT, _free_port, env, run
@@ -111,15 +111,34 @@ class Machine:
     root: Path
     home: Path
     api: str
+    extra_env: dict = field(default_factory=dict)
 
     def env(self) -> dict:
         e = env() | {"HOME": str(self.home), "PREFECT_HOME": str(self.home / ".prefect"), "PREFECT_API_URL": self.api,
                      "FEWSTEP_ROOT": str(self.root), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
                      "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com", "AWS_MAX_ATTEMPTS": "1",
-                     "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO"}
+                     "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO",
+                     "XDG_CACHE_HOME": str(self.home / ".cache"), **self.extra_env}
         for name in ("FEWSTEP_CACHE_DIR", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "SSH_AUTH_SOCK", "AWS_PROFILE"):
             e.pop(name, None)
         return e
+
+    def checkout(self, purpose: str = "stage") -> Path:
+        """Where this machine's worker runs what it is sent (fewstep.worktree)."""
+        from fewstep.worktree import checkout_dir
+
+        saved = os.environ.get("XDG_CACHE_HOME")
+        os.environ["XDG_CACHE_HOME"] = str(self.home / ".cache")
+        try:
+            return checkout_dir(self.root, purpose)
+        finally:
+            os.environ.pop("XDG_CACHE_HOME") if saved is None else os.environ.__setitem__("XDG_CACHE_HOME", saved)
+
+    def unchanged(self) -> bool:
+        """The clone holds exactly what git checked out: no edited file, no output, no stray file."""
+        status = self.sh("git", "status", "--porcelain", "--ignored", "--untracked-files=all").stdout.splitlines()
+        return all(line.startswith("!!") and (line.split()[-1].startswith((".fewstep/", ".dvc/"))
+                                              or "__pycache__/" in line) for line in status)
 
     def sh(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         proc = subprocess.run(list(cmd), cwd=self.root, env=self.env(), capture_output=True, text=True)
@@ -164,7 +183,8 @@ def report(proc: subprocess.CompletedProcess) -> dict:
 def toy_project(folder: Path, files: int = 40) -> Path:
     """A three-stage pipeline of trivial scripts (seconds per stage) that exercises every store mechanism:
     base (cpu) -> make (gpu pool) -> total (cpu). Each stage appends to runs.log, outside its outputs, so
-    a test can count real computations; `make` marks its start and sleeps while a file `slow` exists."""
+    a test can count real computations; `make` marks its start and sleeps while a file `slow` exists (both
+    paths relative to the workspace, or TOY_STARTED / TOY_SLOW)."""
     folder.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "fewstep", folder / "fewstep", ignore=ignore)
@@ -175,10 +195,10 @@ def toy_project(folder: Path, files: int = 40) -> Path:
         "pathlib.Path(sys.argv[1]).write_text(f'base of seed {sys.argv[2]}\\n')\n"
         "open('runs.log', 'a').write('base\\n')\n")
     (folder / "stages" / "make.py").write_text(
-        "import sys, time, pathlib\n"
+        "import os, sys, time, pathlib\n"
         "out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)\n"
-        "pathlib.Path('started-make').write_text('1')\n"
-        "while pathlib.Path('slow').exists():\n"
+        "pathlib.Path(os.environ.get('TOY_STARTED', 'started-make')).write_text('1')\n"
+        "while pathlib.Path(os.environ.get('TOY_SLOW', 'slow')).exists():\n"
         "    time.sleep(0.5)\n"
         f"for i in range({files}):\n"
         "    (out / f'part{i}.txt').write_text(f'part {i} of seed {sys.argv[2]}\\n' * 200)\n"

@@ -8,9 +8,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import ROOT, make_project, tiny_params
+from conftest import make_project, tiny_params
 from team import (BIN, S3_CREDENTIALS, commit, machine, make_bucket, moto, report, s3_remote, stop, toy_project)
 
 STAGES = ["prepare", "teacher", "trajectories", "critic", "distill", "finetune", "evaluate"]
@@ -18,15 +17,10 @@ GPU = {"teacher", "trajectories", "critic", "distill", "finetune"}
 
 
 def setup_pools(m, within: int | None = None) -> None:
-    """What README's team section does once per Prefect server: pools, the zombie automation, deployments."""
-    for pool in ("cpu", "gpu"):
-        m.sh(str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process", "--overwrite")
-    automations = yaml.safe_load((ROOT / "flows" / "automations.yaml").read_text())
+    """docs/team.md's step 3, as written there: flows/setup.sh (pools, the zombie automation, deployments)."""
     if within:  # the test waits for a crash: a shorter silence than production's 90 s
-        automations["automations"][0]["trigger"]["within"] = within
-    (m.home / "automations.yaml").write_text(yaml.safe_dump(automations))
-    m.sh(str(BIN / "prefect"), "automation", "create", "--from-file", str(m.home / "automations.yaml"))
-    m.sh(str(BIN / "prefect"), "--no-prompt", "deploy", "--all")
+        m.extra_env = {**m.extra_env, "CRASH_AFTER_S": str(within)}
+    m.sh("bash", "flows/setup.sh")
 
 
 def stage_runs(api: str, since) -> dict[str, list[tuple[str, str]]]:
@@ -79,7 +73,9 @@ def test_worker_team_s3_stages_on_gpu_and_cpu_workers_then_a_third_clone_compute
         assert sorted(s for s, _ in recorded["gpu"]) == sorted(GPU)
         assert sorted(s for s, _ in recorded["cpu"]) == ["evaluate", "prepare"]
         assert all(state == "Completed" for runs in recorded.values() for _, state in runs)
-        assert json.loads((cpu.root / "evaluate" / "metrics.json").read_text())["student@1"]["nfe"] == 1
+        metrics = cpu.checkout("flow") / "evaluate" / "metrics.json"  # the orchestrating run's workspace
+        assert json.loads(metrics.read_text())["student@1"]["nfe"] == 1
+        assert gpu.unchanged() and cpu.unchanged()  # the workers' own clones: `git pull` updates them
 
         # a third machine: an evaluation edit fetches the evaluation's inputs, not the training outputs
         third = machine(project, tmp_path / "third", api, S3_CREDENTIALS)
@@ -93,20 +89,22 @@ def test_worker_team_s3_stages_on_gpu_and_cpu_workers_then_a_third_clone_compute
         proc = third.flow("--fetch", "all")
         assert report(proc) == {s: "cached" for s in STAGES}
         assert all(f"{s}: outputs" in proc.stdout + proc.stderr for s in STAGES)
-        assert (third.root / "evaluate" / "metrics.json").read_bytes() == (cpu.root / "evaluate" / "metrics.json").read_bytes()
+        assert (third.root / "evaluate" / "metrics.json").read_bytes() == metrics.read_bytes()
     finally:
         for w in workers:
             stop(w)
         stop(server)
 
 
-def _kill_processes_in(folder: Path) -> int:
-    """Kill every process whose working directory is `folder` (a worker and the stage run it started)."""
+def _kill_machine(home: Path) -> int:
+    """Kill every process of one "machine": those whose HOME is its home (its worker, the flow run the worker
+    started, the stage that run started)."""
     killed = 0
+    marker = f"HOME={home}".encode()
     for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
             try:
-                if Path(os.readlink(proc / "cwd")) == folder:
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
                     os.kill(int(proc.name), 9)
                     killed += 1
             except OSError:
@@ -130,28 +128,35 @@ def test_worker_killed_mid_stage_fails_in_one_line_and_a_rerun_recomputes_only_t
         gpu = machine(project, tmp_path / "gpu", api, S3_CREDENTIALS)
         cpu = machine(project, tmp_path / "cpu", api, S3_CREDENTIALS)
         setup_pools(cpu, within=45)
+        gpu.extra_env = {"TOY_SLOW": str(gpu.home / "slow"), "TOY_STARTED": str(gpu.home / "started-make")}
         workers = [gpu.worker("gpu"), cpu.worker("cpu")]
 
-        # `make` (gpu pool) waits while `slow` exists in the gpu clone, long enough to kill that machine
-        (gpu.root / "slow").write_text("1")
+        # `make` (gpu pool) waits while `slow` exists on the gpu machine, long enough to kill that machine
+        (gpu.home / "slow").write_text("1")
         parent = subprocess.Popen([sys.executable, "flows/distill.py", "--workers"], cwd=origin.root, env=origin.env(),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 180
-        while not (gpu.root / "started-make").exists():
+        while not (gpu.home / "started-make").exists():
             assert time.time() < deadline and parent.poll() is None, parent.communicate()
             time.sleep(0.5)
-        assert _kill_processes_in(gpu.root) >= 2  # the gpu machine dies: its worker and the running stage
+        assert _kill_machine(gpu.home) >= 3  # the gpu machine dies: its worker, the stage's flow run, the stage
         out, err = parent.communicate(timeout=300)
         assert parent.returncode == 1, out[-2000:] + err[-2000:]
         line = [l for l in err.splitlines() if l.startswith("distill: error:")]
-        assert len(line) == 1 and "stage make on pool gpu" in line[0] and "Crashed" in line[0], err[-3000:]
+        assert len(line) == 1 and "Traceback" not in out + err, err[-3000:]
+        assert line[0].startswith("distill: error: stage make on pool gpu (flow run "), line
+        assert "worker lost: no heartbeat from this stage run" in line[0], line
+        assert line[0].endswith("start a worker on pool gpu and rerun: finished stages are kept"), line
+        assert (out + err).count("worker lost") == 1, err[-3000:]
+        assert "[base on pool cpu] " in err  # the workers' log lines, relayed to the laptop's terminal
 
         # a gpu worker is back: base (done before the crash) is a hit, make and what follows it run
-        (gpu.root / "slow").unlink()
+        (gpu.home / "slow").unlink()
         workers.append(gpu.worker("gpu"))
         assert report(origin.flow("--workers")) == {"base": "cached", "make": "computed", "total": "computed"}
-        assert (gpu.root / "runs.log").read_text() == "make\n"
-        assert (cpu.root / "runs.log").read_text() == "base\ntotal\n"
+        assert (gpu.checkout() / "runs.log").read_text() == "make\n"
+        assert (cpu.checkout() / "runs.log").read_text() == "base\ntotal\n"
+        assert gpu.unchanged() and cpu.unchanged()
         assert report(origin.flow("--workers")) == {"base": "cached", "make": "cached", "total": "cached"}
     finally:
         if parent is not None and parent.poll() is None:
