@@ -11,7 +11,7 @@ if [ -z "${PREFECT_API_URL:-}" ]; then
 fi
 prefect work-pool create cpu --type process --overwrite
 prefect work-pool create gpu --type process --overwrite
-automations=$(mktemp)
+automations=$(mktemp --suffix=.yaml)
 trap 'rm -f "$automations"' EXIT
 sed "s/within: 90/within: ${CRASH_AFTER_S:-90}/; s/for 90 s/for ${CRASH_AFTER_S:-90} s/" flows/automations.yaml > "$automations"
 python - <<'PY'  # a rerun replaces the automation instead of adding a second one
