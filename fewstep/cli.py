@@ -145,8 +145,8 @@ def checkout(args) -> int:
               f"recomputes them", file=sys.stderr)
         return 1
     if any(r.source == "run-cache" for r in results):
-        print("dvc.lock now names this machine's outputs; `git diff dvc.lock` shows where they differ from the "
-              "commit's (another machine type: float bits). Commit it to make them the baseline here.")
+        print("dvc.lock now names this machine's outputs (`git diff dvc.lock`: where another machine type's differ).\n"
+              "Commit it to make them the baseline here.")
     return 0
 
 

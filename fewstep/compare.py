@@ -70,7 +70,8 @@ def compare(a: Path, b: Path, prepare: Path, grid: Path, seeds: int = 3, samples
         ci = m.get(f"{key}_ci95")
         return f"{m[key] * scale:.4g}" + (f" [{ci[0] * scale:.3g}, {ci[1] * scale:.3g}]" if ci else "")
 
-    lines = ["| model | NFE | FID ↓ [95%] | KID ×100 [95%] | pixel W1 ↓ | precision | recall |", "|---" * 7 + "|"]
+    band = " [95%]" if seeds > 1 else ""  # one seed: no interval
+    lines = [f"| model | NFE | FID ↓{band} | KID ×100{band} | pixel W1 ↓ | precision | recall |", "|---" * 7 + "|"]
     for name, steps, m, rest in scored:
         lines.append(f"| {name} | {steps} | {interval(m, 'fid')} | {interval(m, 'kid', 100)} | "
                      f"{rest['pixel_w1']:.4f} | {rest['precision']:.3f} | {rest['recall']:.3f} |")

@@ -118,8 +118,10 @@ def run(stage: str, main: Callable[[Params, argparse.Namespace, torch.device], N
                   file=sys.stderr, flush=True)
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from whatever loop was running
-        print(f"[{stage}] interrupted after {time.perf_counter() - started:.0f} s: nothing written (a training stage "
-              f"resumes from its last checkpoint on the next run; `dvc checkout` brings back the previous outputs)",
-              file=sys.stderr, flush=True)
+        seconds = time.perf_counter() - started
+        restored = restore_previous_outputs()  # DVC deleted them before the run; checkpoints live elsewhere
+        kept = f"kept the previous outputs ({', '.join(restored)})" if restored else "nothing written"
+        print(f"[{stage}] interrupted after {seconds:.0f} s: {kept}; a training stage resumes from its last "
+              f"checkpoint on the next run", file=sys.stderr, flush=True)
         sys.exit(130)
     print(f"[{stage}] done in {time.perf_counter() - started:.1f} s", flush=True)

@@ -43,9 +43,13 @@ def test_newcomer_params_errors_name_each_problem_once():
 
 
 @pytest.mark.slow
-def test_newcomer_ctrl_c_is_one_line(tmp_path):
-    """Ctrl-C while a stage trains: the stage says it was interrupted in one line, no traceback."""
-    project = make_project(tmp_path / "p", tiny_params(**{"teacher.steps": 100000}))
+def test_newcomer_ctrl_c_is_one_line_and_keeps_the_previous_outputs(tmp_path):
+    """Ctrl-C while a stage trains: the stage says it was interrupted in one line, no traceback, and the
+    outputs DVC deleted before the run are back."""
+    project = make_project(tmp_path / "p", tiny_params())
+    run(["dvc", "repro", "teacher"], project)
+    before = {p.relative_to(project): p.read_bytes() for p in (project / "teacher").rglob("*") if p.is_file()}
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(**{"teacher.steps": 100000})))
     log = tmp_path / "repro.log"
     # As from a terminal: SIGINT at its default (a shell's background job, as CI may be, starts with it ignored)
     terminal = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
@@ -68,8 +72,10 @@ def test_newcomer_ctrl_c_is_one_line(tmp_path):
     after = text.split("[teacher] device=")[1].splitlines()[1:]
     assert "Traceback" not in text, text[-3000:]
     (said,) = [i for i, line in enumerate(after) if line.startswith("[teacher] interrupted after")]
+    assert "kept the previous outputs (teacher)" in after[said], after[said]
     rest = [line for line in after[said + 1:] if line.strip()]
     assert len(rest) <= 2 and all(line.startswith("ERROR: ") for line in rest), after  # DVC's own, if any
+    assert {p.relative_to(project): p.read_bytes() for p in (project / "teacher").rglob("*") if p.is_file()} == before
 
 
 def test_newcomer_text_to_image_pipeline_without_weights_under_plain_dvc(tmp_path):

@@ -256,6 +256,7 @@ def test_newcomer_compare_cli_grid_and_table(workdir, tmp_path):
     one = run([fewstep, "compare", "teacher/model", "distill/student", "--samples", "40", "--seeds", "1",
                "--out", str(tmp_path / "one.png")], workdir)
     assert "One sampling seed gives no interval, so no verdict" in one.stdout and "differ" not in one.stdout
+    assert "[95%]" not in one.stdout.split("One sampling seed")[0]  # no interval, so none announced
     few = run([fewstep, "compare", "teacher/model", "distill/student", "--samples", "1"], workdir, check=False)
     assert few.returncode == 2 and few.stderr.strip().splitlines()[-1].startswith(
         "fewstep compare: error: --samples must be >= 4 (precision and recall use each sample's 3 nearest"), few.stderr
