@@ -2,7 +2,7 @@
 one training budget, each variant scored by the evaluate stage (FIDs averaged over its sampling seeds).
 
     python bench/ablation.py [--variants bench/ablation.yaml] [--only NAME ...] [--jobs 1]
-                             [--set run.device=cuda ...] [--table-only [--merge NAME ...]]
+                             [--set run.device=cuda ...] [--table-only [--merge NAME ...]] [--rank]
 
 Every variant is params.yaml plus the overrides listed in bench/ablation.yaml. It reuses this
 workspace's prepare/teacher/trajectories outputs (run `dvc repro trajectories` first) and runs the
@@ -10,6 +10,13 @@ critic -> distill -> finetune -> evaluate commands of dvc.yaml in bench/.ablatio
 This is what `dvc exp run --queue -S key=value ...` + `dvc exp run --run-all` does (see README), minus
 DVC itself, so it also runs where only torch is installed (a GPU box). Results:
 bench/results/ablation.{json,md}.
+
+`--rank` also ranks the variants on both views at once (`rank_table`, results/<name>-rank.md): variants that
+differ only in `seed` (training seeds) are one recipe, averaged. The rule, so each recipe change is chosen the
+same way: score = max(student FID / the upper end of the teacher's FID interval, student pixel W1 / (1.2 x the
+teacher's)), each measured against the teacher of the same evaluate run. A score <= 1 meets both targets (FID
+within or below the teacher's interval, W1 at most 1.2x); the lowest score wins; `front` marks the Pareto front
+(no other recipe has both a lower FID and a lower W1).
 """
 from __future__ import annotations
 
@@ -104,6 +111,47 @@ def table(rows: list[dict], sets: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+W1_TARGET = 1.2  # the student's pixel W1 at most this many times the teacher's (issue 32's target)
+
+
+def recipes(rows: list[dict], model: str = "student@1") -> list[dict]:
+    """One entry per recipe (the overrides without `seed`), its student's FID and pixel W1 averaged over the
+    training seeds, against the mean of its runs' teachers."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if "metrics" in r and model in r["metrics"]:
+            recipe = {k: v for k, v in r["overrides"].items() if k != "seed"}
+            groups.setdefault(json.dumps(recipe, sort_keys=True), []).append(r)
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    out = []
+    for recipe, runs in groups.items():
+        student = [r["metrics"][model] for r in runs]
+        teacher = [r["metrics"]["teacher"] for r in runs]
+        out.append({"recipe": runs[0]["variant"].split("-seed")[0], "overrides": json.loads(recipe), "seeds": len(runs),
+                    "fid": mean([s["fid"] for s in student]), "pixel_w1": mean([s["pixel_w1"] for s in student]),
+                    "teacher_fid_high": mean([t["fid_ci95"][1] for t in teacher]),
+                    "teacher_w1": mean([t["pixel_w1"] for t in teacher])})
+    for r in out:
+        r["fid_ratio"] = r["fid"] / r["teacher_fid_high"]
+        r["w1_ratio"] = r["pixel_w1"] / r["teacher_w1"]
+        r["score"] = max(r["fid_ratio"], r["w1_ratio"] / W1_TARGET)
+        r["front"] = not any(o["fid"] < r["fid"] and o["pixel_w1"] < r["pixel_w1"] for o in out)
+    return sorted(out, key=lambda r: r["score"])
+
+
+def rank_table(rows: list[dict], model: str = "student@1") -> str:
+    ranked = recipes(rows, model)
+    lines = [f"Ranked by score = max(FID / teacher's FID interval high, W1 ratio / {W1_TARGET}); <= 1 meets both "
+             f"targets; front: on the Pareto front of FID and pixel W1. {model}, means over training seeds.", "",
+             "| rank | recipe | seeds | FID | teacher FID high | W1 / teacher | score | meets both | front |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(ranked, 1):
+        lines.append(f"| {i} | {r['recipe']} | {r['seeds']} | {r['fid']:.3f} | {r['teacher_fid_high']:.3f} | "
+                     f"{r['w1_ratio']:.2f}x | {r['score']:.3f} | {'yes' if r['score'] <= 1 else 'no'} | "
+                     f"{'yes' if r['front'] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
 def save(path: Path, command: str, sets: dict, rows: list[dict], order: list[str]) -> None:
     rows = sorted(rows, key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,6 +168,7 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+", default=None, metavar="NAME",
                     help="with --table-only: one table from several results/<NAME>.json, saved as <--name>")
     ap.add_argument("--name", default="ablation", help="results file stem under bench/results/")
+    ap.add_argument("--rank", action="store_true", help="also rank the recipes on FID and pixel W1 (<name>-rank.md)")
     args = ap.parse_args()
 
     sets = parse_sets(args.set)
@@ -147,6 +196,10 @@ def main() -> None:
     markdown = table(rows, sets, command)
     (RESULTS / f"{args.name}.md").write_text(markdown)
     print(markdown)
+    if args.rank:
+        ranked = rank_table(rows)
+        (RESULTS / f"{args.name}-rank.md").write_text(ranked)
+        print(ranked)
 
 
 if __name__ == "__main__":

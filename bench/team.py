@@ -129,6 +129,7 @@ def main() -> None:
         machines = {}
         for name in ("a", "b", "c"):
             root, menv = work / name, machine_env(work / f"{name}-home", api)
+            menv["PYTHONPATH"] = str(root)  # each clone imports its own fewstep, not the venv's editable install
             sh(["git", "clone", "-q", str(origin), str(root)], work, menv)
             for option, value in (("access_key_id", "bench"), ("secret_access_key", "bench")):
                 sh(["dvc", "remote", "modify", "--local", "team", option, value], root, menv)

@@ -25,7 +25,7 @@ from .io import ArtifactError, load_trajectories
 from .models import (BottleneckTap, EDMDenoiser, GanHead, load_model, per_step_labels, save_model,
                      step_labels, step_tables)
 from .params import ParamsError
-from .training import Minibatches, Phase, RealBatches, adamw, ema_for, karras_grid_sigmas, train
+from .training import Minibatches, NoiseRange, Phase, RealBatches, adamw, ema_for, karras_grid_sigmas, train
 
 def karras_positions(edm, positions: list[float]) -> list[float]:
     """Noise levels at fractions u of the Karras schedule (u=0: sigma_max, u=1: sigma_min)."""
@@ -79,6 +79,7 @@ def fit(setup: objectives.Setup, params, out: Path, stage: str, train_generator:
           f"{' all steps per batch' if setup.all_steps_per_batch and len(setup.student_sigmas) > 1 else ''}", flush=True)
     last = train(phases, params.steps, out / "live", desc=stage, log_every=params.log_every, autocast=autocast,
                  after_step=after_step, checkpoint=checkpoint,
+                 before_step=getattr(setup.noise_levels, "at", None),  # a scheduled noise range follows the step
                  curve=(lambda: with_ema_weights(setup.student, ema, curve)) if curve and ema else
                  (lambda: curve(setup.student)) if curve else None,
                  curve_every=params.eval_every if curve else 0)  # SD params have no curve (yet)
@@ -165,11 +166,14 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
     _, data = load_prepared(prepare_dir)
     traj = None if trajectories_dir is None else load_trajectories(trajectories_dir,
                                                                    states=params.objective == "consistency")
+    karras = lambda n, t_min, t_max: karras_grid_sigmas(n, edm, t_min, t_max, generator).to(device)  # noqa: E731
+    gan = params.dmd2.gan
     setup = objectives.Setup(
         teacher=teacher, student=student, fake=fake, head=head, tap=BottleneckTap(fake.unet),
         real=RealBatches(data["train_images"], data["train_labels"], params.batch_size, generator, device),
         conditions=lambda n: torch.randint(num_classes, (n,), generator=generator).to(device),
-        noise_levels=lambda n: karras_grid_sigmas(n, edm, params.t_min, params.t_max, generator).to(device),
+        noise_levels=NoiseRange(karras, params.t_min, params.t_max, params.t_range_end, params.steps),
+        gan_noise_levels=None if gan.t_min is None else NoiseRange(karras, gan.t_min, gan.t_max),
         student_sigmas=sigmas, params=params, generator=generator, device=device, sigma_data=edm.sigma_data,
         trajectories=trajectory_batches(traj, lambda labels: labels, params.batch_size, generator, device),
         critic_cond=(lambda labels, k: step_labels(fake, labels, k)) if per_step else None,

@@ -82,7 +82,7 @@ class LeaseLockManager(LockManager):
         def hold() -> None:  # the public context manager keeps the lease renewed while its block runs
             try:
                 with concurrency(name, occupy=1, timeout_seconds=acquire_timeout, lease_duration=self.lease_s,
-                                 strict=True):
+                                 strict=True, raise_on_lease_renewal_failure=False):
                     acquired.set()
                     release.wait()
             except BaseException as exc:  # reported to the caller, not lost in a thread

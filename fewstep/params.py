@@ -231,6 +231,19 @@ class TrajectoriesParams(Section):
 class GanParams(Section):
     generator_weight: float = Field(3e-3, ge=0)
     critic_weight: float = Field(1e-2, ge=0)
+    # the GAN head's own noise range, in distill.t_min/t_max's terms, with a fake-score pass of its own (e.g. low
+    # noise, where a pixel-level artifact is still visible); null: DMD2's, the distribution-matching pass's
+    # noise level and features
+    t_min: float | None = Field(None, ge=0)
+    t_max: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _own_range(self):
+        if (self.t_min is None) != (self.t_max is None):
+            raise ValueError("t_min and t_max are set together (the GAN head's own noise range) or both null")
+        if self.t_min is not None and self.t_min >= self.t_max:
+            raise ValueError(f"t_min must be < t_max, got {self.t_min} >= {self.t_max}")
+        return self
 
 
 class OptimParams(Section):
@@ -307,6 +320,8 @@ class DistillParams(TrainLoopParams):
     # (0 = sigma_max); text-to-image, DDPM timesteps t ~ U{t_min..t_max} in [0, 999]
     t_min: float = Field(0.02, ge=0)
     t_max: float = Field(0.98, gt=0)
+    # [t_min, t_max] at the last step, the range moving linearly from [t_min, t_max] at the first; null: fixed
+    t_range_end: Pair | None = None
     eval_every: int = only(EDM, 0, ge=0)  # quality curve: score the EMA student every N steps; 0 = off
     eval_samples: int = only(EDM, 500, gt=1)  # images per curve point (KID-T vs the teacher, FID vs held-out)
     lora: LoraParams = only(TEXT_TO_IMAGE, LoraParams())
@@ -456,16 +471,28 @@ class Params(Section):
         """Keys whose values are read in the family's terms."""
         if self.family in TEXT_TO_IMAGE and self.prompts is None:
             raise ParamsError("prompts is required for a text-to-image teacher (prompts.source: the prompts to distill on)")
+        ranges = {"critic.gan.t_min": self.critic.gan.t_min, "critic.gan.t_max": self.critic.gan.t_max}
         for name in ("distill", "finetune"):
             section = getattr(self, name)
-            for key in ("t_min", "t_max"):
-                value = getattr(section, key)
-                if self.family == "edm" and value > 1:
-                    raise ParamsError(f"{name}.{key} must be <= 1 for the edm family (a position on the Karras grid, "
-                                      f"0 = sigma_max), got {value:g}")
-                if self.family in TEXT_TO_IMAGE and (value != int(value) or value > 999):
-                    raise ParamsError(f"{name}.{key} must be a whole DDPM timestep in [0, 999] for the text-to-image "
-                                      f"families, got {value:g}")
+            ranges |= {f"{name}.t_min": section.t_min, f"{name}.t_max": section.t_max,
+                       f"{name}.dmd2.gan.t_min": section.dmd2.gan.t_min, f"{name}.dmd2.gan.t_max": section.dmd2.gan.t_max}
+            if section.t_range_end is not None:
+                ranges |= {f"{name}.t_range_end[0]": section.t_range_end[0],
+                           f"{name}.t_range_end[1]": section.t_range_end[1]}
+                if not 0 <= section.t_range_end[0] < section.t_range_end[1]:
+                    raise ParamsError(f"{name}.t_range_end must be [t_min, t_max] with 0 <= t_min < t_max, "
+                                      f"got {list(section.t_range_end)}")
+        for key, value in ranges.items():
+            if value is None:
+                continue
+            if self.family == "edm" and value > 1:
+                raise ParamsError(f"{key} must be <= 1 for the edm family (a position on the Karras grid, "
+                                  f"0 = sigma_max), got {value:g}")
+            if self.family in TEXT_TO_IMAGE and (value != int(value) or value > 999):
+                raise ParamsError(f"{key} must be a whole DDPM timestep in [0, 999] for the text-to-image "
+                                  f"families, got {value:g}")
+        for name in ("distill", "finetune"):
+            section = getattr(self, name)
             if self.family in TEXT_TO_IMAGE and section.student_timesteps is None:
                 k = section.student_steps
                 section.student_timesteps = [999 - j * 1000 // k for j in range(k)]

@@ -82,6 +82,7 @@ def _update(phase: Phase, step: int, autocast: Callable[[], contextlib.AbstractC
 
 def train(phases: list[Phase], steps: int, live_dir: Path, desc: str,
           after_step: Callable[[int], None] | None = None, log_every: int = 10,
+          before_step: Callable[[int], None] | None = None,
           autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
           checkpoint=None, curve: Callable[[], dict[str, float]] | None = None,
           curve_every: int = 0) -> dict[str, float]:
@@ -125,6 +126,8 @@ def train(phases: list[Phase], steps: int, live_dir: Path, desc: str,
     bar = tqdm(range(start, steps), desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0,
                initial=start, total=steps)
     for step in bar:
+        if before_step is not None:
+            before_step(step)
         for phase in phases:
             for _ in range(phase.updates):
                 window.add(_update(phase, step, autocast), phase.updates)
@@ -221,6 +224,29 @@ def karras_grid_sigmas(n: int, edm, t_min: float, t_max: float, generator=None, 
     inv_rho = 1.0 / edm.rho
     hi, lo = edm.sigma_max**inv_rho, edm.sigma_min**inv_rho
     return (hi + u * (lo - hi)) ** edm.rho
+
+
+class NoiseRange:
+    """The noise levels of the DM / fake-score losses: drawn by `draw(n, t_min, t_max)` from a range in the
+    family's terms, fixed or, with `end`, moved linearly from [t_min, t_max] at the first training step to
+    `end` at the last (the trainer calls `at(step)` before each step, resumed runs included)."""
+
+    def __init__(self, draw: Callable[[int, float, float], torch.Tensor], t_min: float, t_max: float,
+                 end: tuple[float, float] | None = None, steps: int = 1):
+        self.draw, self.start, self.end, self.steps = draw, (t_min, t_max), end, steps
+        self.step = 0
+
+    def at(self, step: int) -> None:
+        self.step = step
+
+    def bounds(self) -> tuple[float, float]:
+        if self.end is None:
+            return self.start
+        f = self.step / max(1, self.steps - 1)
+        return tuple(a + f * (b - a) for a, b in zip(self.start, self.end))
+
+    def __call__(self, n: int) -> torch.Tensor:
+        return self.draw(n, *self.bounds())
 
 
 def ema_for(module: nn.Module, decay: float, warmup: bool = True):

@@ -11,7 +11,8 @@ def main(params, args, device, trainer):
     # The critic learns the *initial student's* distribution: it samples like the distill stage will,
     # with critic's own optimizer settings and GAN weights.
     loop = {k: getattr(c, k) for k in TrainLoopParams.model_fields}
-    settings = d.model_copy(update={**loop, "dmd2": d.dmd2.model_copy(update={"gan": c.gan})})
+    settings = d.model_copy(update={**loop, "dmd2": d.dmd2.model_copy(update={"gan": c.gan}),
+                                    "t_range_end": None})  # warmed at the range distill starts from
     parallel.train(trainer, "critic", params, settings, args, device, train_generator=False)
     print(f"[critic] fake score + GAN head -> {args.out / 'critic'}", flush=True)
 

@@ -178,7 +178,11 @@ def prefect_server(tmp_path_factory):
                           "PREFECT_SERVER_UI_ENABLED": "false",
                           # as README's Prefect section sets up: `--watch` then shows a run's log lines
                           "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
-                          "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true"}
+                          "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
+                          # a dead holder's lease is found within 2 s of expiring, and a waiter asks again
+                          # within 5 s (production: 15 s and 30 s): the lease tests wait less
+                          "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2",
+                          "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "5"}
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=server_env, stdout=log, stderr=subprocess.STDOUT)

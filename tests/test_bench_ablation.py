@@ -36,3 +36,29 @@ def test_merge_builds_one_table_from_several_runs(tmp_path, monkeypatch):
     assert "| y | dmd2 | 4 | on | 0.0001 | student@4 | 1.200 ± 0.010 |" in table
     assert "| z | failed in distill |" in table
     assert [r["variant"] for r in json.loads((tmp_path / "both.json").read_text())["rows"]] == ["x", "y", "z"]
+
+
+def test_rank_rule_averages_training_seeds_and_scores_both_views():
+    """The pick is a rule: max(FID / teacher's FID interval high, W1 ratio / 1.2); seeds of one recipe averaged."""
+    ablation = load_ablation()
+
+    def row(variant, fid, w1, seed=None):
+        model = lambda f, w: {"fid": f, "fid_ci95": [f - 0.3, f + 0.3], "pixel_w1": w}  # noqa: E731
+        overrides = {"distill.t_max": variant} | ({"seed": seed} if seed is not None else {})
+        name = f"v{variant}" + (f"-seed{seed}" if seed is not None else "")
+        return {"variant": name, "overrides": overrides,
+                "metrics": {"teacher": model(1.4, 0.010), "student@1": model(fid, w1)}}
+
+    rows = [row(0.7, 1.2, 0.020, 0), row(0.7, 1.4, 0.030, 1),  # sharp features, speckle: W1 2.5x
+            row(0.9, 1.6, 0.011),                               # both views within target (1.6 <= 1.7, 1.1x)
+            row(0.95, 1.9, 0.0105)]                             # clean pixels, FID past the teacher's interval
+    ranked = ablation.recipes(rows)
+    assert [r["recipe"] for r in ranked] == ["v0.9", "v0.95", "v0.7"]
+    best = ranked[0]
+    assert best["score"] <= 1 and abs(best["w1_ratio"] - 1.1) < 1e-9
+    by_name = {r["recipe"]: r for r in ranked}
+    assert by_name["v0.7"]["seeds"] == 2 and abs(by_name["v0.7"]["fid"] - 1.3) < 1e-9
+    assert abs(by_name["v0.7"]["score"] - 2.5 / 1.2) < 1e-9
+    assert all(r["front"] for r in ranked)  # none has both a lower FID and a lower W1 than another
+    table = ablation.rank_table(rows)
+    assert "| 1 | v0.9 | 1 | 1.600 |" in table and "| yes | yes |" in table

@@ -116,6 +116,44 @@ def test_dmd2_losses_include_the_gan_terms():
     assert obj.critic_updates == setup.params.dmd2.ttur
 
 
+def test_dmd2_gan_head_on_its_own_noise_range_reads_its_own_fake_score_pass():
+    """dmd2.gan.t_min/t_max: the GAN head scores a fake-score pass at its own (low) noise levels; the student
+    still gets no gradient into the critic, and the critic's GAN terms use that range for both sides."""
+    from types import SimpleNamespace
+
+    from fewstep.training import NoiseRange, karras_grid_sigmas
+
+    edm = SimpleNamespace(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, rho=7.0)
+    setup = tiny_unet_setup("dmd2", t_min=0.5, t_max=0.7, dmd2={"gan": {"t_min": 0.9, "t_max": 1.0}})
+    setup.gan_noise_levels = NoiseRange(lambda n, lo, hi: karras_grid_sigmas(n, edm, lo, hi, setup.generator), 0.9, 1.0)
+    low = float(karras_grid_sigmas(1, edm, 0.9, 0.9))  # the largest sigma the GAN range can draw
+    setup.fake = Recorder(setup.fake)
+    obj = objectives.build("dmd2", setup)
+    setup.student.requires_grad_(True)
+    losses = obj.generator_loss()
+    losses["loss"].backward()
+    assert {"dm", "gan"} <= set(losses) and torch.isfinite(losses["loss"])
+    assert [s <= low for _, s, _ in setup.fake.calls] == [False, True]  # the DM pass, then the GAN head's own
+    assert all(p.grad is None for p in setup.fake.parameters()), "the generator's GAN pass trained the fake score"
+    setup.fake.calls.clear()
+    assert {"denoise", "gan"} <= set(obj.critic_loss())
+    assert [s <= low for _, s, _ in setup.fake.calls] == [False, True, True]  # denoising, then student and real
+
+
+def test_scheduled_noise_range_moves_linearly_from_start_to_end():
+    from fewstep.training import NoiseRange
+
+    drawn = []
+    levels = NoiseRange(lambda n, lo, hi: drawn.append((lo, hi)) or torch.zeros(n), 0.2, 0.9, end=(0.5, 0.7), steps=11)
+    for step in (0, 5, 10):
+        levels.at(step)
+        levels(3)
+    assert [tuple(round(v, 6) for v in b) for b in drawn] == [(0.2, 0.9), (0.35, 0.8), (0.5, 0.7)]
+    fixed = NoiseRange(lambda n, lo, hi: torch.full((n,), lo), 0.2, 0.9)
+    fixed.at(7)
+    assert fixed.bounds() == (0.2, 0.9)
+
+
 class Recorder(torch.nn.Module):
     """Wraps a denoiser and records every call's input and output (and its conditions in `conds`)."""
 

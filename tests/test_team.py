@@ -236,7 +236,7 @@ def test_team_two_machines_compute_one_key_once_and_a_dead_holder_frees_it(tmp_p
         killed = time.time()
         b_report = _finish(b, b_run)
         assert b_report == {"base": "cached", "make": "computed", "total": "computed"}
-        assert time.time() - killed < 60 + 15 + 40  # lease, the server's expiry sweep, one retry interval
+        assert time.time() - killed < 60 + 2 + 30  # lease, the server's expiry sweep, a retry, the stage itself
         assert (b.root / "made" / "part0.txt").read_text().startswith("part 0 of seed 1")
         assert b.sh("git", "status", "--porcelain", "params.yaml").stdout == ""  # --set applied to that run only
     finally:

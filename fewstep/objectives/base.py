@@ -43,6 +43,9 @@ class Setup:
     # under torchrun, so the global batch has one k as in one process, and under FSDP every rank makes the
     # same calls (each gathers shards from all the others); None = `generator`
     step_generator: torch.Generator | None = None
+    # n noise levels for the GAN head's own fake-score pass (dmd2.gan.t_min/t_max); None: the GAN head reads the
+    # features of the DM (generator) or denoising (critic) pass, at their noise levels
+    gan_noise_levels: Callable[[int], torch.Tensor] | None = None
 
 
 @dataclass

@@ -17,6 +17,7 @@ from ..distill import fit, trajectory_batches
 from ..io import ArtifactError, load_trajectories
 from ..models import GanHead
 from ..params import ParamsError
+from ..training import NoiseRange
 from .. import fsdp, parallel, runtime
 from . import family as families, models, teacher as teachers
 from . import launch as start_up
@@ -24,11 +25,16 @@ from .denoiser import SDDenoiser
 from .store import CondSampler, Encoded, RealSampler
 
 
-def noise_levels(model: SDDenoiser, t_min: float, t_max: float, generator: torch.Generator, device) -> Callable:
+def noise_levels(model: SDDenoiser, t_min: float, t_max: float, generator: torch.Generator, device,
+                 end: tuple[float, float] | None = None, steps: int = 1) -> NoiseRange:
     """DMD2's noise levels for SD: integer timesteps t ~ U{t_min..t_max} (whole numbers, checked by the
-    params), as VE sigmas."""
+    params; a scheduled range is rounded to them), as VE sigmas."""
     sigmas = model.log_sigmas.exp().float()
-    return lambda n: sigmas[torch.randint(int(t_min), int(t_max) + 1, (n,), generator=generator)].to(device)
+
+    def draw(n: int, low: float, high: float) -> torch.Tensor:
+        return sigmas[torch.randint(round(low), round(high) + 1, (n,), generator=generator)].to(device)
+
+    return NoiseRange(draw, t_min, t_max, end, steps)
 
 
 def real_data(train: Encoded, trajectories: dict, batch_size: int, generator, device) -> RealSampler:
@@ -144,11 +150,14 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
 
     # --- the objective's view of them ------------------------------------------------------------------
     sigmas = [teacher.sigma_of(s) for s in settings.student_timesteps]
+    gan = settings.dmd2.gan
     setup = objectives.Setup(
         teacher=teacher, student=student, fake=fake, head=head, tap=tap,
         real=real_data(train, traj, settings.batch_size, generator, device),
         conditions=CondSampler(train, generator, device),
-        noise_levels=noise_levels(teacher, settings.t_min, settings.t_max, generator, device),
+        noise_levels=noise_levels(teacher, settings.t_min, settings.t_max, generator, device, settings.t_range_end,
+                                  settings.steps),
+        gan_noise_levels=None if gan.t_min is None else noise_levels(teacher, gan.t_min, gan.t_max, generator, device),
         student_sigmas=sigmas, params=settings, generator=generator, device=device, sigma_data=1.0,
         trajectories=trajectory_batches(traj, lambda index: train.cond[index.cpu()].to(device), settings.batch_size,
                                         generator, device),
