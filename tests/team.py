@@ -242,6 +242,15 @@ def s3_remote(project: Path, endpoint: str, bucket: str) -> None:
         run(cmd, project)
 
 
+def s3_toy_team(folder: Path, endpoint: str) -> Path:
+    """The team's repository of the toy pipeline with its S3 remote (bucket `team`, made here), committed."""
+    make_bucket(endpoint, "team")
+    project = toy_project(folder / "origin")
+    s3_remote(project, endpoint, "team")
+    commit(project)
+    return project
+
+
 def sftp_remote(project: Path, port: int) -> None:
     for cmd in (["dvc", "remote", "add", "-d", "team", f"ssh://team@127.0.0.1:{port}/store"],
                 ["dvc", "remote", "modify", "team", "timeout", "10"]):

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import _free_port, make_project, tiny_params
 from team import (S3_CREDENTIALS, SERVERS, bucket_keys, commit, iam_bucket, machine, make_bucket, moto, report,
-                  s3_client, s3_remote, sftp, sftp_remote, start, stop, toy_project)
+                  s3_client, s3_remote, s3_toy_team, sftp, sftp_remote, start, stop, toy_project)
 
 STAGES = ["prepare", "teacher", "trajectories", "critic", "distill", "finetune", "evaluate"]
 
@@ -61,10 +61,7 @@ def test_s3_server_killed_mid_push_fails_in_one_line_and_a_rerun_recomputes_noth
 def test_s3_lost_and_rotted_objects_are_never_used_then_repaired_so_the_next_clone_computes_nothing(tmp_path, prefect_server):
     endpoint, server = moto(tmp_path)
     try:
-        make_bucket(endpoint, "team")
-        project = toy_project(tmp_path / "origin")
-        s3_remote(project, endpoint, "team")
-        commit(project)
+        project = s3_toy_team(tmp_path, endpoint)
         a = machine(project, tmp_path / "a", prefect_server["url"], S3_CREDENTIALS)
         assert report(a.flow()) == {"base": "computed", "make": "computed", "total": "computed"}
 
@@ -191,10 +188,7 @@ def test_team_two_machines_compute_one_key_once_and_a_dead_holder_frees_it(tmp_p
     endpoint, server = moto(tmp_path)
     a_run = b_run = None
     try:
-        make_bucket(endpoint, "team")
-        project = toy_project(tmp_path / "origin")
-        s3_remote(project, endpoint, "team")
-        commit(project)
+        project = s3_toy_team(tmp_path, endpoint)
         a = machine(project, tmp_path / "a", prefect_server["url"], S3_CREDENTIALS)
         b = machine(project, tmp_path / "b", prefect_server["url"], S3_CREDENTIALS)
         waiting = lambda: "waiting for its record" in (b.home / "flow.log").read_text()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_project, tiny_params
-from team import (BIN, S3_CREDENTIALS, commit, machine, make_bucket, moto, report, s3_remote, stop, toy_project)
+from team import BIN, S3_CREDENTIALS, commit, machine, make_bucket, moto, report, s3_remote, s3_toy_team, stop
 
 STAGES = ["prepare", "teacher", "trajectories", "critic", "distill", "finetune", "evaluate"]
 GPU = {"teacher", "trajectories", "critic", "distill", "finetune"}
@@ -120,10 +120,7 @@ def test_worker_killed_mid_stage_fails_in_one_line_and_a_rerun_recomputes_only_t
     endpoint, server = moto(tmp_path)
     workers, parent = [], None
     try:
-        make_bucket(endpoint, "team")
-        project = toy_project(tmp_path / "origin")
-        s3_remote(project, endpoint, "team")
-        commit(project)
+        project = s3_toy_team(tmp_path, endpoint)
         origin = machine(project, tmp_path / "a", api, S3_CREDENTIALS)
         gpu = machine(project, tmp_path / "gpu", api, S3_CREDENTIALS)
         cpu = machine(project, tmp_path / "cpu", api, S3_CREDENTIALS)
