@@ -13,6 +13,7 @@ A user mistake becomes one line naming the dotted key and what was expected, e.g
 """
 from __future__ import annotations
 
+import difflib
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -620,7 +621,10 @@ def _known_keys_hint(loc: tuple) -> str:
         else:
             field = model.model_fields.get(str(part)) if model is not None else None
             model = _model_in(field.annotation) if field is not None else None
-    return f" (valid keys: {', '.join(model.model_fields)})" if model is not None else ""
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" ({f'did you mean {close[0]}? ' if close else ''}valid keys: {', '.join(model.model_fields)})"
 
 
 #: What makes the student itself: finetune continues distill's student, so these may only repeat distill's values.

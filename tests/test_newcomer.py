@@ -31,7 +31,7 @@ def problem(**edits) -> str:
 def test_newcomer_params_errors_name_each_problem_once():
     # finetune inherits distill's keys: a typo under distill is one problem, not "(and 1 more problem)"
     typo = problem(**{"distill.lrr": 0.1})
-    assert typo.startswith("distill.lrr is not a known key (valid keys: lr, betas,") and "more problem" not in typo
+    assert typo.startswith("distill.lrr is not a known key (did you mean lr? valid keys: lr, betas,") and "more problem" not in typo
     assert "finetune" not in typo and "also" not in typo
     # two real problems: both named, on one line
     two = problem(**{"distill.lrr": 0.1, "critic.steps": -1})
