@@ -85,7 +85,7 @@ def test_worker_team_s3_stages_on_gpu_and_cpu_workers_then_a_third_clone_compute
         assert not (third.root / "critic").exists() and not (third.root / "distill").exists()
 
         # ... and the team's default run is all verified hits; with --fetch all every output comes over
-        third.sh("git", "checkout", "params.yaml")
+        assert third.sh("git", "status", "--porcelain", "params.yaml").stdout == ""  # --set: that run only
         proc = third.flow("--fetch", "all")
         assert report(proc) == {s: "cached" for s in STAGES}
         assert all(f"{s}: outputs" in proc.stdout + proc.stderr for s in STAGES)
