@@ -44,7 +44,7 @@ def assert_a_params_typo_keeps_the_outputs(project):
     assert failed.returncode != 0
     errors = [line for line in failed.stderr.splitlines() if "error:" in line]
     assert errors == ["[distill] error: params.yaml: distill.lrr is not a known key (did you mean lr? valid keys: "
-                      + errors[0].split("(valid keys: ")[1]], failed.stderr[-2000:]
+                      + errors[0].split(" valid keys: ")[1]], failed.stderr[-2000:]
     assert "Traceback" not in failed.stdout + failed.stderr
     assert tree_digest(project / "distill") == before
     (project / "params.yaml").write_text(good)
