@@ -209,15 +209,3 @@ def prefect_server(tmp_path_factory):
             proc.kill()
         log.close()
 
-
-# The longest files first. The suite runs whole files per worker (--dist loadfile) in collection order, so a
-# long file collected last (test_team*.py sort last) ran alone at the end while the other worker sat idle.
-LONGEST_FIRST = ["test_team_workers.py", "test_pipeline.py", "test_team.py", "test_digits_minis.py",
-                 "test_sd_pipeline.py", "test_deps.py", "test_flow.py", "test_sd_flow.py", "test_fsdp.py",
-                 "test_reproducible.py", "test_stages.py", "test_resume.py", "test_parallel.py", "test_sd3.py",
-                 "test_projects.py", "test_newcomer.py", "test_bad_input.py"]  # then the quick unit tests
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
