@@ -139,12 +139,13 @@ def materialize(root: Path, spec: StageSpec, record: dict, store: Store,
     bad = verify(record["manifest"], root)
     if not bad:
         return "present"
-    damaged = (lock_entry(root, spec).get("outs") == record["lock"].get("outs")
+    ours = lock_entry(root, spec)
+    damaged = (ours.get("outs") == record["lock"].get("outs")
                and any((root / rel).exists() for rel in record["manifest"]))
     if damaged:
         warn(f"{spec.name}: local outputs missing or damaged: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
              f"restoring them")
-    elif _same_inputs(lock_entry(root, spec), record["lock"]) and any((root / rel).is_file() for rel in bad):
+    elif _same_inputs(ours, record["lock"]) and any((root / rel).is_file() for rel in bad):
         # computed here from the same code, params and inputs, yet other bytes (run-to-run measurements,
         # float bits of another machine type): the team's record is kept, and said so
         warn(f"{spec.name}: this workspace computed other bytes for the same inputs ({len(bad)} files differ, e.g. "
@@ -169,10 +170,10 @@ def materialize(root: Path, spec: StageSpec, record: dict, store: Store,
         _discard(root, bad)
         if store.remote:
             _forget_remote_objects(record, store, damaged_objects)
-            if damaged_objects:
-                warn(f"{spec.name}: {len(damaged_objects)} damaged objects removed from {store.describe()}; "
-                     f"the recomputed ones are uploaded in their place")
-        _forget_local_objects(root, spec, damaged_objects)
+        if damaged_objects:
+            _forget_local_objects(root, spec, damaged_objects)
+            warn(f"{spec.name}: {len(damaged_objects)} damaged objects removed from {store.describe()}; "
+                 f"the recomputed ones are uploaded in their place")
         raise OutputsLost(spec.name, f"stage {spec.name}: outputs in {where} are incomplete or damaged ({why})")
     return "restored" if damaged else "fetched"
 
