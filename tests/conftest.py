@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 # Tests run tiny models, often several processes side by side (clones, ranks, servers): one thread per
@@ -166,13 +167,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """A real local Prefect server for the flow and deployment tests; yields its API URL."""
+@contextlib.contextmanager
+def started_prefect_server(home: Path):
+    """A real local Prefect server in `home`, as the API of this process while it runs; yields its URL."""
     import time
     import urllib.request
 
-    home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
     server_env = env() | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                           "PREFECT_SERVER_UI_ENABLED": "false",
@@ -197,11 +197,15 @@ def prefect_server(tmp_path_factory):
                 proc.kill()
                 raise RuntimeError("Prefect server did not start:\n" + (home / "server.log").read_text()[-3000:])
             time.sleep(0.5)
+    before = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = url
     try:
-        yield {"url": url, "home": home}
+        yield url
     finally:
-        os.environ.pop("PREFECT_API_URL", None)
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
         proc.terminate()
         try:
             proc.wait(timeout=20)
@@ -209,3 +213,33 @@ def prefect_server(tmp_path_factory):
             proc.kill()
         log.close()
 
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real local Prefect server for the flow and deployment tests; yields its API URL."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    with started_prefect_server(home) as url:
+        yield {"url": url, "home": home}
+
+
+@pytest.fixture(scope="module")
+def own_prefect_server(tmp_path_factory):
+    """A Prefect server for one test file alone: its deployments and work pools (flows/setup.sh registers the
+    names the served deployment tests use too) never meet another file's on a shared xdist worker."""
+    home = tmp_path_factory.mktemp("prefect-home-own")
+    with started_prefect_server(home) as url:
+        yield {"url": url, "home": home}
+
+
+
+# The longest files first. The suite runs whole files per worker (--dist loadfile) in collection order, so a
+# long file collected last (test_team*.py sort last) ran alone at the end while the other worker sat idle.
+LONGEST_FIRST = ["test_team_workers.py", "test_pipeline.py", "test_team.py", "test_digits_minis.py",
+                 "test_sd_pipeline.py", "test_deps.py", "test_flow.py", "test_sd_flow.py", "test_fsdp.py",
+                 "test_reproducible.py", "test_stages.py", "test_resume.py", "test_parallel.py", "test_sd3.py",
+                 "test_projects.py", "test_newcomer.py", "test_bad_input.py"]  # then the quick unit tests
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept

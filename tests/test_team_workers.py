@@ -50,8 +50,8 @@ def stage_runs(api: str, since) -> dict[str, list[tuple[str, str]]]:
 
 
 @pytest.mark.slow
-def test_worker_team_s3_stages_on_gpu_and_cpu_workers_then_a_third_clone_computes_nothing(tmp_path, prefect_server):
-    api = prefect_server["url"]
+def test_worker_team_s3_stages_on_gpu_and_cpu_workers_then_a_third_clone_computes_nothing(tmp_path, own_prefect_server):
+    api = own_prefect_server["url"]
     endpoint, server = moto(tmp_path)
     workers = []
     try:
@@ -113,10 +113,10 @@ def _kill_machine(home: Path) -> int:
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_stage_fails_in_one_line_and_a_rerun_recomputes_only_that_stage(tmp_path, prefect_server):
+def test_worker_killed_mid_stage_fails_in_one_line_and_a_rerun_recomputes_only_that_stage(tmp_path, own_prefect_server):
     import subprocess
 
-    api = prefect_server["url"]
+    api = own_prefect_server["url"]
     endpoint, server = moto(tmp_path)
     workers, parent = [], None
     try:
