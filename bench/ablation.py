@@ -21,8 +21,10 @@ within or below the teacher's interval, W1 at most 1.2x); the lowest score wins;
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -36,6 +38,8 @@ WORK = ROOT / "bench" / ".ablation"
 RESULTS = ROOT / "bench" / "results"
 SHARED = ("prepare", "teacher", "trajectories")  # upstream outputs no variant changes
 STAGES = ("critic", "distill", "finetune", "evaluate")
+CODE = hashlib.sha256(b"".join(p.read_bytes() for folder in ("fewstep", "stages")
+                               for p in sorted((ROOT / folder).rglob("*.py")))).hexdigest()[:16]
 
 
 def set_dotted(params: dict, dotted: str, value) -> None:
@@ -48,6 +52,13 @@ def set_dotted(params: dict, dotted: str, value) -> None:
 
 def parse_sets(items: list[str]) -> dict:
     return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
+
+
+def stage_key(cmd: str, params: dict, upstream: list[str]) -> str:
+    """What a finished stage of a variant was run with (command, params, code, upstream stages): a rerun of the
+    tool skips the stage while this is unchanged."""
+    text = json.dumps([cmd, params, upstream, CODE], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def run_variant(name: str, overrides: dict, base_sets: dict) -> dict:
@@ -64,11 +75,17 @@ def run_variant(name: str, overrides: dict, base_sets: dict) -> dict:
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    seconds = {}
+    seconds, done_before = {}, []
     for stage in STAGES:
         cmd = stages[stage]["cmd"].replace("${run.launcher}", params["run"]["launcher"])
         cmd = cmd.replace("python stages/", f"{sys.executable} {ROOT}/stages/", 1)
-        cmd = cmd.replace("--trainer fewstep/", f"--trainer {ROOT}/fewstep/")  # the family's trainer module
+        cmd = re.sub(r"(--(?:trainer|family) )fewstep/", rf"\g<1>{ROOT}/fewstep/", cmd)  # the family's modules
+        done = folder / f".done-{stage}"
+        key = stage_key(cmd, params, done_before)
+        if done.exists() and json.loads(done.read_text())["key"] == key:  # finished earlier with these params
+            seconds[stage] = json.loads(done.read_text())["seconds"]
+            done_before.append(key)
+            continue
         start = time.perf_counter()
         with open(folder / f"{stage}.log", "w") as log:
             proc = subprocess.run(cmd, shell=True, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -77,6 +94,8 @@ def run_variant(name: str, overrides: dict, base_sets: dict) -> dict:
             tail = (folder / f"{stage}.log").read_text().strip().splitlines()[-1:]
             print(f"[ablation] {name}: {stage} failed: {tail}", flush=True)
             return {"variant": name, "overrides": overrides, "failed": stage, "seconds": seconds}
+        done.write_text(json.dumps({"key": key, "seconds": seconds[stage]}))
+        done_before.append(key)
     metrics = json.loads((folder / "evaluate" / "metrics.json").read_text())
     print(f"[ablation] {name}: done in {sum(seconds.values()):.0f} s", flush=True)
     return {"variant": name, "overrides": overrides, "params": params["distill"], "metrics": metrics,

@@ -20,7 +20,7 @@ import torch
 from fewstep import distill, objectives, runtime
 from fewstep.checkpoint import Checkpointer
 from fewstep.io import load_tensors, load_trajectories
-from fewstep.models import BottleneckTap, load_model
+from fewstep.models import FeatureTap, load_model
 from fewstep.params import load
 from fewstep.training import RealBatches, adamw, ema_for, karras_grid_sigmas
 
@@ -37,7 +37,7 @@ def build_setup(params, generator) -> objectives.Setup:
     data = load_tensors(ROOT / "prepare/data.safetensors")
     return objectives.Setup(
         teacher=teacher, student=load_model(ROOT / "teacher/model")[0], fake=fake, head=head,
-        tap=BottleneckTap(fake.unet),
+        tap=FeatureTap(fake.unet),
         real=RealBatches(data["train_images"], data["train_labels"], params.batch_size, generator, device),
         conditions=lambda n: torch.randint(teacher.num_classes, (n,), generator=generator),
         noise_levels=lambda n: karras_grid_sigmas(n, edm, params.t_min, params.t_max, generator),

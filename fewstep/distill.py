@@ -22,7 +22,7 @@ from .checkpoint import CHECKPOINTS, Checkpointer, GeneratorState, fingerprint
 from .curves import QualityCurve
 from .data import load_prepared
 from .io import ArtifactError, load_trajectories
-from .models import (BottleneckTap, EDMDenoiser, GanHead, load_model, per_step_labels, save_model,
+from .models import (EDMDenoiser, FeatureTap, GanHead, load_model, per_step_labels, save_model,
                      step_labels, step_tables)
 from .params import ParamsError
 from .training import Minibatches, NoiseRange, Phase, RealBatches, adamw, ema_for, karras_grid_sigmas, train
@@ -160,16 +160,16 @@ def run(params, *, teacher_dir: Path, prepare_dir: Path, out: Path, generator: t
             raise ParamsError(f"{stage}.student_steps/student_sigmas must match the student being continued "
                               f"({student_info['student_sigmas']}), got {sigmas}")
     per_step = params.per_step_critic and len(sigmas) > 1
-    fake, head = load_critic(critic_dir, teacher, len(sigmas) if per_step else 1, stage)
+    gan = params.dmd2.gan
+    fake, head = load_critic(critic_dir, teacher, len(sigmas) if per_step else 1, stage, gan.features)
     parallel.synchronize(*([student] if train_generator else []), fake, head)
     num_classes = teacher.num_classes
     _, data = load_prepared(prepare_dir)
     traj = None if trajectories_dir is None else load_trajectories(trajectories_dir,
                                                                    states=params.objective == "consistency")
     karras = lambda n, t_min, t_max: karras_grid_sigmas(n, edm, t_min, t_max, generator).to(device)  # noqa: E731
-    gan = params.dmd2.gan
     setup = objectives.Setup(
-        teacher=teacher, student=student, fake=fake, head=head, tap=BottleneckTap(fake.unet),
+        teacher=teacher, student=student, fake=fake, head=head, tap=FeatureTap(fake.unet, gan.features),
         real=RealBatches(data["train_images"], data["train_labels"], params.batch_size, generator, device),
         conditions=lambda n: torch.randint(num_classes, (n,), generator=generator).to(device),
         noise_levels=NoiseRange(karras, params.t_min, params.t_max, params.t_range_end, params.steps),
@@ -214,22 +214,31 @@ def load_init_student(path: Path, teacher: EDMDenoiser, device) -> EDMDenoiser:
 
 
 def load_critic(critic_dir: Path | None, teacher: EDMDenoiser, tables: int = 1,
-                stage: str = "distill") -> tuple[EDMDenoiser, GanHead]:
+                stage: str = "distill", features: str = "bottleneck") -> tuple[EDMDenoiser, GanHead]:
     """The fake score and GAN head: from a previous stage, or freshly initialized from the teacher
-    (with `tables` > 1: one label table per student step, for a per-step critic)."""
+    (with `tables` > 1: one label table per student step, for a per-step critic; the head sized for the
+    fake score's `features`)."""
     if critic_dir is None:
         fake = copy.deepcopy(teacher)
         if tables > 1:
             per_step_labels(fake, tables)
-        head = GanHead(fake.unet.config.block_out_channels[-1])
+        head = GanHead(FeatureTap.channels(fake.unet, features))
     else:
         fake, _ = load_model(critic_dir)
         if step_tables(fake) != tables:
             raise ParamsError(f"{stage}.per_step_critic must match the critic being continued ({critic_dir}: "
                               f"{step_tables(fake)} step table(s), this run needs {tables})")
         head = GanHead.load(critic_dir)
+        check_head_fits(head, FeatureTap.channels(fake.unet, features), features, stage, critic_dir)
     device = next(teacher.parameters()).device
     return fake.to(device), head.to(device)
+
+
+def check_head_fits(head: GanHead, channels: int, features: str, stage: str, critic_dir: Path) -> None:
+    """The continued GAN head was made for the fake score features this stage reads (critic.gan.features)."""
+    if head.config["in_channels"] != channels:
+        raise ParamsError(f"{stage}.dmd2.gan.features: {features!r} does not fit the GAN head in {critic_dir} "
+                          f"({head.config['in_channels']} input channels); set it as critic.gan.features")
 
 
 def trajectory_batches(traj: dict | None, conditions: Callable, batch_size: int, generator, device):

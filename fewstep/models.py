@@ -294,12 +294,23 @@ class GanHead(ConfiguredModule):
         return self.net(features).mean(dim=(1, 2, 3))
 
 
-class BottleneckTap:
-    """Keeps the latest output of a UNet's mid-block (the GAN head's input) via a forward hook."""
+class FeatureTap:
+    """Keeps the latest output of one UNet block (the GAN head's input) via a forward hook: the mid-block
+    (`bottleneck`, DMD2's choice) or the decoder's last block (`decoder`: full resolution, where a pixel-level
+    artifact is not yet averaged away)."""
 
-    def __init__(self, unet: UNet2DModel):
+    def __init__(self, unet: nn.Module, where: str = "bottleneck"):
         self.features: torch.Tensor | None = None
-        unet.mid_block.register_forward_hook(self._keep)
+        self.block(unet, where).register_forward_hook(self._keep)
+
+    @staticmethod
+    def block(unet: nn.Module, where: str) -> nn.Module:
+        return unet.mid_block if where == "bottleneck" else unet.up_blocks[-1]
+
+    @staticmethod
+    def channels(unet: nn.Module, where: str) -> int:
+        channels = unet.config.block_out_channels
+        return channels[-1] if where == "bottleneck" else channels[0]
 
     def _keep(self, module, inputs, output):
         self.features = output

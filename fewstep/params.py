@@ -237,6 +237,9 @@ class GanParams(Section):
     # noise level and features
     t_min: float | None = Field(None, ge=0)
     t_max: float | None = Field(None, gt=0)
+    # the fake score's features the head classifies: the UNet's bottleneck (DMD2) or its decoder's last block (full
+    # resolution); the critic stage makes the head, so critic.gan.features and distill.dmd2.gan.features agree
+    features: Literal["bottleneck", "decoder"] = "bottleneck"
 
     @model_validator(mode="after")
     def _own_range(self):

@@ -4,7 +4,7 @@ import torch
 
 from conftest import write_image_folder
 from fewstep.data import DataError, load_dataset, split
-from fewstep.models import EDMDenoiser, Featurizer, GanHead, build_unet, make_scheduler, BottleneckTap
+from fewstep.models import EDMDenoiser, Featurizer, GanHead, build_unet, make_scheduler, FeatureTap
 from fewstep.params import EDMParams
 
 
@@ -26,7 +26,7 @@ def test_split_is_seeded_and_disjoint():
 def test_models_adapt_to_resolution(resolution, channels):
     unet = build_unet(resolution, channels, num_classes=10)
     model = EDMDenoiser(unet, make_scheduler(EDMParams()), 10)
-    tap = BottleneckTap(unet)
+    tap = FeatureTap(unet)
     x = torch.randn(2, channels, resolution, resolution)
     out = model(x, torch.tensor([0.5, 10.0]), torch.tensor([3, 10]))
     assert out.shape == x.shape

@@ -47,7 +47,7 @@ def test_consistency_distillation_moves_generator_to_the_mixture(tmp_path):
 def tiny_unet_setup(objective: str, **params) -> objectives.Setup:
     from types import SimpleNamespace
 
-    from fewstep.models import BottleneckTap, EDMDenoiser, GanHead, build_unet, make_scheduler
+    from fewstep.models import FeatureTap, EDMDenoiser, GanHead, build_unet, make_scheduler
     from fewstep.params import DistillParams
     from fewstep.training import karras_grid_sigmas
 
@@ -67,7 +67,7 @@ def tiny_unet_setup(objective: str, **params) -> objectives.Setup:
                 "states": states[idx], "sigmas": sigmas}
 
     return objectives.Setup(
-        teacher=teacher.requires_grad_(False), student=student, fake=fake, head=head, tap=BottleneckTap(fake.unet),
+        teacher=teacher.requires_grad_(False), student=student, fake=fake, head=head, tap=FeatureTap(fake.unet),
         real=lambda: (torch.randn(p.batch_size, 1, 8, 8, generator=gen).clamp(-1, 1), torch.arange(p.batch_size) % 10),
         conditions=lambda n: torch.randint(10, (n,), generator=gen),
         noise_levels=lambda n: karras_grid_sigmas(n, edm, p.t_min, p.t_max, gen),
@@ -138,6 +138,31 @@ def test_dmd2_gan_head_on_its_own_noise_range_reads_its_own_fake_score_pass():
     setup.fake.calls.clear()
     assert {"denoise", "gan"} <= set(obj.critic_loss())
     assert [s <= low for _, s, _ in setup.fake.calls] == [False, True, True]  # denoising, then student and real
+
+
+def test_dmd2_gan_head_on_the_decoder_reads_full_resolution_features_and_a_mismatched_head_is_named(tmp_path):
+    """dmd2.gan.features: decoder taps the fake score's last up-block (full resolution, the first block's
+    channels); both GAN terms train; a critic's head made for the other features fails in one line."""
+    from fewstep.distill import check_head_fits
+    from fewstep.models import FeatureTap, GanHead
+    from fewstep.params import ParamsError
+
+    setup = tiny_unet_setup("dmd2", dmd2={"gan": {"features": "decoder"}})
+    assert FeatureTap.channels(setup.fake.unet, "decoder") == 16
+    setup.tap, setup.head = FeatureTap(setup.fake.unet, "decoder"), GanHead(16)
+    obj = objectives.build("dmd2", setup)
+    setup.student.requires_grad_(True)
+    losses = obj.generator_loss()
+    assert setup.tap.features.shape[-2:] == (8, 8)  # the sample's own resolution (the bottleneck is 4x4)
+    losses["loss"].backward()
+    assert torch.isfinite(losses["gan"])
+    head_before = _snapshot(setup.head)
+    critic = obj.critic_modules()
+    _update(Phase("critic", critic, adamw(critic, setup.params), obj.critic_loss), 0, contextlib.nullcontext)
+    assert not _unchanged(setup.head, head_before)
+    with pytest.raises(ParamsError, match=r"^distill\.dmd2\.gan\.features: 'decoder' does not fit the GAN head in "
+                                          r".*critic \(32 input channels\); set it as critic\.gan\.features$"):
+        check_head_fits(GanHead(32), 16, "decoder", "distill", tmp_path / "critic")
 
 
 def test_scheduled_noise_range_moves_linearly_from_start_to_end():

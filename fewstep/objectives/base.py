@@ -22,7 +22,7 @@ class Setup:
     student: nn.Module                             # the generator being trained
     fake: nn.Module                                # fake score (critic), trained online on student samples
     head: nn.Module                                # GAN discriminator head on the fake score's bottleneck
-    tap: Any                                       # BottleneckTap: the fake score's mid-block features
+    tap: Any                                       # FeatureTap: the fake score's features the head reads
     real: Callable[[], tuple[torch.Tensor, Cond]]  # real (x0, cond) minibatches
     conditions: Callable[[int], Cond]              # n random conditions for generated samples
     noise_levels: Callable[[int], torch.Tensor]    # n noise levels for the DM / fake-score losses

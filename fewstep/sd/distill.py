@@ -13,7 +13,7 @@ import xxhash
 from .. import objectives
 from ..hashing import Hasher
 from ..checkpoint import CHECKPOINTS, Checkpointer, GeneratorState, fingerprint
-from ..distill import fit, trajectory_batches
+from ..distill import check_head_fits, fit, trajectory_batches
 from ..io import ArtifactError, load_trajectories
 from ..models import GanHead
 from ..params import ParamsError
@@ -75,14 +75,23 @@ def load_student(path: Path, student_dir: Path | None, init_dir: Path | None, se
     return student
 
 
-def load_critic(path: Path, critic_dir: Path | None, negative, device, run_p) -> tuple[SDDenoiser, GanHead]:
+def load_critic(path: Path, critic_dir: Path | None, negative, device, run_p, features: str,
+                stage: str) -> tuple[SDDenoiser, GanHead]:
     """The fake score and GAN head: from a previous stage, or the teacher's network and a fresh head."""
     ckpt = run_p.gradient_checkpointing
+    family = families.of_teacher(path)
+    if family.flow and features != "bottleneck":
+        key = "critic.gan" if stage == "critic" else f"{stage}.dmd2.gan"
+        raise ParamsError(f"{key}.features: {features!r} needs a UNet; {family.name}'s transformer gives the GAN head "
+                          "its middle block's image tokens (use 'bottleneck')")
+    channels = lambda fake: family.gan_channels(fake.unet, features)  # noqa: E731
     if critic_dir is None:
         fake = models.denoiser(models.teacher_network(path), path, negative, device, run_p.precision, ckpt)
-        return fake, GanHead(families.of_teacher(path).gan_channels(fake.unet)).to(device)
+        return fake, GanHead(channels(fake)).to(device)
     fake, _ = models.load(critic_dir, path, negative, device, run_p.precision, ckpt)
-    return fake, GanHead.load(critic_dir).to(device)
+    head = GanHead.load(critic_dir)
+    check_head_fits(head, channels(fake), features, stage, critic_dir)
+    return fake, head.to(device)
 
 
 def _digest(model: SDDenoiser) -> str:
@@ -136,8 +145,9 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
     init_dir = Path(settings.init_student) if student_dir is None and settings.init_student else None
     student = load_student(path, student_dir, init_dir, settings, train.negative, latent_size, build_on, run_p, lora,
                            stage)
-    fake, head = load_critic(path, critic_dir, train.negative, build_on, run_p)
-    tap = families.get(t.family).gan_tap(fake.unet)
+    gan = settings.dmd2.gan
+    fake, head = load_critic(path, critic_dir, train.negative, build_on, run_p, gan.features, stage)
+    tap = families.get(t.family).gan_tap(fake.unet, gan.features)
     if sharded:
         fsdp.broadcast(head.to(device))  # a fresh head is random per rank; the UNets are the same files
         compute = models.AUTOCAST[run_p.precision]
@@ -150,7 +160,6 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
 
     # --- the objective's view of them ------------------------------------------------------------------
     sigmas = [teacher.sigma_of(s) for s in settings.student_timesteps]
-    gan = settings.dmd2.gan
     setup = objectives.Setup(
         teacher=teacher, student=student, fake=fake, head=head, tap=tap,
         real=real_data(train, traj, settings.batch_size, generator, device),

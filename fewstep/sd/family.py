@@ -47,18 +47,19 @@ class Family:
             return FlowDenoiser(network, scheduler_config, negative, autocast_dtype=autocast_dtype)
         return SDDenoiser(network, alphas_cumprod(scheduler_config), negative, autocast_dtype=autocast_dtype)
 
-    def gan_tap(self, network: nn.Module):
-        """The fake score's features the GAN head classifies: a UNet's bottleneck, or the image tokens after a
-        transformer's middle block laid out as a map."""
-        from ..models import BottleneckTap
+    def gan_tap(self, network: nn.Module, features: str = "bottleneck"):
+        """The fake score's features the GAN head classifies: a UNet's bottleneck or decoder (FeatureTap), or
+        the image tokens after a transformer's middle block laid out as a map."""
+        from ..models import FeatureTap
         from .flow import TokenTap
 
-        return TokenTap(network) if self.flow else BottleneckTap(network)
+        return TokenTap(network) if self.flow else FeatureTap(network, features)
 
-    def gan_channels(self, network: nn.Module) -> int:
+    def gan_channels(self, network: nn.Module, features: str = "bottleneck") -> int:
+        from ..models import FeatureTap
         from .flow import TokenTap
 
-        return TokenTap.channels(network) if self.flow else network.config.block_out_channels[-1]
+        return TokenTap.channels(network) if self.flow else FeatureTap.channels(network, features)
 
     def feature_block(self, network: nn.Module) -> tuple[nn.Module, callable]:
         """The block whose output the teacher's evaluation features (FID-T) average, and how to average it."""
