@@ -136,11 +136,13 @@ W1_TARGET = 1.2  # the student's pixel W1 at most this many times the teacher's 
 def recipes(rows: list[dict], model: str = "student@1") -> list[dict]:
     """One entry per recipe (the overrides without `seed`), its student's FID and pixel W1 averaged over the
     training seeds, against the mean of its runs' teachers."""
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, dict[int, dict]] = {}
     for r in rows:
         if "metrics" in r and model in r["metrics"]:
             recipe = {k: v for k, v in r["overrides"].items() if k != "seed"}
-            groups.setdefault(json.dumps(recipe, sort_keys=True), []).append(r)
+            seed = r["overrides"].get("seed", 0)  # a recipe run again at one seed (merged tables) counts once
+            groups.setdefault(json.dumps(recipe, sort_keys=True), {}).setdefault(seed, r)
+    groups = {recipe: list(by_seed.values()) for recipe, by_seed in groups.items()}
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     out = []
     for recipe, runs in groups.items():

@@ -62,3 +62,24 @@ def test_rank_rule_averages_training_seeds_and_scores_both_views():
     assert all(r["front"] for r in ranked)  # none has both a lower FID and a lower W1 than another
     table = ablation.rank_table(rows)
     assert "| 1 | v0.9 | 1 | 1.600 |" in table and "| yes | yes |" in table
+
+
+def test_rank_counts_a_recipe_measured_twice_at_one_seed_once():
+    """Merged tables can hold the same recipe and seed twice (the default in two studies): one seed, not two."""
+    ablation = load_ablation()
+    model = lambda f: {"fid": f, "fid_ci95": [f - 0.3, f + 0.3], "pixel_w1": 0.02}  # noqa: E731
+    row = lambda name, overrides, fid: {"variant": name, "overrides": overrides,  # noqa: E731
+                                        "metrics": {"teacher": model(1.4), "student@1": model(fid)}}
+    ranked = ablation.recipes([row("t0.5-0.7", {}, 1.2), row("default", {}, 1.2), row("default-seed1", {"seed": 1}, 1.4)])
+    assert [(r["recipe"], r["seeds"]) for r in ranked] == [("t0.5-0.7", 2)]
+    assert abs(ranked[0]["fid"] - 1.3) < 1e-9
+
+
+def test_a_finished_stage_is_skipped_only_while_its_command_params_code_and_upstream_are_unchanged():
+    ablation = load_ablation()
+    key = ablation.stage_key("python stages/distill.py", {"distill": {"lr": 1e-4}}, ["critic-key"])
+    assert key == ablation.stage_key("python stages/distill.py", {"distill": {"lr": 1e-4}}, ["critic-key"])
+    assert key != ablation.stage_key("python stages/distill.py", {"distill": {"lr": 2e-4}}, ["critic-key"])
+    assert key != ablation.stage_key("python stages/distill.py", {"distill": {"lr": 1e-4}}, ["other-critic"])
+    ablation.CODE = "edited"
+    assert key != ablation.stage_key("python stages/distill.py", {"distill": {"lr": 1e-4}}, ["critic-key"])
