@@ -16,7 +16,7 @@ differ only in `seed` (training seeds) are one recipe, averaged. The rule, so ea
 same way: score = max(student FID / the upper end of the teacher's FID interval, student pixel W1 / (1.2 x the
 teacher's)), each measured against the teacher of the same evaluate run. A score <= 1 meets both targets (FID
 within or below the teacher's interval, W1 at most 1.2x); the lowest score wins; `front` marks the Pareto front
-(no other recipe has both a lower FID and a lower W1).
+(no other recipe has both a lower FID and a lower W1), drawn in results/<name>-front.png.
 """
 from __future__ import annotations
 
@@ -173,6 +173,37 @@ def rank_table(rows: list[dict], model: str = "student@1") -> str:
     return "\n".join(lines) + "\n"
 
 
+def front_plot(rows: list[dict], path: Path, model: str = "student@1") -> None:
+    """Both views of every recipe as one scatter (PNG): FID over the teacher's interval high against pixel W1
+    over the teacher's, the target box (score <= 1) shaded and the Pareto front joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranked = recipes(rows, model)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    ax.fill_between([0, 1], 0, W1_TARGET, color="tab:green", alpha=0.12, label=f"target: FID in the teacher's "
+                    f"interval, W1 <= {W1_TARGET}x")
+    front = sorted((r for r in ranked if r["front"]), key=lambda r: r["fid_ratio"])
+    ax.plot([r["fid_ratio"] for r in front], [r["w1_ratio"] for r in front], "-", color="tab:orange",
+            label="Pareto front")
+    for r in ranked:
+        ax.plot(r["fid_ratio"], r["w1_ratio"], "o", color="tab:orange" if r["front"] else "tab:gray")
+        ax.annotate(f"{r['recipe']} ({r['seeds']})", (r["fid_ratio"], r["w1_ratio"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    xs, ys = [r["fid_ratio"] for r in ranked], [r["w1_ratio"] for r in ranked]
+    ax.set_xlim(min(xs + [1]) - 0.05, max(xs + [1]) + 0.1)
+    ax.set_ylim(min(ys + [1]) - 0.1, max(ys + [W1_TARGET]) + 0.1)
+    ax.set_xlabel("student FID / upper end of the teacher's 95% interval")
+    ax.set_ylabel("student pixel W1 / teacher's")
+    ax.set_title(f"{model}: both views, means over training seeds (count in brackets)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def save(path: Path, command: str, sets: dict, rows: list[dict], order: list[str]) -> None:
     rows = sorted(rows, key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +220,8 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+", default=None, metavar="NAME",
                     help="with --table-only: one table from several results/<NAME>.json, saved as <--name>")
     ap.add_argument("--name", default="ablation", help="results file stem under bench/results/")
-    ap.add_argument("--rank", action="store_true", help="also rank the recipes on FID and pixel W1 (<name>-rank.md)")
+    ap.add_argument("--rank", action="store_true",
+                    help="also rank the recipes on FID and pixel W1 (<name>-rank.md, <name>-front.png)")
     args = ap.parse_args()
 
     sets = parse_sets(args.set)
@@ -220,6 +252,7 @@ def main() -> None:
     if args.rank:
         ranked = rank_table(rows)
         (RESULTS / f"{args.name}-rank.md").write_text(ranked)
+        front_plot(rows, RESULTS / f"{args.name}-front.png")
         print(ranked)
 
 

@@ -83,3 +83,14 @@ def test_a_finished_stage_is_skipped_only_while_its_command_params_code_and_upst
     assert key != ablation.stage_key("python stages/distill.py", {"distill": {"lr": 1e-4}}, ["other-critic"])
     ablation.CODE = "edited"
     assert key != ablation.stage_key("python stages/distill.py", {"distill": {"lr": 1e-4}}, ["critic-key"])
+
+
+def test_front_plot_draws_every_recipe_into_a_png(tmp_path):
+    ablation = load_ablation()
+    model = lambda f, w: {"fid": f, "fid_ci95": [f - 0.3, f + 0.3], "pixel_w1": w}  # noqa: E731
+    rows = [{"variant": f"v{i}", "overrides": {"distill.t_max": t},
+             "metrics": {"teacher": model(1.4, 0.01), "student@1": model(fid, w1)}}
+            for i, (t, fid, w1) in enumerate([(0.7, 1.2, 0.02), (0.9, 1.6, 0.011), (0.95, 1.9, 0.0105)])]
+    ablation.front_plot(rows, tmp_path / "front.png")
+    png = (tmp_path / "front.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
