@@ -40,6 +40,7 @@ CASES = [
     ({"distill": {"t_min": 0.9, "t_max": 0.5}}, "distill t_min must be < t_max, got 0.9 >= 0.5"),
     ({"distill": {"betas": [0.9, 1.5]}}, "distill.betas must be two numbers in [0, 1), got [0.9, 1.5]"),
     ({"distill": {"dmd2": {"gan": {"critic_weight": -0.1}}}}, "distill.dmd2.gan.critic_weight must be >= 0, got -0.1"),
+    ({"critic": {"gan": {"features": "mid"}}}, "critic.gan.features must be one of 'bottleneck' or 'decoder', got 'mid'"),
     ({"teacher": {"edm": {"sigma_min": 100}}}, "teacher.edm sigma_min must be < sigma_max, got 100.0 >= 80.0"),
     ({"teacher": {"channels": [32, 60]}}, "teacher.channels must be a non-empty list of positive multiples of 8"),
     ({"teacher": {"ema_decay": 1.0}}, "teacher.ema_decay must be < 1, got 1.0"),
