@@ -172,7 +172,8 @@ def test_stage_failure_leaves_no_half_written_output(workdir):
     assert lines == [f"[evaluate] error: broken_traj/train-00001.safetensors: not a readable safetensors file"
                      + lines[0].split("safetensors file", 1)[1]]
     assert not (workdir / "eval2/metrics.json").exists() and not (workdir / "eval2/samples").exists()
-    assert not [p for p in (workdir / "eval2").glob(".*tmp")] if (workdir / "eval2").exists() else True
+    left = sorted(p.name for p in (workdir / "eval2").iterdir()) if (workdir / "eval2").exists() else []
+    assert left == [], f"half-written or temporary files left behind: {left}"  # e.g. .metrics.json.<id>.tmp
 
 
 def test_same_params_same_bytes(workdir, tmp_path):
