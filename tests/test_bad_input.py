@@ -300,10 +300,12 @@ def pickled_weights(rel: str):
 
 
 def narrow_gan_head(w):
-    """GAN-head weights of width 32 under a gan_head.json that says width 64."""
+    """GAN-head weights of width 32 under a gan_head.json that says width 64 (for the default's decoder
+    features: 32 input channels)."""
     from fewstep.models import GanHead
 
-    save_file(GanHead(64, width=32).state_dict(), w / "critic/critic/gan_head.safetensors")
+    assert json.loads((w / "critic/critic/gan_head.json").read_text()) == {"in_channels": 32, "width": 64}
+    save_file(GanHead(32, width=32).state_dict(), w / "critic/critic/gan_head.safetensors")
 
 
 VAE_CONFIG = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", "act_fn": "silu",
@@ -414,7 +416,7 @@ BAD_INPUTS = [
          edit_json("teacher/model/unet/config.json", lambda c: c.update(block_out_channels=[64, 64]))),
     case("critic-gan-head-wrong-shape", ["distill", *UPSTREAM["distill"]],
          "[distill] error: critic/critic/gan_head.safetensors: weights do not fit the model "
-         "(net.0.weight has shape [32, 64, 4, 4], expected [64, 64, 4, 4])", narrow_gan_head),
+         "(net.0.weight has shape [32, 32, 4, 4], expected [64, 32, 4, 4])", narrow_gan_head),
     # -- teacher directories that are not fewstep / diffusers models
     case("teacher-empty-dir", ["trajectories", *UPSTREAM["trajectories"]],
          "[trajectories] error: teacher/model: not a fewstep model directory (missing fewstep.json)",

@@ -191,7 +191,7 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
         cpu = torch.device("cpu")
 
         def rebuild() -> list:
-            fresh = list(load_critic(path, critic_dir, train.negative, cpu, run_p))
+            fresh = list(load_critic(path, critic_dir, train.negative, cpu, run_p, gan.features, stage))
             if train_generator:
                 fresh.insert(0, load_student(path, student_dir, init_dir, settings, train.negative, latent_size, cpu,
                                              run_p, lora, stage))
