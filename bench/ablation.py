@@ -82,8 +82,9 @@ def run_variant(name: str, overrides: dict, base_sets: dict) -> dict:
         cmd = re.sub(r"(--(?:trainer|family) )fewstep/", rf"\g<1>{ROOT}/fewstep/", cmd)  # the family's modules
         done = folder / f".done-{stage}"
         key = stage_key(cmd, params, done_before)
-        if done.exists() and json.loads(done.read_text())["key"] == key:  # finished earlier with these params
-            seconds[stage] = json.loads(done.read_text())["seconds"]
+        finished = json.loads(done.read_text()) if done.exists() else {}
+        if finished.get("key") == key:  # finished earlier with these params
+            seconds[stage] = finished["seconds"]
             done_before.append(key)
             continue
         start = time.perf_counter()

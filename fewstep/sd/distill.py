@@ -84,13 +84,12 @@ def load_critic(path: Path, critic_dir: Path | None, negative, device, run_p, fe
         key = "critic.gan" if stage == "critic" else f"{stage}.dmd2.gan"
         raise ParamsError(f"{key}.features: {features!r} needs a UNet; {family.name}'s transformer gives the GAN head "
                           "its middle block's image tokens (use 'bottleneck')")
-    channels = lambda fake: family.gan_channels(fake.unet, features)  # noqa: E731
     if critic_dir is None:
         fake = models.denoiser(models.teacher_network(path), path, negative, device, run_p.precision, ckpt)
-        return fake, GanHead(channels(fake)).to(device)
+        return fake, GanHead(family.gan_channels(fake.unet, features)).to(device)
     fake, _ = models.load(critic_dir, path, negative, device, run_p.precision, ckpt)
     head = GanHead.load(critic_dir)
-    check_head_fits(head, channels(fake), features, stage, critic_dir)
+    check_head_fits(head, family.gan_channels(fake.unet, features), features, stage, critic_dir)
     return fake, head.to(device)
 
 
