@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import os
 import shlex
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,10 +51,26 @@ def _package_of(path: Path, root: Path) -> list[str]:
     return list(path.resolve().relative_to(root.resolve()).parts[:-1])
 
 
+_PARSE_LOCK = threading.Lock()
+
+
+def _parse(path: Path) -> ast.Module:
+    """`ast.parse`, safe beside other threads. CPython 3.11 keeps the AST constructor's recursion depth
+    per interpreter, not per thread, so two parses interleaved by a thread switch (a flow's task threads,
+    or Prefect's own) fail with a spurious `SystemError: AST constructor recursion depth mismatch`
+    (python/cpython#106905). Ours are serialized; a clash with a foreign thread's parse is retried."""
+    source = path.read_text()
+    with _PARSE_LOCK:
+        try:
+            return ast.parse(source, filename=str(path))
+        except SystemError:  # a foreign thread's parse interleaved with ours: the tree itself is fine
+            return ast.parse(source, filename=str(path))
+
+
 def _imported_names(path: Path, root: Path) -> list[tuple[str, int]]:
     """Every module name a file may load, with its line: `import a.b` gives a.b; `from a import b`
     gives a and a.b (b may be a submodule); relative imports resolved against the file's package."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = _parse(path)
     names = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
