@@ -4,8 +4,8 @@
     python bench/memory.py --sizes sdxl sd3 --ranks 1 2 --device cuda --precision bf16 --lora 0 64  # GPUs
 
 Each configuration is one `torchrun` of this script's worker: random-weight SD-shaped UNets or SD3-shaped
-transformers (rectified flows, fewstep.sd.flow) as teacher, student and fake score, with the GAN head; DMD2
-distill steps through fewstep's trainer (`fewstep.distill.fit`) on random text conditions. Per rank it
+transformers (rectified flows, fewstep.families.t2i.flow_denoiser) as teacher, student and fake score, with the GAN head; DMD2
+distill steps through fewstep's trainer (`fewstep.core.distillation.fit`) on random text conditions. Per rank it
 measures the bytes held of the trained networks' parameters, gradients and AdamW states (a shard counts its
 local part), the peak memory (CUDA: max allocated; CPU: the highest RSS while training, above the RSS before
 the models were built: teacher and activations included) and the time per step. A configuration that runs
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # SD-shaped UNet2DConditionModel configs (the test's tiny one, a mid-size one a laptop trains, real SDXL) and
-# SD3-shaped SD3Transformer2DModel ones (a tiny one, real SD3-medium), trained as rectified flows (fewstep.sd.flow)
+# SD3-shaped SD3Transformer2DModel ones (a tiny one, real SD3-medium), trained as rectified flows (fewstep.families.t2i.flow_denoiser)
 SIZES = {
     "tiny": dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
                  attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True,
@@ -89,8 +89,8 @@ def _denoiser(size: str, seed: int, dtype, negative=None, compute=None):
     import torch
     from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
-    from fewstep.sd.denoiser import SDDenoiser, alphas_cumprod
-    from fewstep.sd.flow import FlowDenoiser
+    from fewstep.families.t2i.sd_denoiser import SDDenoiser, alphas_cumprod
+    from fewstep.families.t2i.flow_denoiser import FlowDenoiser
 
     torch.manual_seed(seed)
     if _flow(size):
@@ -103,7 +103,7 @@ def _denoiser(size: str, seed: int, dtype, negative=None, compute=None):
 def _conditions(size: str, generator, device):
     import torch
 
-    from fewstep.sd.denoiser import SDCond
+    from fewstep.families.t2i.sd_denoiser import SDCond
 
     config = SIZES[size]
 
@@ -158,11 +158,12 @@ def _built(build, name, setup, ranks):
 def worker(args) -> None:
     import torch
 
-    from fewstep import distill, fsdp, objectives, parallel
-    from fewstep.models import GanHead
-    from fewstep.sd import models
-    from fewstep.sd.distill import noise_levels
-    from fewstep.sd import family as families
+    from fewstep.families.edm import edm_trainer as distill
+    from fewstep.core import fsdp, objectives, parallel
+    from fewstep.core.heads import GanHead
+    from fewstep.families.t2i import networks as models
+    from fewstep.families.t2i.t2i_trainer import noise_levels
+    from fewstep.families.t2i import variants as families
     from fewstep.params import validate
 
     torch.set_num_threads(args.threads)

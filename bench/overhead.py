@@ -1,4 +1,4 @@
-"""Trainer overhead: the distill stage's training loop (fewstep.distill.fit: phases, EMA, dvclive logs,
+"""Trainer overhead: the distill stage's training loop (fewstep.core.distillation.fit: phases, EMA, dvclive logs,
 tqdm, resumable checkpoints at the configured interval) vs a bare loop doing the same math.
 
     python bench/overhead.py [--steps 100] [--repeats 2] [--threads 0]
@@ -17,23 +17,27 @@ from pathlib import Path
 
 import torch
 
-from fewstep import distill, objectives, runtime
-from fewstep.checkpoint import Checkpointer
+from fewstep.core import distillation
+from fewstep.families.edm import edm_trainer
+from fewstep.core import objectives, runtime
+from fewstep.core.checkpoint import Checkpointer
 from fewstep.io import load_tensors, load_trajectories
-from fewstep.models import FeatureTap, load_model
+from fewstep.core.heads import FeatureTap
+from fewstep.families.edm.unet import load_model
 from fewstep.params import load
-from fewstep.training import RealBatches, adamw, ema_for, karras_grid_sigmas
+from fewstep.core.training import RealBatches, adamw, ema_for
+from fewstep.families.edm.unet import karras_grid_sigmas
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_setup(params, generator) -> objectives.Setup:
-    """The distill stage's Setup, as fewstep.distill.run builds it."""
+    """The distill stage's Setup, as fewstep.families.edm.edm_trainer.run builds it."""
     device = torch.device("cpu")
     teacher, _ = load_model(ROOT / "teacher/model")
     teacher.requires_grad_(False)
-    edm = distill._edm_of(teacher)
-    fake, head = distill.load_critic(ROOT / "critic/critic", teacher)
+    edm = edm_trainer._edm_of(teacher)
+    fake, head = edm_trainer.load_critic(ROOT / "critic/critic", teacher)
     data = load_tensors(ROOT / "prepare/data.safetensors")
     return objectives.Setup(
         teacher=teacher, student=load_model(ROOT / "teacher/model")[0], fake=fake, head=head,
@@ -41,9 +45,9 @@ def build_setup(params, generator) -> objectives.Setup:
         real=RealBatches(data["train_images"], data["train_labels"], params.batch_size, generator, device),
         conditions=lambda n: torch.randint(teacher.num_classes, (n,), generator=generator),
         noise_levels=lambda n: karras_grid_sigmas(n, edm, params.t_min, params.t_max, generator),
-        student_sigmas=distill.student_sigmas(params, edm), params=params, generator=generator, device=device,
+        student_sigmas=edm_trainer.student_sigmas(params, edm), params=params, generator=generator, device=device,
         sigma_data=edm.sigma_data,
-        trajectories=distill.trajectory_batches(load_trajectories(ROOT / "trajectories"), lambda labels: labels,
+        trajectories=distillation.trajectory_batches(load_trajectories(ROOT / "trajectories"), lambda labels: labels,
                                                 params.batch_size, generator, device))
 
 
@@ -69,10 +73,10 @@ def bare_loop(setup: objectives.Setup, params) -> float:
 
 
 def framework_loop(setup: objectives.Setup, params, scratch: Path) -> float:
-    """fewstep.distill.fit with its logging, progress bar and checkpoints (as the stage runs it)."""
+    """fewstep.core.distillation.fit with its logging, progress bar and checkpoints (as the stage runs it)."""
     checkpoint = Checkpointer(scratch / "checkpoint", params.checkpoint_every, key="overhead", logs=scratch / "live")
     start = time.perf_counter()
-    distill.fit(setup, params, scratch, "distill", checkpoint=checkpoint)
+    distillation.fit(setup, params, scratch, "distill", checkpoint=checkpoint)
     return params.steps / (time.perf_counter() - start)
 
 
@@ -104,7 +108,7 @@ def main() -> None:
           f"({torch.get_num_threads()} torch threads).\n\n"
           "| loop | training steps/s (best of repeats) |\n|---|---|\n"
           f"| bare (same math, nothing else) | {best_bare:.3f} |\n"
-          f"| fewstep.distill.fit (logs every {d.log_every}, checkpoint every {d.checkpoint_every}) | {best_fit:.3f} |\n"
+          f"| fewstep.core.distillation.fit (logs every {d.log_every}, checkpoint every {d.checkpoint_every}) | {best_fit:.3f} |\n"
           f"\nOverhead: **{overhead:.1f} %**\n")
     (out / "overhead.md").write_text(md)
     print(md)

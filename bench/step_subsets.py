@@ -22,13 +22,14 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from fewstep.data import load_prepared
-from fewstep.evaluation import seed_noise, student_sampler
+from fewstep.data.sources import load_prepared
+from fewstep.core.evaluation import seed_noise, student_sampler
 from fewstep.io import load_trajectories
-from fewstep.metrics import Evaluator
-from fewstep.models import Featurizer, load_model
+from fewstep.core.metrics import Evaluator
+from fewstep.data.featurizer import Featurizer
+from fewstep.families.edm.unet import load_model
 from fewstep.params import load
-from fewstep.sampling import batched, heun_sample
+from fewstep.core.sampling import batched, heun_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 

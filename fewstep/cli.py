@@ -22,10 +22,10 @@ def sample(args) -> None:
     import torch
     from PIL import Image
 
-    from .grid import save_grid
-    from .io import atomic_output
-    from .models import load_model
-    from .sampling import nfe, sample_model
+    from fewstep.core.grid import save_grid
+    from fewstep.files import atomic_output
+    from fewstep.families.edm.unet import load_model
+    from fewstep.core.sampling import nfe, sample_model
 
     if args.out.suffix.lower() not in Image.registered_extensions():
         raise UsageError(f"--out must name an image file (e.g. grid.png), got {str(args.out)!r}")
@@ -65,9 +65,10 @@ def sample(args) -> None:
 
 def compare(args) -> int:
     """`fewstep compare A B`: both models on the same noise and labels, a grid and a metrics table."""
-    from .compare import compare as run_compare
-    from .io import ArtifactError, atomic_output
-    from .params import ParamsError
+    from fewstep.families.edm.compare import compare as run_compare
+    from fewstep.io import ArtifactError
+    from fewstep.files import atomic_output
+    from fewstep.params import ParamsError
 
     for path, what in ((args.prepare / "featurizer", "--prepare"), (args.out.parent, "--out's folder")):
         if not path.exists():
@@ -95,7 +96,7 @@ def plots(args) -> int:
     import json
     import subprocess
 
-    from .io import atomic_output
+    from fewstep.files import atomic_output
 
     project = args.project
     proc = subprocess.run(["dvc", "plots", "show", "--json"], cwd=project, capture_output=True, text=True)
@@ -130,7 +131,7 @@ def plots(args) -> int:
 
 def checkout(args) -> int:
     """`fewstep checkout`: every stage back to dvc.lock from this machine's caches, computing nothing."""
-    from .wayback import checkout as restore
+    from fewstep.pipeline.wayback import checkout as restore
 
     if not (args.project / "dvc.yaml").exists():
         print(f"fewstep checkout: error: {args.project} holds no dvc.yaml (the root, or pipelines/<name>)",
@@ -153,7 +154,7 @@ def checkout(args) -> int:
 def deps(args) -> int:
     """`fewstep deps --check`: one line per stage whose code deps differ from its import closure (exit 1);
     `--write`: rewrite them."""
-    from .deps import DepsError, check, pipeline_files, write
+    from fewstep.pipeline.deps import DepsError, check, pipeline_files, write
 
     root = Path.cwd()
     files = [Path(f) for f in args.dvcfiles] or pipeline_files(root)
@@ -180,7 +181,8 @@ def deps(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The command line: the parser and the sub-commands' parsers (whose `error` names the sub-command)."""
     parser = _Parser(prog="fewstep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     s = sub.add_parser("sample", help="write a grid of samples from a saved teacher or student")
@@ -222,6 +224,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="the DVC project: the root, or pipelines/<name> (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("dvc_plots/offline.html"),
                    help="the page to write, relative to the project (default: %(default)s)")
+    return parser, {"sample": s, "compare": c}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser, commands = _parser()
+    s, c = commands["sample"], commands["compare"]
     args = parser.parse_args(argv)
     if args.command == "deps":
         sys.exit(deps(args))
@@ -230,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "checkout":
         sys.exit(checkout(args))
     if args.command == "compare":
-        from .compare import count_problem
+        from fewstep.families.edm.compare import count_problem
 
         if args.rows < 1:
             c.error(f"--rows must be >= 1, got {args.rows}")
@@ -243,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
             s.error(f"--{name} must be >= 1, got {value}")
     if args.seed < 0:
         s.error(f"--seed must be >= 0, got {args.seed}")
-    from .io import ArtifactError
+    from fewstep.io import ArtifactError
 
     try:
         sample(args)

@@ -1,5 +1,5 @@
 """User-facing errors that any stage may raise, each phrased as one line. Kept apart from the code that
-raises them so that stage start-up (fewstep.runtime) imports no data or training code."""
+raises them so that stage start-up (fewstep.core.runtime) imports no data or training code."""
 
 
 class DataError(ValueError):

@@ -1,16 +1,15 @@
-"""Artifact I/O: atomic outputs, safetensors tensors, JSON metadata. Never pickles."""
+"""Artifact I/O: safetensors tensors, JSON metadata, modules saved as weights + config. Never pickles.
+Atomic outputs are fewstep.files' (torch-free, for the pipeline machinery too)."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
 
 
 class ArtifactError(RuntimeError):
@@ -20,31 +19,6 @@ class ArtifactError(RuntimeError):
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message (library errors can run to many lines)."""
     return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path):
-    """Yield a temporary sibling path; on success it replaces `path`, on failure it is removed.
-
-    Works for files and directories, so a failed stage never leaves a half-written output behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed run (DVC runs a stage once at a time)
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    target = tmp / path.name
-    try:
-        yield target
-        if not target.exists():
-            raise RuntimeError(f"{path}: stage wrote nothing")
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        os.replace(target, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
@@ -77,6 +51,23 @@ def tensor_shapes(path: str | Path) -> dict[str, list[int]]:
             return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
+
+
+def save_shard(tensors: dict[str, torch.Tensor], folder: Path, split: str, shards: list[dict]) -> None:
+    """Write the next shard of a split, <split>-NNNNN.safetensors (aligned rows of every tensor), and add its
+    {file, count} entry to `shards`, the split's list in index.json."""
+    name = f"{split}-{len(shards):05d}.safetensors"
+    save_tensors(tensors, folder / name)
+    shards.append({"file": name, "count": len(next(iter(tensors.values())))})
+
+
+def write_shards(folder: Path, split: str, columns: dict[str, torch.Tensor], shard_size: int,
+                 dtype: torch.dtype) -> list[dict]:
+    """Aligned rows of `columns`, as `dtype`, in shards of `shard_size`; returns the split's shard list."""
+    shards: list[dict] = []
+    for start in range(0, len(next(iter(columns.values()))), shard_size):
+        save_shard({k: v[start:start + shard_size].to(dtype) for k, v in columns.items()}, folder, split, shards)
+    return shards
 
 
 def load_trajectories(folder: str | Path, split: str = "train", states: bool = False) -> dict:
@@ -134,3 +125,44 @@ def read_json(path: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
+
+
+class ConfiguredModule(nn.Module):
+    """A module rebuilt from its constructor arguments (`self.config`) plus safetensors weights."""
+
+    file_stem: str
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        save_tensors(self.state_dict(), path / f"{self.file_stem}.safetensors")
+        write_json(self.config, path / f"{self.file_stem}.json")
+
+    @classmethod
+    def load(cls, path: Path):
+        model = _from_config(cls, path / f"{cls.file_stem}.json")
+        _load_state(model, path / f"{cls.file_stem}.safetensors")
+        return model
+
+
+def _from_config(cls, file: Path):
+    config = read_json(file)
+    try:
+        return cls(**config)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{file}: not a {cls.__name__} config ({first_line(exc)})") from None
+
+
+def _load_state(model: nn.Module, file: Path) -> None:
+    """Load safetensors weights into `model`, naming the first key or shape that does not fit."""
+    state = load_tensors(file)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise ArtifactError(f"{file}: weights do not fit the model ({what}; "
+                            f"{len(missing)} missing, {len(unexpected)} unexpected keys)")
+    for key, tensor in expected.items():
+        if state[key].shape != tensor.shape:
+            raise ArtifactError(f"{file}: weights do not fit the model ({key} has shape {list(state[key].shape)}, "
+                                f"expected {list(tensor.shape)})")
+    model.load_state_dict(state)

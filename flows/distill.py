@@ -1,9 +1,9 @@
 """Prefect flow `distill`: a DVC pipeline's stages as Prefect tasks, cached by Merkle keys in the team store.
 
-- The stage graph comes from DVC (fewstep.cache.stage_specs); stage code deps are checked against the
-  imports first (fewstep.deps), so no stale dvc.yaml can serve a stale result.
+- The stage graph comes from DVC (fewstep.pipeline.keys.stage_specs); stage code deps are checked against the
+  imports first (fewstep.pipeline.deps), so no stale dvc.yaml can serve a stale result.
 - Each stage's key is xxh3-128 over its command, its code closure's digests, its params subset, its
-  upstream stages' keys and its other inputs' digests (fewstep.cache). Keys and records (dvc.lock entry +
+  upstream stages' keys and its other inputs' digests (fewstep.pipeline.keys). Keys and records (dvc.lock entry +
   xxh3 manifest, JSON — never pickles) live in the team store: `<DVC default remote>/fewstep/` on S3 or
   SSH, so every clone of the team shares them, or a local folder (FEWSTEP_CACHE_DIR / .fewstep/cache).
 - A hit skips the stage. Outputs are fetched only where needed — inputs of a stage that must run here,
@@ -37,14 +37,15 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.states import Failed
 
-from fewstep import deps
-from fewstep.cache import StageSpec, missing_input, stage_keys, stage_specs
-from fewstep.hashing import Hasher
-from fewstep.locking import lock_manager
+from fewstep.files import write_atomic
+from fewstep.pipeline import deps
+from fewstep.pipeline.keys import StageSpec, missing_input, producer, stage_keys, stage_specs
+from fewstep.pipeline.hashing import Hasher
+from fewstep.pipeline.locking import lock_manager
 from fewstep.params import parse_yaml
-from fewstep.stagerun import OutputsLost, StageError, compute, materialize, run_always_changed
-from fewstep.store import Store, StoreError, from_dvc, share_remote
-from fewstep.worktree import CheckoutError, clean_checkout, head
+from fewstep.pipeline.stagerun import OutputsLost, StageError, compute, materialize, run_always_changed
+from fewstep.pipeline.store import Store, StoreError, from_dvc, share_remote
+from fewstep.pipeline.worktree import CheckoutError, clean_checkout, head
 
 ROOT = Path(os.environ.get("FEWSTEP_ROOT", Path(__file__).resolve().parents[1])).resolve()
 
@@ -99,8 +100,7 @@ class Run:
 
     def producers(self, spec: StageSpec) -> list[str]:
         """Stages whose outputs this stage reads, in graph order."""
-        names = {p.name for d in spec.deps for p in self.specs if p.name != spec.name
-                 and any(d == o or d.startswith(o + "/") for o in p.outs)}
+        names = {made.name for d in spec.deps if (made := producer(d, self.specs)) and made.name != spec.name}
         return [s.name for s in self.specs if s.name in names]
 
 
@@ -117,22 +117,16 @@ def prepare_run(pipeline: str, root: Path = ROOT, params_text: str | None = None
     params_file = root / specs[0].params_file
     before = params_file.read_text()
     if params_text is not None and before != params_text:
-        write_text(params_file, params_text)
+        write_atomic(params_file, params_text)
     try:
         if overrides:
             apply_overrides(params_file, overrides)
         run = _prepare(root, pipeline, dvcfile, specs)
     except BaseException:
-        write_text(params_file, before)
+        write_atomic(params_file, before)
         raise
     run.params_before = before if overrides or params_text not in (None, before) else None
     return run
-
-
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def restore_params(run: "Run") -> bool:
@@ -140,7 +134,7 @@ def restore_params(run: "Run") -> bool:
     `dvc exp run --temp` does). Returns whether there was anything to put back."""
     if run.params_before is None:
         return False
-    write_text(run.root / run.specs[0].params_file, run.params_before)
+    write_atomic(run.root / run.specs[0].params_file, run.params_before)
     run.params_before = None
     return True
 

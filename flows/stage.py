@@ -2,7 +2,7 @@
 
 The `distill` flow sends a cache miss here when it runs with placement "workers" (deployments
 `fewstep-stage/cpu` and `fewstep-stage/gpu` in prefect.yaml, one per work pool). The worker checks out the
-requester's commit beside its clone (fewstep.worktree: the clone itself is never written to, so updating a
+requester's commit beside its clone (fewstep.pipeline.worktree: the clone itself is never written to, so updating a
 worker is `git pull`), lays the requester's params over it, checks that it gives the same Merkle key (same
 code, params and inputs — otherwise the result would not be what was asked for), fetches the stage's inputs
 from the team remote, runs the stage through DVC, pushes its outputs and records it under the key.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from distill import ROOT, PipelineError, failed, prepare_run, stage_task
-from fewstep.worktree import CheckoutError, clean_checkout
+from fewstep.pipeline.worktree import CheckoutError, clean_checkout
 
 
 @flow(name="fewstep-stage")

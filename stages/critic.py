@@ -2,7 +2,7 @@
 student's samples, so distillation starts with an accurate fake score. Every family (`--trainer`)."""
 from pathlib import Path
 
-from fewstep import families, parallel
+from fewstep.core import stage
 from fewstep.params import TrainLoopParams
 
 
@@ -13,7 +13,7 @@ def main(params, args, device, trainer):
     loop = {k: getattr(c, k) for k in TrainLoopParams.model_fields}
     settings = d.model_copy(update={**loop, "dmd2": d.dmd2.model_copy(update={"gan": c.gan}),
                                     "t_range_end": None})  # warmed at the range distill starts from
-    parallel.train(trainer, "critic", params, settings, args, device, train_generator=False)
+    stage.train(trainer, "critic", params, settings, args, device, train_generator=False)
     print(f"[critic] fake score + GAN head -> {args.out / 'critic'}", flush=True)
 
 
@@ -24,4 +24,4 @@ def configure(ap):
 
 
 if __name__ == "__main__":
-    families.run_stage("critic", main, configure)
+    stage.run_stage("critic", main, configure)

@@ -2,11 +2,11 @@
 Every family (`--trainer`)."""
 from pathlib import Path
 
-from fewstep import families, parallel
+from fewstep.core import stage
 
 
 def main(params, args, device, trainer):
-    parallel.train(trainer, "distill", params, params.distill, args, device, critic_dir=args.critic)
+    stage.train(trainer, "distill", params, params.distill, args, device, critic_dir=args.critic)
     print(f"[distill] student -> {args.out / 'student'}", flush=True)
 
 
@@ -17,4 +17,4 @@ def configure(ap):
 
 
 if __name__ == "__main__":
-    families.run_stage("distill", main, configure)
+    stage.run_stage("distill", main, configure)

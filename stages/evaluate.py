@@ -6,11 +6,11 @@ them with sample grids."""
 import time
 from pathlib import Path
 
-from fewstep import families
-from fewstep.evaluation import Evaluation, seed_noise
-from fewstep.grid import write_scores
-from fewstep.metrics import latency_ms
-from fewstep.sampling import batched
+from fewstep.core import stage
+from fewstep.core.evaluation import Evaluation, seed_noise
+from fewstep.core.grid import write_scores
+from fewstep.core.metrics import latency_ms
+from fewstep.core.sampling import batched
 
 
 def generate(run: Evaluation, seed: int, batch_size: int, device) -> tuple[dict, dict]:
@@ -65,4 +65,4 @@ def configure(ap):
 
 
 if __name__ == "__main__":
-    families.run_stage("evaluate", main, configure, families.EVALUATION)
+    stage.run_stage("evaluate", main, configure, stage.EVALUATION)

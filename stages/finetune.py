@@ -2,11 +2,11 @@
 low-learning-rate phase with the GAN on real data). Every family (`--trainer`)."""
 from pathlib import Path
 
-from fewstep import families, parallel
+from fewstep.core import stage
 
 
 def main(params, args, device, trainer):
-    parallel.train(trainer, "finetune", params, params.finetune, args, device,
+    stage.train(trainer, "finetune", params, params.finetune, args, device,
                    student_dir=args.distilled / "student", critic_dir=args.distilled / "critic")
     print(f"[finetune] student -> {args.out / 'student'}", flush=True)
 
@@ -18,4 +18,4 @@ def configure(ap):
 
 
 if __name__ == "__main__":
-    families.run_stage("finetune", main, configure)
+    stage.run_stage("finetune", main, configure)

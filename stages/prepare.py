@@ -5,13 +5,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fewstep import data, runtime
+from fewstep.data import sources
+from fewstep.core import runtime
 from fewstep.params import EDM, TEXT_TO_IMAGE
-from fewstep.io import atomic_output, save_tensors, write_json
-from fewstep.models import Featurizer
+from fewstep.files import atomic_output
+from fewstep.io import save_tensors, write_json
+from fewstep.data.featurizer import Featurizer
 
 
-def train_featurizer(train: data.Dataset, test: data.Dataset, p, generator) -> tuple[Featurizer, float]:
+def train_featurizer(train: sources.Dataset, test: sources.Dataset, p, generator) -> tuple[Featurizer, float]:
     """A small classifier on real training images; small random shifts keep its features smooth."""
     model = Featurizer(train.images.shape[1], train.num_classes, p.features)
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=1e-4)
@@ -36,8 +38,8 @@ def train_featurizer(train: data.Dataset, test: data.Dataset, p, generator) -> t
 def main(params, args, device):
     p = params.data
     print(f"[prepare] loading {p.source!r} at {p.resolution}x{p.resolution}", flush=True)
-    full = data.load_dataset(p.source, p.resolution, p.image_column, p.label_column)
-    train, test = data.split(full, p.test_fraction, params.seed)
+    full = sources.load_dataset(p.source, p.resolution, p.image_column, p.label_column)
+    train, test = sources.split(full, p.test_fraction, params.seed)
     featurizer, accuracy = train_featurizer(train, test, params.featurizer, runtime.seeded(params.seed, "featurizer"))
     with atomic_output(args.out) as out:
         out.mkdir()

@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fewstep import families, runtime
-from fewstep.io import atomic_output, save_tensors, write_json
-from fewstep.sampling import TeacherSplit, heun_sample, teacher_nfe
+from fewstep.core import runtime, stage
+from fewstep.files import atomic_output
+from fewstep.io import save_shard, write_json
+from fewstep.core.sampling import TeacherSplit, heun_sample, teacher_nfe
 
 
 def solve(teacher, split: TeacherSplit, noise_shape: tuple[int, ...], seed: int, p, out: Path,
@@ -36,9 +37,7 @@ def solve(teacher, split: TeacherSplit, noise_shape: tuple[int, ...], seed: int,
         tensors = {"noise": noise[start:stop], "cond_index": cond_index[start:stop], "samples": torch.cat(samples)}
         if p.keep_states:
             tensors["states"] = torch.cat(states)
-        name = f"{split.name}-{len(shards):05d}.safetensors"
-        save_tensors(tensors, out / name)
-        shards.append({"file": name, "count": stop - start})
+        save_shard(tensors, out, split.name, shards)
     return shards, [float(s) for s in sigmas]
 
 
@@ -64,4 +63,4 @@ def configure(ap):
 
 
 if __name__ == "__main__":
-    families.run_stage("trajectories", main, configure, families.TEACHER_SOLVES)
+    stage.run_stage("trajectories", main, configure, stage.TEACHER_SOLVES)

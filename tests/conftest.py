@@ -29,9 +29,9 @@ TINY = {
 }
 
 
-EDM_TRAINER = str(ROOT / "fewstep/distill.py")  # the shared training stages' --trainer for this family
-EDM_SOLVES = str(ROOT / "fewstep/trajectories.py")  # the trajectories stage's --family for this family
-EDM_EVALUATION = str(ROOT / "fewstep/evaluate.py")  # the evaluate stage's --family for this family
+EDM_TRAINER = str(ROOT / "fewstep/families/edm/edm_trainer.py")  # the shared training stages' --trainer for this family
+EDM_SOLVES = str(ROOT / "fewstep/families/edm/edm_trajectories.py")  # the trajectories stage's --family for this family
+EDM_EVALUATION = str(ROOT / "fewstep/families/edm/edm_evaluation.py")  # the evaluate stage's --family for this family
 
 # Each stage script's arguments in a project laid out like dvc.yaml's (for running stages one by one).
 STAGE_ARGS = {
@@ -83,7 +83,10 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 
 
 def run_stage(stage: str, cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--params", "params.yaml", *args], cwd, check)
+    """The default pipeline's stage script: a shared one (stages/<stage>.py) or the EDM family's own (stages/edm/)."""
+    script = ROOT / "stages" / f"{stage}.py"
+    script = script if script.is_file() else ROOT / "stages" / "edm" / f"{stage}.py"
+    return run([sys.executable, str(script), "--params", "params.yaml", *args], cwd, check)
 
 
 def undeclared_reads(reads_dir: Path, *dvcfiles: Path) -> dict[str, list[str]]:

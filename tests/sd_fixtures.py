@@ -19,7 +19,7 @@ PROMPTS = ["a red square", "a blue circle", "a green triangle on white", "two ye
 
 def write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>", max_length: int = 77) -> Path:
     """A CLIP BPE tokenizer directory: every byte and byte+</w> as tokens plus a few merges."""
-    from fewstep.sd.mini import clip_tokenizer
+    from fewstep.families.t2i.mini import clip_tokenizer
 
     merges = ["r e", "e d</w>", "a r", "o n</w>", "s q", "u a", "i n", "t h", "th e</w>", "c i"]
     clip_tokenizer(folder, pad_token=pad_token, max_length=max_length, merges=merges)
@@ -139,14 +139,15 @@ TRAINING_STAGES = ("critic", "distill", "finetune")  # shared by every family: s
 
 
 def stage_script(name: str, root: Path | None = None) -> list[str]:
-    """A text-to-image stage's command start: stages/sd/<name>.py, or for a shared stage stages/<name>.py with
+    """A text-to-image stage's command start: stages/t2i/<name>.py, or for a shared stage stages/<name>.py with
     the text-to-image trainer or teacher-solve module (as pipelines/sdxl/dvc.yaml runs them)."""
     root = Path(root or ROOT)
     if name in TRAINING_STAGES:
-        return [str(root / f"stages/{name}.py"), "--trainer", str(root / "fewstep/sd/distill.py")]
-    if name in ("trajectories", "evaluate"):
-        return [str(root / f"stages/{name}.py"), "--family", str(root / f"fewstep/sd/{name}.py")]
-    return [str(root / f"stages/sd/{name}.py")]
+        return [str(root / f"stages/{name}.py"), "--trainer", str(root / "fewstep/families/t2i/t2i_trainer.py")]
+    family_modules = {"trajectories": "t2i_trajectories.py", "evaluate": "t2i_evaluation.py"}
+    if name in family_modules:
+        return [str(root / f"stages/{name}.py"), "--family", str(root / "fewstep/families/t2i" / family_modules[name])]
+    return [str(root / f"stages/t2i/{name}.py")]
 
 
 def write_prompt_file(path: Path, prompts: list[str] = PROMPTS) -> Path:
@@ -334,7 +335,7 @@ def teacher_scheduler_config(path: Path) -> dict:
 
 def with_time_ids(negative, cond):
     """The negative-prompt conditioning as `guided` builds it: the sample's own SDXL time ids."""
-    from fewstep.sd.denoiser import SDCond
+    from fewstep.families.t2i.sd_denoiser import SDCond
 
     return SDCond(negative.embeds, negative.pooled, cond.time_ids)
 

@@ -124,8 +124,8 @@ class Machine:
         return e
 
     def checkout(self, purpose: str = "stage") -> Path:
-        """Where this machine's worker runs what it is sent (fewstep.worktree)."""
-        from fewstep.worktree import checkout_dir
+        """Where this machine's worker runs what it is sent (fewstep.pipeline.worktree)."""
+        from fewstep.pipeline.worktree import checkout_dir
 
         saved = os.environ.get("XDG_CACHE_HOME")
         os.environ["XDG_CACHE_HOME"] = str(self.home / ".cache")

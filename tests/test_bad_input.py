@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, STAGE_ARGS, run, run_stage, tiny_params, write_image_folder, write_params
-from fewstep.hashing import file_digest
+from fewstep.pipeline.hashing import file_digest
 from fewstep.io import ArtifactError, load_trajectories
 from fewstep.params import ParamsError, load, validate
 
@@ -82,13 +82,13 @@ def test_bad_params_one_line(raw, message):
 
 def _family_keys(model, prefix=""):
     """(dotted key, families) of every key the schema marks as some families' only."""
-    from fewstep.params import _model_in
+    from fewstep.params.messages import model_in
 
     for name, info in model.model_fields.items():
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         if extra.get("families"):
             yield prefix + name, tuple(extra["families"])
-        inner = _model_in(info.annotation)
+        inner = model_in(info.annotation)
         if inner is not None:
             yield from _family_keys(inner, f"{prefix}{name}.")
 
@@ -302,7 +302,7 @@ def pickled_weights(rel: str):
 def narrow_gan_head(w):
     """GAN-head weights of width 32 under a gan_head.json that says width 64 (for the default's decoder
     features: 32 input channels)."""
-    from fewstep.models import GanHead
+    from fewstep.core.heads import GanHead
 
     assert json.loads((w / "critic/critic/gan_head.json").read_text()) == {"in_channels": 32, "width": 64}
     save_file(GanHead(32, width=32).state_dict(), w / "critic/critic/gan_head.safetensors")

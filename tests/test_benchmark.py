@@ -16,8 +16,8 @@ def _params(**sections):
 
 def test_input_paths_are_found_in_the_schema_and_hashed_by_content(tmp_path):
     from fewstep.errors import DataError
-    from fewstep.hashing import Hasher
-    from fewstep.inputs import declared, record
+    from fewstep.pipeline.hashing import Hasher
+    from fewstep.pipeline.inputs import declared, record
 
     assert set(declared(_params())) == {"evaluate.clip_path", "evaluate.fid.featurizer", "evaluate.fid.reference",
                                         "benchmark.source", "benchmark.featurizer", "benchmark.clip_path"}
@@ -52,7 +52,7 @@ def test_benchmark_needs_something_to_score(tmp_path):
 
 
 def test_fid_inception_torchscript_gets_pixels_in_0_255_and_returns_pool_features(tmp_path):
-    from fewstep.sd.evaluate import InceptionFeatures, load_featurizer
+    from fewstep.families.t2i.t2i_evaluation import InceptionFeatures, load_featurizer
 
     path = sd.tiny_inception(tmp_path / "inception.pt")
     net = load_featurizer(str(path), 24)
@@ -69,7 +69,7 @@ def test_clip_score_per_image_averages_to_torchmetrics(tmp_path):
     from torchmetrics.multimodal.clip_score import CLIPScore
     from transformers import CLIPModel, CLIPProcessor
 
-    from fewstep.sd.evaluate import ClipScorer, clip_score, uint8
+    from fewstep.families.t2i.t2i_evaluation import ClipScorer, clip_score, uint8
 
     path = sd.tiny_clip(tmp_path / "clip")
     images = torch.rand(6, 3, 20, 20, generator=torch.Generator().manual_seed(2)) * 2 - 1  # a positive mean
@@ -100,7 +100,7 @@ def test_clip_score_per_image_averages_to_torchmetrics(tmp_path):
 
 def test_fid_bootstrap_interval_covers_the_known_distance():
     """Features N(0, I) against N(mu, I) in 4 dimensions: the Fréchet distance is |mu|^2 = 1."""
-    from fewstep.sd.benchmark import fid_interval
+    from fewstep.families.t2i.benchmark import fid_interval
 
     gen = torch.Generator().manual_seed(0)
     reference = torch.randn(4000, 4, generator=gen, dtype=torch.float64)
@@ -115,7 +115,7 @@ def test_fid_bootstrap_interval_covers_the_known_distance():
 
 def test_caption_folder_pairs_count_and_errors(tmp_path):
     from fewstep.errors import DataError
-    from fewstep.sd.benchmark import load_pairs
+    from fewstep.families.t2i.benchmark import load_pairs
 
     folder = sd.write_caption_folder(tmp_path / "coco", count=6)
     pairs = load_pairs(str(folder), "text", "image", 4, seed=0)

@@ -6,8 +6,8 @@ import pytest
 import xxhash
 
 from conftest import ROOT
-from fewstep.cache import StageSpec, stage_keys, stage_specs
-from fewstep.hashing import Hasher, file_digest, manifest, verify
+from fewstep.pipeline.keys import StageSpec, stage_keys, stage_specs
+from fewstep.pipeline.hashing import Hasher, file_digest, manifest, verify
 
 
 def test_file_digest_is_xxh3_128(tmp_path):

@@ -3,13 +3,13 @@ import copy
 
 import torch
 
-from fewstep import distill
+from fewstep.core import distillation
 from toy import moment_error, student_points, toy_setup
 
 
 def _train(tmp_path, eval_every, curve=None):
     setup = toy_setup("dmd2", ema_decay=0.9, steps=25, eval_every=eval_every, log_every=5)
-    distill.fit(setup, setup.params, tmp_path, "toy", curve=curve)
+    distillation.fit(setup, setup.params, tmp_path, "toy", curve=curve)
     return setup
 
 

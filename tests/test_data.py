@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from conftest import write_image_folder
-from fewstep.data import DataError, load_dataset, split
-from fewstep.models import EDMDenoiser, Featurizer, GanHead, build_unet, make_scheduler, FeatureTap
+from fewstep.data.sources import DataError, load_dataset, split
+from fewstep.families.edm.unet import EDMDenoiser, build_unet, make_scheduler
+from fewstep.data.featurizer import Featurizer
+from fewstep.core.heads import GanHead, FeatureTap
 from fewstep.params import EDMParams
 
 

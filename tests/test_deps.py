@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run
-from fewstep.deps import DepsError, check, closure, pipeline_files, stage_deps, write
+from fewstep.pipeline.deps import DepsError, check, closure, pipeline_files, stage_deps, write
 
 
 def copy_repo(dest: Path) -> Path:
@@ -44,31 +44,31 @@ def test_shared_training_stages_depend_on_their_familys_trainer_only():
     default = {s.stage: set(s.expected) for s in stage_deps(ROOT / "dvc.yaml", ROOT)}
     sd = {s.stage: set(s.expected) for s in stage_deps(ROOT / "pipelines/sdxl/dvc.yaml", ROOT)}
     for stage in ("critic", "distill", "finetune"):
-        assert {f"stages/{stage}.py", "fewstep/distill.py", "fewstep/families.py"} <= default[stage]
-        assert not any(f.startswith("fewstep/sd/") for f in default[stage]), stage
-        assert {f"../../stages/{stage}.py", "../../fewstep/sd/distill.py", "../../fewstep/sd/family.py",
-                "../../fewstep/sd/flow.py"} <= sd[stage], sd[stage]
+        assert {f"stages/{stage}.py", "fewstep/families/edm/edm_trainer.py", "fewstep/core/stage.py"} <= default[stage]
+        assert not any(f.startswith("fewstep/families/t2i/") for f in default[stage]), stage
+        assert {f"../../stages/{stage}.py", "../../fewstep/families/t2i/t2i_trainer.py", "../../fewstep/families/t2i/variants.py",
+                "../../fewstep/families/t2i/flow_denoiser.py"} <= sd[stage], sd[stage]
     # the trajectories stage: its family's teacher-solve module, and no training code (a trainer edit does not
     # re-solve the teacher's ODE)
-    assert {"stages/trajectories.py", "fewstep/trajectories.py", "fewstep/sampling.py"} <= default["trajectories"]
-    assert {"../../stages/trajectories.py", "../../fewstep/sd/trajectories.py"} <= sd["trajectories"]
+    assert {"stages/trajectories.py", "fewstep/families/edm/edm_trajectories.py", "fewstep/core/sampling.py"} <= default["trajectories"]
+    assert {"../../stages/trajectories.py", "../../fewstep/families/t2i/t2i_trajectories.py"} <= sd["trajectories"]
     for files in (default["trajectories"], sd["trajectories"]):
         assert not {f for f in files if f.rsplit("fewstep/", 1)[-1] in ("distill.py", "sd/distill.py", "training.py")
                     or "objectives/" in f}, files
     shared = {"trajectories.py", "critic.py", "distill.py", "finetune.py", "evaluate.py"}
     assert shared <= {p.name for p in (ROOT / "stages").glob("*.py")}
-    assert not shared & {p.name for p in (ROOT / "stages/sd").glob("*.py")}  # no family keeps a copy
+    assert not shared & {p.name for p in (ROOT / "stages/t2i").glob("*.py")}  # no family keeps a copy
 
 
 def test_a_trainer_that_is_not_one_is_refused_in_one_line(tmp_path):
     proc = run([sys.executable, str(ROOT / "stages/distill.py"), "--trainer", str(ROOT / "fewstep/io.py"), "--help"],
                tmp_path, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
-        f"--trainer {ROOT / 'fewstep/io.py'}: not a fewstep trainer module (expected fewstep/distill.py or "
-        "fewstep/sd/distill.py: a module with INPUTS, launch, train_stage)"], proc.stderr
+        f"--trainer {ROOT / 'fewstep/io.py'}: not a fewstep trainer module (expected fewstep/families/edm/edm_trainer.py or "
+        "fewstep/families/t2i/t2i_trainer.py: a module with INPUTS, launch, train_stage)"], proc.stderr
     # a copy of the trainer is accepted while it is the file Python imports, byte for byte
     shutil.copytree(ROOT / "fewstep", tmp_path / "fewstep", ignore=shutil.ignore_patterns("__pycache__"))
-    copy = tmp_path / "fewstep/distill.py"
+    copy = tmp_path / "fewstep/families/edm/edm_trainer.py"
     assert run([sys.executable, str(ROOT / "stages/distill.py"), "--trainer", str(copy), "--help"], tmp_path).returncode == 0
     copy.write_text(copy.read_text() + "# edited\n")
     proc = run([sys.executable, str(ROOT / "stages/distill.py"), "--trainer", str(copy), "--help"], tmp_path, check=False)
@@ -77,7 +77,7 @@ def test_a_trainer_that_is_not_one_is_refused_in_one_line(tmp_path):
 
 def test_a_family_module_refuses_another_familys_params_in_one_line(tmp_path):
     """One schema reads every pipeline's params; a stage whose module serves other families says so."""
-    proc = run([sys.executable, str(ROOT / "stages/distill.py"), "--trainer", str(ROOT / "fewstep/distill.py"),
+    proc = run([sys.executable, str(ROOT / "stages/distill.py"), "--trainer", str(ROOT / "fewstep/families/edm/edm_trainer.py"),
                 "--params", str(ROOT / "pipelines/sd3/params.yaml"), "--teacher", "t", "--prepare", "p", "--critic", "c",
                 "--trajectories", "tr", "--out", "o"], tmp_path, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
@@ -89,14 +89,14 @@ def test_a_family_module_refuses_another_familys_params_in_one_line(tmp_path):
 def test_fine_grained_evaluation_code_is_not_a_dep_of_training():
     stages = {s.stage: set(s.expected) for s in stage_deps(ROOT / "dvc.yaml", ROOT)}
     for training in ("prepare", "teacher", "trajectories", "critic", "distill", "finetune"):
-        assert not stages[training] & {"fewstep/metrics.py", "fewstep/evaluation.py", "fewstep/evaluate.py",
+        assert not stages[training] & {"fewstep/core/metrics.py", "fewstep/core/evaluation.py", "fewstep/families/edm/edm_evaluation.py",
                                        "stages/evaluate.py"}, training
-    assert {"fewstep/metrics.py", "fewstep/evaluation.py", "fewstep/evaluate.py"} <= stages["evaluate"]
+    assert {"fewstep/core/metrics.py", "fewstep/core/evaluation.py", "fewstep/families/edm/edm_evaluation.py"} <= stages["evaluate"]
     # the quality curves logged while training share their distances (FID, KID, pixel W1) with evaluate
-    assert {"fewstep/curves.py", "fewstep/distances.py"} <= stages["distill"] & stages["finetune"]
-    assert "fewstep/distances.py" in stages["evaluate"]
+    assert {"fewstep/families/edm/curves.py", "fewstep/core/distances.py"} <= stages["distill"] & stages["finetune"]
+    assert "fewstep/core/distances.py" in stages["evaluate"]
     # the objective registry imports every objective module, so every objective is a dep of distill
-    assert {f"fewstep/objectives/{m}.py" for m in ("dmd2", "dmd", "sid", "consistency", "base")} <= stages["distill"]
+    assert {f"fewstep/core/objectives/{m}.py" for m in ("dmd2", "dmd", "sid", "consistency", "base")} <= stages["distill"]
 
 
 def test_check_names_the_stage_and_file_when_a_dep_is_removed_and_write_fixes_it(tmp_path):
@@ -104,12 +104,12 @@ def test_check_names_the_stage_and_file_when_a_dep_is_removed_and_write_fixes_it
     dvcfile = repo / "dvc.yaml"
     text = dvcfile.read_text()
     start = text.index("  distill:")
-    entry = "      - fewstep/models.py\n"
+    entry = "      - fewstep/families/edm/unet.py\n"
     cut = text.index(entry, start)
     dvcfile.write_text(text[:cut] + text[cut + len(entry):])
     problems = check(repo)
-    assert problems == ["dvc.yaml: stage distill: missing dep fewstep/models.py "
-                        "(imported via fewstep/distill.py -> fewstep/models.py)"]  # the trainer the command names
+    assert problems == ["dvc.yaml: stage distill: missing dep fewstep/families/edm/unet.py "
+                        "(imported via fewstep/families/edm/edm_trainer.py -> fewstep/families/edm/unet.py)"]  # the trainer the command names
     proc = run(["fewstep", "deps", "--check"], repo, check=False)
     assert proc.returncode == 1 and proc.stdout.strip() == problems[0], proc.stdout + proc.stderr
     assert "fewstep deps --write" in proc.stderr

@@ -56,7 +56,7 @@ def test_digits_pipeline_trains_distills_exports_and_judges(tmp_path, family, mo
     import torch
     from diffusers import DiffusionPipeline
 
-    from fewstep.sd import mini
+    from fewstep.families.t2i import mini
 
     pipeline = digits_project(tmp_path / "project", f"{family}-digits")
     (tmp_path / "reads").mkdir()

@@ -37,7 +37,7 @@ def test_fsdp_steps_equal_one_process_at_the_same_global_batch_with_half_the_sta
     """2 FSDP ranks x 2 samples vs one process on the same 4 samples (2 micro-batches replaying the ranks'
     random streams): every critic and generator loss within 1e-4; each rank holds half the trained state
     (parameters, gradients, AdamW moments) that a DDP rank holds. For an SD UNet and for an SD3 transformer
-    distilled as a rectified flow (fewstep.sd.flow, its GAN head on the middle block's tokens)."""
+    distilled as a rectified flow (fewstep.families.t2i.flow_denoiser, its GAN head on the middle block's tokens)."""
     one = _bench(tmp_path, "one", "--size", size, "--parallel", "ddp", "--virtual-ranks", "2")
     ddp = _bench(tmp_path, "ddp", "--size", size, "--parallel", "ddp", launcher=TORCHRUN)
     fsdp = _bench(tmp_path, "fsdp", "--size", size, "--parallel", "fsdp", launcher=TORCHRUN)

@@ -4,8 +4,8 @@ import time
 
 import pydantic_core
 
-from fewstep import locking
-from fewstep.locking import SafeReadLockManager
+from fewstep.pipeline import locking
+from fewstep.pipeline.locking import SafeReadLockManager
 
 
 def test_lock_file_read_while_its_holder_is_still_writing_it(tmp_path):

@@ -1,8 +1,8 @@
 """The evaluation's statistics on synthetic features with a known answer."""
 import torch
 
-from fewstep.distances import fid, kid, pixel_view
-from fewstep.metrics import differ, seed_interval
+from fewstep.core.distances import fid, kid, pixel_view
+from fewstep.core.metrics import differ, seed_interval
 
 
 def gaussian(n: int, shift: float, seed: int, dim: int = 8) -> torch.Tensor:

@@ -2,14 +2,15 @@
 real UNets: update isolation, finite losses, backward simulation."""
 import contextlib
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 
-from fewstep import distill, objectives
-from fewstep.objectives.base import Generated
-from fewstep.training import Phase, _update, adamw
+from fewstep.core import distillation
+from fewstep.families.edm import edm_trainer
+from fewstep.core import objectives
+from fewstep.core.objectives.base import Generated
+from fewstep.core.training import Phase, _update, adamw
 from toy import moment_error, student_points, toy_setup
 
 
@@ -27,8 +28,8 @@ def test_distribution_matching_moves_generator_to_the_mixture(objective, tmp_pat
     setup = toy_setup(objective)
     before = moment_error(student_points(setup))
     warm = setup.params.model_copy(update={"steps": 100})
-    distill.fit(setup, warm, tmp_path / "critic", "critic", train_generator=False)  # fake score warm start
-    distill.fit(setup, setup.params.model_copy(update={"steps": 300}), tmp_path / "distill", "distill")
+    distillation.fit(setup, warm, tmp_path / "critic", "critic", train_generator=False)  # fake score warm start
+    distillation.fit(setup, setup.params.model_copy(update={"steps": 300}), tmp_path / "distill", "distill")
     after = moment_error(student_points(setup))
     assert after < 0.35 * before, (objective, before, after)
 
@@ -36,7 +37,7 @@ def test_distribution_matching_moves_generator_to_the_mixture(objective, tmp_pat
 def test_consistency_distillation_moves_generator_to_the_mixture(tmp_path):
     setup = toy_setup("consistency")
     before = moment_error(student_points(setup))
-    distill.fit(setup, setup.params.model_copy(update={"steps": 300}), tmp_path / "distill", "distill")
+    distillation.fit(setup, setup.params.model_copy(update={"steps": 300}), tmp_path / "distill", "distill")
     after = moment_error(student_points(setup))
     assert after < 0.35 * before, (before, after)
 
@@ -47,9 +48,10 @@ def test_consistency_distillation_moves_generator_to_the_mixture(tmp_path):
 def tiny_unet_setup(objective: str, **params) -> objectives.Setup:
     from types import SimpleNamespace
 
-    from fewstep.models import FeatureTap, EDMDenoiser, GanHead, build_unet, make_scheduler
+    from fewstep.core.heads import FeatureTap, GanHead
+    from fewstep.families.edm.unet import EDMDenoiser, build_unet, make_scheduler
     from fewstep.params import DistillParams
-    from fewstep.training import karras_grid_sigmas
+    from fewstep.families.edm.unet import karras_grid_sigmas
 
     edm = SimpleNamespace(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, rho=7.0)
     torch.manual_seed(0)
@@ -71,7 +73,7 @@ def tiny_unet_setup(objective: str, **params) -> objectives.Setup:
         real=lambda: (torch.randn(p.batch_size, 1, 8, 8, generator=gen).clamp(-1, 1), torch.arange(p.batch_size) % 10),
         conditions=lambda n: torch.randint(10, (n,), generator=gen),
         noise_levels=lambda n: karras_grid_sigmas(n, edm, p.t_min, p.t_max, gen),
-        student_sigmas=distill.student_sigmas(p, edm), params=p, generator=gen, device=torch.device("cpu"),
+        student_sigmas=edm_trainer.student_sigmas(p, edm), params=p, generator=gen, device=torch.device("cpu"),
         trajectories=trajectories)
 
 
@@ -121,7 +123,8 @@ def test_dmd2_gan_head_on_its_own_noise_range_reads_its_own_fake_score_pass():
     still gets no gradient into the critic, and the critic's GAN terms use that range for both sides."""
     from types import SimpleNamespace
 
-    from fewstep.training import NoiseRange, karras_grid_sigmas
+    from fewstep.core.training import NoiseRange
+    from fewstep.families.edm.unet import karras_grid_sigmas
 
     edm = SimpleNamespace(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, rho=7.0)
     setup = tiny_unet_setup("dmd2", t_min=0.5, t_max=0.7, dmd2={"gan": {"t_min": 0.9, "t_max": 1.0}})
@@ -143,8 +146,8 @@ def test_dmd2_gan_head_on_its_own_noise_range_reads_its_own_fake_score_pass():
 def test_dmd2_gan_head_on_the_decoder_reads_full_resolution_features_and_a_mismatched_head_is_named(tmp_path):
     """dmd2.gan.features: decoder taps the fake score's last up-block (full resolution, the first block's
     channels); both GAN terms train; a critic's head made for the other features fails in one line."""
-    from fewstep.distill import check_head_fits
-    from fewstep.models import FeatureTap, GanHead
+    from fewstep.core.distillation import check_head_fits
+    from fewstep.core.heads import FeatureTap, GanHead
     from fewstep.params import ParamsError
 
     setup = tiny_unet_setup("dmd2", dmd2={"gan": {"features": "decoder"}})
@@ -166,7 +169,7 @@ def test_dmd2_gan_head_on_the_decoder_reads_full_resolution_features_and_a_misma
 
 
 def test_scheduled_noise_range_moves_linearly_from_start_to_end():
-    from fewstep.training import NoiseRange
+    from fewstep.core.training import NoiseRange
 
     drawn = []
     levels = NoiseRange(lambda n, lo, hi: drawn.append((lo, hi)) or torch.zeros(n), 0.2, 0.9, end=(0.5, 0.7), steps=11)
@@ -206,12 +209,12 @@ def record_batches(obj) -> list:
 
 def no_noise(monkeypatch):
     """Zero every noise draw: a re-noised estimate then equals the estimate itself."""
-    import fewstep.objectives.base
-    import fewstep.sampling
+    import fewstep.core.objectives.base
+    import fewstep.core.sampling
 
     zeros = lambda shape, *args, **kwargs: torch.zeros(shape)
-    monkeypatch.setattr(fewstep.sampling, "randn", zeros)
-    monkeypatch.setattr(fewstep.objectives.base, "randn", zeros)
+    monkeypatch.setattr(fewstep.core.sampling, "randn", zeros)
+    monkeypatch.setattr(fewstep.core.objectives.base, "randn", zeros)
 
 
 def test_backward_simulation_feeds_the_student_its_own_earlier_outputs(monkeypatch):
@@ -229,11 +232,11 @@ def test_backward_simulation_feeds_the_student_its_own_earlier_outputs(monkeypat
 
 
 def test_backward_simulation_can_run_the_students_ema_weights(monkeypatch):
-    from fewstep.training import ema_for
+    from fewstep.core.training import ema_for
 
     setup = tiny_unet_setup("dmd2", student_steps=4, simulate_with="ema")
     ema = ema_for(setup.student, decay=0.5)
-    simulator = distill.EmaSimulator(setup.student, ema)
+    simulator = distillation.EmaSimulator(setup.student, ema)
     for step in range(3):  # "training updates": the raw weights move, the EMA (after its warm-up) lags
         with torch.no_grad():
             for p in setup.student.parameters():
@@ -257,8 +260,8 @@ def test_backward_simulation_can_run_the_students_ema_weights(monkeypatch):
 
 
 def test_all_steps_per_batch_trains_every_step_on_its_own_simulated_input(monkeypatch):
-    from fewstep.models import per_step_labels, step_labels
-    from fewstep.sampling import student_sample
+    from fewstep.families.edm.unet import per_step_labels, step_labels
+    from fewstep.core.sampling import student_sample
 
     setup = tiny_unet_setup("dmd2", student_steps=4, batch_size=8, per_step_critic=True, steps_per_batch="all")
     setup.all_steps_per_batch = True
@@ -291,7 +294,7 @@ def test_all_steps_per_batch_trains_every_step_on_its_own_simulated_input(monkey
 
 
 def test_ema_without_warmup_holds_its_decay():
-    from fewstep.training import ema_for
+    from fewstep.core.training import ema_for
 
     averages = {}
     for warmup in (True, False):
@@ -308,7 +311,7 @@ def test_ema_without_warmup_holds_its_decay():
 
 
 def test_per_step_critic_conditions_the_fake_score_on_the_step_that_made_the_samples(tmp_path):
-    from fewstep.models import load_model, per_step_labels, save_model, step_labels, step_tables
+    from fewstep.families.edm.unet import load_model, per_step_labels, save_model, step_labels, step_tables
     from fewstep.params import ParamsError
 
     setup = tiny_unet_setup("dmd2", student_steps=4, per_step_critic=True)
@@ -337,7 +340,7 @@ def test_per_step_critic_conditions_the_fake_score_on_the_step_that_made_the_sam
     with torch.no_grad():
         assert torch.equal(loaded(x, sigma, labels + 22), spy.inner(x, sigma, labels + 22))
     with pytest.raises(ParamsError, match="per_step_critic"):
-        distill.load_critic(tmp_path / "critic", setup.teacher, tables=1)
+        edm_trainer.load_critic(tmp_path / "critic", setup.teacher, tables=1)
 
 
 def test_without_backward_simulation_the_student_sees_noised_real_data(monkeypatch):
@@ -366,10 +369,10 @@ def test_default_student_sigmas_spread_over_the_karras_grid():
     from fewstep.params import DistillParams
 
     edm = SimpleNamespace(sigma_min=0.002, sigma_max=80.0, rho=7.0)
-    assert distill.student_sigmas(DistillParams(student_steps=1), edm) == [80.0]
-    four = distill.student_sigmas(DistillParams(student_steps=4), edm)
+    assert edm_trainer.student_sigmas(DistillParams(student_steps=1), edm) == [80.0]
+    four = edm_trainer.student_sigmas(DistillParams(student_steps=4), edm)
     assert four[0] == 80.0 and all(a > b for a, b in zip(four, four[1:])) and four[-1] > 0.002
-    assert distill.student_sigmas(DistillParams(student_steps=2, student_sigmas=[50.0, 5.0]), edm) == [50.0, 5.0]
+    assert edm_trainer.student_sigmas(DistillParams(student_steps=2, student_sigmas=[50.0, 5.0]), edm) == [50.0, 5.0]
 
 
 def test_real_guidance_is_null_label_cfg_on_the_teacher_in_the_dm_gradient():
@@ -390,7 +393,7 @@ def test_real_guidance_is_null_label_cfg_on_the_teacher_in_the_dm_gradient():
 
 
 def test_init_student_starts_from_a_saved_student_of_another_step_count(tmp_path):
-    from fewstep.models import EDMDenoiser, build_unet, make_scheduler, save_model
+    from fewstep.families.edm.unet import EDMDenoiser, build_unet, make_scheduler, save_model
     from fewstep.params import ParamsError
 
     setup = tiny_unet_setup("dmd2", student_steps=4)
@@ -399,11 +402,11 @@ def test_init_student_starts_from_a_saved_student_of_another_step_count(tmp_path
         for p in one_step.parameters():
             p.add_(0.01)  # "trained": no longer the teacher
     save_model(one_step, tmp_path / "one-step", role="student", student_sigmas=[80.0], objective="dmd2")
-    loaded = distill.load_init_student(tmp_path / "one-step", setup.teacher, "cpu")
+    loaded = edm_trainer.load_init_student(tmp_path / "one-step", setup.teacher, "cpu")
     assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), one_step.parameters()))
 
     from types import SimpleNamespace
     edm = SimpleNamespace(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, rho=7.0)
     wider = EDMDenoiser(build_unet(8, 1, 10, widths=[16, 48], layers_per_block=1), make_scheduler(edm), 10)
     with pytest.raises(ParamsError, match=r"^distill.init_student: .* expected a student distilled from this teacher"):
-        distill.load_init_student(tmp_path / "one-step", wider, "cpu")
+        edm_trainer.load_init_student(tmp_path / "one-step", wider, "cpu")

@@ -28,7 +28,7 @@ def test_two_processes_follow_the_one_process_loss_trajectory(tmp_path):
     shutil.copytree(base, one)
     shutil.copytree(base, two)
     run_stage("teacher", one, "--prepare", "prepare", "--out", "teacher")
-    run([*TORCHRUN, str(ROOT / "stages/teacher.py"), "--params", "params.yaml", "--prepare", "prepare",
+    run([*TORCHRUN, str(ROOT / "stages/edm/teacher.py"), "--params", "params.yaml", "--prepare", "prepare",
          "--out", "teacher"], two)
 
     single, double = losses(one), losses(two)
@@ -68,7 +68,7 @@ def test_two_process_distillation_runs_and_saves_once(tmp_path):
 def test_batch_size_is_the_global_batch_for_every_family(family, monkeypatch):
     """Rank 1 of 2 trains on half of `batch_size` with its own rank-salted noise, for the digits and the SD
     params alike; a batch that does not divide is one line naming the key."""
-    from fewstep.parallel import per_rank
+    from fewstep.core.parallel import per_rank
     from fewstep.params import validate
 
     t2i = {"teacher": {"path": "t", "family": "sdxl"}, "prompts": {"source": "p"}} if family == "sd" else {}

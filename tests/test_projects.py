@@ -3,8 +3,8 @@ them with root-relative paths, runs DVC in their folder, and gives them the root
 import subprocess
 from pathlib import Path
 
-from fewstep.cache import dvc_project, stage_specs
-from fewstep.store import share_remote
+from fewstep.pipeline.keys import dvc_project, stage_specs
+from fewstep.pipeline.store import share_remote
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ def test_sd_pipelines_are_projects_read_with_root_relative_paths():
         encode = specs["encode"]
         assert encode.project == f"pipelines/{name}" and encode.target == "encode"
         assert encode.outs == [f"pipelines/{name}/encode"] and encode.params_file == f"pipelines/{name}/params.yaml"
-        assert "stages/sd/encode.py" in encode.deps and encode.cmd == "python ../../stages/sd/encode.py --out encode"
+        assert "stages/t2i/encode.py" in encode.deps and encode.cmd == "python ../../stages/t2i/encode.py --out encode"
         assert f"pipelines/{name}/encode" in specs["distill"].deps
     # one dvc.yaml for every text-to-image pipeline: sd15's and sd3's link to sdxl's, so they cannot drift apart
     for name in ("sd15", "sd3"):

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import env, make_project, tiny_params
-from fewstep.hashing import Hasher, manifest
+from fewstep.pipeline.hashing import Hasher, manifest
 
 TIMING_KEYS = {"latency_ms", "speedup"}  # evaluate/metrics.json: wall-clock measurements may differ
 

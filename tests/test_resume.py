@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import ROOT, STAGE_ARGS, env, run_stage, tiny_params, write_params
-from fewstep import distill
-from fewstep.hashing import Hasher
-from fewstep.checkpoint import Checkpointer
+from fewstep.core import distillation
+from fewstep.pipeline.hashing import Hasher
+from fewstep.core.checkpoint import Checkpointer
 from toy import toy_setup
 
 
@@ -50,7 +50,7 @@ def toy_run(folder, crash_after=float("inf"), key="run"):
     setup.student = CrashAfter(setup.student, crash_after)
     params = setup.params.model_copy(update={"steps": 30, "log_every": 4, "ema_decay": 0.9})
     checkpoint = Checkpointer(folder / "ckpt", 7, key, logs=folder / "out" / "live")
-    distill.fit(setup, params, folder / "out", "toy", checkpoint=checkpoint)
+    distillation.fit(setup, params, folder / "out", "toy", checkpoint=checkpoint)
     return setup
 
 

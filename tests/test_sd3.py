@@ -3,7 +3,7 @@ agrees with diffusers' own FlowMatchEulerDiscreteScheduler, so every objective c
 import pytest
 import torch
 
-from fewstep.sd.denoiser import SDCond
+from fewstep.families.t2i.sd_denoiser import SDCond
 
 
 def tiny_sd3_transformer(seed: int = 0):
@@ -21,7 +21,7 @@ def test_sd3_flow_x0_makes_the_schedulers_euler_steps(shift):
     from fewstep's x0 = x_t - t v: keep x0 and the implied noise, move to the next noise level."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from fewstep.sd.flow import FlowDenoiser
+    from fewstep.families.t2i.flow_denoiser import FlowDenoiser
 
     transformer = tiny_sd3_transformer()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
@@ -52,7 +52,7 @@ def test_sd3_flow_noise_levels_follow_the_shifted_training_timesteps():
     """sigma_of(i) is the VE sigma of the scheduler's training sigma t_i (shifted), capped below t = 1."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from fewstep.sd.flow import T_MAX, FlowDenoiser
+    from fewstep.families.t2i.flow_denoiser import T_MAX, FlowDenoiser
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     model = FlowDenoiser(tiny_sd3_transformer(), dict(scheduler.config))
@@ -64,8 +64,8 @@ def test_sd3_flow_noise_levels_follow_the_shifted_training_timesteps():
 
 
 def test_sd3_token_tap_feeds_the_gan_head():
-    from fewstep.models import GanHead
-    from fewstep.sd.flow import FlowDenoiser, TokenTap
+    from fewstep.core.heads import GanHead
+    from fewstep.families.t2i.flow_denoiser import FlowDenoiser, TokenTap
 
     transformer = tiny_sd3_transformer()
     model = FlowDenoiser(transformer, {"shift": 3.0})
@@ -88,7 +88,7 @@ def test_sd3_exported_pipeline_replays_the_student(tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
     from fewstep.io import read_json
-    from fewstep.sd import export, models, teacher
+    from fewstep.families.t2i import export, networks as models, teacher
 
     path = sd.tiny_sd3(tmp_path / "tiny-sd3")
     student = models.denoiser(teacher.load_network(path, "sd3"), path, None, "cpu")
@@ -115,7 +115,7 @@ def test_sd3_exported_pipeline_replays_the_student(tmp_path):
 
 def test_sd3_a_resolution_dependent_shift_is_refused_in_one_line():
     from fewstep.io import ArtifactError
-    from fewstep.sd.flow import flow_sigmas
+    from fewstep.families.t2i.flow_denoiser import flow_sigmas
 
     with pytest.raises(ArtifactError, match=r"^scheduler/scheduler_config.json: use_dynamic_shifting is true"):
         flow_sigmas({"shift": 3.0, "use_dynamic_shifting": True})

@@ -22,13 +22,13 @@ def teachers(tmp_path_factory):
 
 
 def _denoiser(path, negative=None):
-    from fewstep.sd import models, teacher
+    from fewstep.families.t2i import networks as models, teacher
 
     return models.denoiser(teacher.load_network(path, "sdxl"), path, negative, "cpu")
 
 
 def _cond(path, prompts, family="sdxl"):
-    from fewstep.sd import encode, teacher
+    from fewstep.families.t2i import encode, teacher
 
     pipe = teacher.load_text_pipeline(path, family)
     cond = encode.encode_texts(pipe, prompts, family, 8, torch.device("cpu"))
@@ -39,7 +39,7 @@ def _cond(path, prompts, family="sdxl"):
 
 def test_denoiser_is_the_vp_model_in_ve_coordinates(teachers):
     """x0 from D(x; sigma) equals the DDPM formula (x_t - sqrt(1 - abar) eps) / sqrt(abar) at x_t = x / sqrt(sigma^2 + 1)."""
-    from fewstep.sd.denoiser import alphas_cumprod
+    from fewstep.families.t2i.sd_denoiser import alphas_cumprod
 
     path = teachers["sdxl"]
     model = _denoiser(path)
@@ -71,8 +71,8 @@ def test_guidance_is_one_batched_cfg_against_the_cached_negative(teachers):
 def test_teacher_features_fid_t_floor_and_student_pairing(teachers):
     """FID-T with nothing but the teacher: its UNet's pooled mid-block features, fixed per image; the teacher's
     own other-noise half is the floor and every model is scored on the same halves."""
-    from fewstep.distances import fid
-    from fewstep.sd import evaluate
+    from fewstep.core.distances import fid
+    from fewstep.families.t2i import t2i_evaluation as evaluate
 
     path = teachers["sdxl"]
     teacher = _denoiser(path)
@@ -100,7 +100,7 @@ def test_student_schedulers_replay_the_student_timesteps(teachers):
     from diffusers import EulerDiscreteScheduler, LCMScheduler
 
     from fewstep.params import ParamsError
-    from fewstep.sd.export import student_scheduler
+    from fewstep.families.t2i.export import student_scheduler
 
     config = sd.teacher_scheduler_config(teachers["sdxl"])
     four = student_scheduler(config, [999, 749, 499, 249])
@@ -115,8 +115,8 @@ def test_exported_one_step_pipeline_replays_the_student_exactly(teachers, tmp_pa
     """Same noise, same prompt: StableDiffusionXLPipeline(num_inference_steps=1) == fewstep's student_sample."""
     from diffusers import StableDiffusionXLPipeline
 
-    from fewstep.sampling import student_sample
-    from fewstep.sd import export, teacher
+    from fewstep.core.sampling import student_sample
+    from fewstep.families.t2i import export, teacher
 
     path = teachers["sdxl"]
     export.export(path, "sdxl", teacher.load_network(path, "sdxl"), [399], tmp_path / "out")
@@ -132,9 +132,9 @@ def test_exported_one_step_pipeline_replays_the_student_exactly(teachers, tmp_pa
 
 
 def test_teacher_and_prompt_errors_are_one_clear_line(teachers, tmp_path):
-    from fewstep.data import DataError
+    from fewstep.data.sources import DataError
     from fewstep.io import ArtifactError
-    from fewstep.sd import prompts, teacher
+    from fewstep.families.t2i import prompts, teacher
 
     with pytest.raises(ArtifactError, match=r"teacher.path: .*nowhere does not exist \(expected a local diffusers SDXL"):
         teacher.resolve(str(tmp_path / "nowhere"), "sdxl")
@@ -156,7 +156,7 @@ def test_encode_stage_reports_a_missing_teacher_in_one_line(tmp_path):
     params["teacher"]["path"] = str(tmp_path / "missing-sdxl")
     params["prompts"]["source"] = str(sd.write_prompt_file(tmp_path / "prompts.txt"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = subprocess.run([sys.executable, str(ROOT / "stages/sd/encode.py"), "--params", "params.yaml",
+    proc = subprocess.run([sys.executable, str(ROOT / "stages/t2i/encode.py"), "--params", "params.yaml",
                            "--out", "encode"], cwd=tmp_path, env=sd.project_env(ROOT), capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
@@ -182,7 +182,7 @@ def test_sd_params_unknown_key_and_bad_timesteps():
 def test_lora_student_trains_adapters_only_and_saves_merged(teachers, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from fewstep.sd import models
+    from fewstep.families.t2i import networks as models
 
     path = teachers["sdxl"]
     student = models.with_lora(_denoiser(path), rank=4, alpha=None, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
@@ -248,7 +248,7 @@ def prepared(teachers, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prepared_sd3(tmp_path_factory):
-    """The same for a tiny SD3 teacher (fewstep.sd.family's flow family)."""
+    """The same for a tiny SD3 teacher (fewstep.families.t2i.variants's flow family)."""
     folder = tmp_path_factory.mktemp("sd3-prepared")
     return _prepare(folder, "sd3", sd.tiny_sd3(folder / "tiny-sd3"))
 
@@ -264,7 +264,7 @@ def test_training_stages_never_instantiate_text_encoders_or_the_vae(prepared):
            "--out", "finetune", trap=True)
     assert (prepared / "finetune/student/unet/config.json").is_file()
     # and the trap does catch a stage that loads them
-    proc = subprocess.run([sys.executable, "-c", FORBID, str(ROOT / "stages/sd/encode.py"), "--params", "params.yaml",
+    proc = subprocess.run([sys.executable, "-c", FORBID, str(ROOT / "stages/t2i/encode.py"), "--params", "params.yaml",
                            "--out", "encode2"], cwd=prepared, env=sd.project_env(ROOT), capture_output=True, text=True)
     assert proc.returncode != 0 and "instantiated after the encode stage" in proc.stderr
 

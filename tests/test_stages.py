@@ -7,7 +7,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, STAGE_ARGS, run_stage, tiny_params, undeclared_reads, write_params
-from fewstep.models import load_model
+from fewstep.families.edm.unet import load_model
 
 
 
@@ -169,7 +169,7 @@ def test_stage_failure_leaves_no_half_written_output(workdir):
     proc = run_stage("evaluate", workdir, *args, check=False)
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if "error" in line]
-    assert lines == [f"[evaluate] error: broken_traj/train-00001.safetensors: not a readable safetensors file"
+    assert lines == ["[evaluate] error: broken_traj/train-00001.safetensors: not a readable safetensors file"
                      + lines[0].split("safetensors file", 1)[1]]
     assert not (workdir / "eval2/metrics.json").exists() and not (workdir / "eval2/samples").exists()
     left = sorted(p.name for p in (workdir / "eval2").iterdir()) if (workdir / "eval2").exists() else []
@@ -213,7 +213,7 @@ def test_step_subsets_reproduces_evaluate(workdir, tmp_path):
 def test_latency_is_timed_on_the_generated_batches(workdir):
     """One timing per generated batch (per image, ms); with a single seed the teacher, whose seed-0 images come
     from the trajectories, is still timed."""
-    from fewstep.sampling import batched
+    from fewstep.core.sampling import batched
 
     timings = []
     out = batched(lambda n, c: n * 2, torch.ones(10, 1, 2, 2), torch.zeros(10), 4, "cpu", timings=timings)

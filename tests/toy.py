@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from fewstep.objectives import Setup
+from fewstep.core.objectives import Setup
 from fewstep.params import DistillParams
-from fewstep.training import karras_grid_sigmas
+from fewstep.families.edm.unet import karras_grid_sigmas
 
 EDM = SimpleNamespace(sigma_min=0.002, sigma_max=80.0, sigma_data=1.0, rho=7.0)
 MEANS = torch.tensor([[-2.0, 1.0], [2.0, -1.0], [0.0, 2.5]])
