@@ -15,7 +15,7 @@ from fewstep.params import TEXT_TO_IMAGE
 def run(stage: str, main, configure) -> None:
     """runtime.run for the text-to-image families, `main` running from the repository root (the folder above
     fewstep/)."""
-    root = Path(__file__).resolve().parents[2]
+    root = next(folder for folder in Path(__file__).resolve().parents if (folder / "fewstep" / "__init__.py").is_file())
 
     def from_root(params, args, device):
         for name, value in vars(args).items():
