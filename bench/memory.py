@@ -158,8 +158,7 @@ def _built(build, name, setup, ranks):
 def worker(args) -> None:
     import torch
 
-    from fewstep.families.edm import edm_trainer as distill
-    from fewstep.core import fsdp, objectives, parallel
+    from fewstep.core import distillation, fsdp, objectives, parallel
     from fewstep.core.heads import GanHead
     from fewstep.families.t2i import networks as models
     from fewstep.families.t2i.t2i_trainer import noise_levels
@@ -208,8 +207,8 @@ def worker(args) -> None:
         parallel.synchronize(student, fake, head)
 
     captured = []  # the phases' optimizers, to measure their states
-    make_optimizer = distill.adamw
-    distill.adamw = lambda module, opt: captured.append(make_optimizer(module, opt)) or captured[-1]
+    make_optimizer = distillation.adamw
+    distillation.adamw = lambda module, opt: captured.append(make_optimizer(module, opt)) or captured[-1]
 
     config = SIZES[args.size]
     latent = (config.get("in_channels", 4), config["sample_size"], config["sample_size"])
@@ -231,7 +230,7 @@ def worker(args) -> None:
         sampler = RssPeak()
         sampler.start()
         started = time.perf_counter()
-        distill.fit(setup, settings, Path(tmp), "distill")
+        distillation.fit(setup, settings, Path(tmp), "distill")
         seconds = time.perf_counter() - started
         peak_rss = sampler.stop()
         live = Path(tmp) / "live/plots/metrics"

@@ -82,11 +82,14 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return proc
 
 
-def run_stage(stage: str, cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def stage_script(stage: str) -> Path:
     """The default pipeline's stage script: a shared one (stages/<stage>.py) or the EDM family's own (stages/edm/)."""
     script = ROOT / "stages" / f"{stage}.py"
-    script = script if script.is_file() else ROOT / "stages" / "edm" / f"{stage}.py"
-    return run([sys.executable, str(script), "--params", "params.yaml", *args], cwd, check)
+    return script if script.is_file() else ROOT / "stages" / "edm" / f"{stage}.py"
+
+
+def run_stage(stage: str, cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, str(stage_script(stage)), "--params", "params.yaml", *args], cwd, check)
 
 
 def undeclared_reads(reads_dir: Path, *dvcfiles: Path) -> dict[str, list[str]]:

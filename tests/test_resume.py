@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, STAGE_ARGS, env, run_stage, tiny_params, write_params
+from conftest import STAGE_ARGS, env, run_stage, stage_script, tiny_params, write_params
 from fewstep.core import distillation
 from fewstep.pipeline.hashing import Hasher
 from fewstep.core.checkpoint import Checkpointer
@@ -92,7 +92,7 @@ def reference(tmp_path_factory):
 def kill_mid_run(stage: str, folder, at_least: int) -> None:
     """Start the stage, SIGKILL it once its checkpoint has reached `at_least` steps."""
     state = folder / ".fewstep/checkpoints" / f"default-{stage}" / "state.json"  # <pipeline>-<stage>
-    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--params", "params.yaml",
+    proc = subprocess.Popen([sys.executable, str(stage_script(stage)), "--params", "params.yaml",
                              *ARGS[stage]], cwd=folder, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
