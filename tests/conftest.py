@@ -238,11 +238,12 @@ def own_prefect_server(tmp_path_factory):
 
 
 
-# The longest files first. The suite runs whole files per worker (--dist loadfile) in collection order, so a
-# long file collected last (test_team*.py sort last) ran alone at the end while the other worker sat idle.
-LONGEST_FIRST = ["test_team_workers.py", "test_pipeline.py", "test_team.py", "test_digits_minis.py",
-                 "test_sd_pipeline.py", "test_deps.py", "test_flow.py", "test_sd_flow.py", "test_fsdp.py",
-                 "test_reproducible.py", "test_stages.py", "test_resume.py", "test_parallel.py", "test_sd3.py",
+# The longest files first (pyproject's --no-loadscope-reorder keeps this order). The suite runs whole files per
+# worker (--dist loadfile); a long file sent out last runs alone at the end while the other worker sits idle.
+# Roughly by their tests' summed durations in a fresh clone's run (pytest --durations):
+LONGEST_FIRST = ["test_team_workers.py", "test_pipeline.py", "test_flow.py", "test_digits_minis.py",
+                 "test_sd_pipeline.py", "test_team.py", "test_fsdp.py", "test_sd_flow.py", "test_stages.py",
+                 "test_reproducible.py", "test_deps.py", "test_resume.py", "test_parallel.py", "test_sd3.py",
                  "test_projects.py", "test_newcomer.py", "test_bad_input.py"]  # then the quick unit tests
 
 
