@@ -75,9 +75,10 @@ def run_tiny(source: Path, family: str, work: Path) -> tuple[dict, Path, float]:
 
 
 def _flat(value, prefix: str = "") -> dict:
+    """A JSON document as {dotted.key: leaf value}."""
     if not isinstance(value, dict):
         return {prefix: value}
-    return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}.{key}" if prefix else key).items()}
 
 
 def compare(family: str, old: tuple, new: tuple) -> dict:
