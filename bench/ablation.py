@@ -2,7 +2,7 @@
 one training budget, each variant scored by the evaluate stage (FIDs averaged over its sampling seeds).
 
     python bench/ablation.py [--variants bench/ablation.yaml] [--only NAME ...] [--jobs 1]
-                             [--set run.device=cuda ...] [--table-only [--merge NAME ...]] [--rank]
+                             [--set run.device=cuda ...] [--base REV] [--table-only [--merge NAME ...]] [--rank]
 
 Every variant is params.yaml plus the overrides listed in bench/ablation.yaml. It reuses this
 workspace's prepare/teacher/trajectories outputs (run `dvc repro trajectories` first) and runs the
@@ -12,9 +12,10 @@ DVC itself, so it also runs where only torch is installed (a GPU box). Results:
 bench/results/ablation.{json,md}.
 
 `--rank` also ranks the variants on both views at once (`rank_table`, results/<name>-rank.md): variants that
-differ only in `seed` (training seeds) are one recipe, averaged. The rule, so each recipe change is chosen the
-same way: score = max(student FID / the upper end of the teacher's FID interval, student pixel W1 / (1.2 x the
-teacher's)), each measured against the teacher of the same evaluate run. A score <= 1 meets both targets (FID
+differ only in `seed` (training seeds) are one recipe, averaged. A recipe is its overrides, so merged
+studies must share a base params.yaml (`--base REV` runs new seeds of a recipe measured before the default
+changed). The rule, so each recipe change is chosen the same way: score = max(student FID / the upper end of
+the teacher's FID interval, student pixel W1 / (1.2 x the teacher's)), each measured against the teacher of the same evaluate run. A score <= 1 meets both targets (FID
 within or below the teacher's interval, W1 at most 1.2x); the lowest score wins; `front` marks the Pareto front
 (no other recipe has both a lower FID and a lower W1), drawn in results/<name>-front.png.
 """
@@ -61,7 +62,18 @@ def stage_key(cmd: str, params: dict, upstream: list[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_variant(name: str, overrides: dict, base_sets: dict) -> dict:
+def base_params(rev: str | None) -> dict:
+    """params.yaml of the working tree, or of a git revision (to add seeds to a recipe measured before the
+    default changed: a recipe is its overrides, so they must apply to the same base)."""
+    if rev is None:
+        return yaml.safe_load((ROOT / "params.yaml").read_text())
+    shown = subprocess.run(["git", "show", f"{rev}:params.yaml"], cwd=ROOT, capture_output=True, text=True)
+    if shown.returncode != 0:
+        sys.exit(f"bench/ablation.py: --base {rev}: no params.yaml at that revision ({shown.stderr.strip()})")
+    return yaml.safe_load(shown.stdout)
+
+
+def run_variant(name: str, overrides: dict, base_sets: dict, base: str | None = None) -> dict:
     """Run the downstream stages of one variant; returns its metrics and stage times."""
     folder = WORK / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -69,7 +81,7 @@ def run_variant(name: str, overrides: dict, base_sets: dict) -> dict:
         link = folder / shared
         if not link.exists():
             link.symlink_to(ROOT / shared)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = base_params(base)
     for dotted, value in {**base_sets, **overrides}.items():
         set_dotted(params, dotted, value)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -100,7 +112,7 @@ def run_variant(name: str, overrides: dict, base_sets: dict) -> dict:
     metrics = json.loads((folder / "evaluate" / "metrics.json").read_text())
     print(f"[ablation] {name}: done in {sum(seconds.values()):.0f} s", flush=True)
     return {"variant": name, "overrides": overrides, "params": params["distill"], "metrics": metrics,
-            "seconds": seconds}
+            "seconds": seconds, **({"base": base} if base else {})}
 
 
 def table(rows: list[dict], sets: dict, command: str) -> str:
@@ -217,6 +229,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     ap.add_argument("--jobs", type=int, default=1, help="variants run at once")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
+    ap.add_argument("--base", default=None, metavar="REV",
+                    help="apply the overrides to params.yaml as of this git revision (default: the working tree's)")
     ap.add_argument("--table-only", action="store_true", help="rebuild the table from results/<--name>.json")
     ap.add_argument("--merge", nargs="+", default=None, metavar="NAME",
                     help="with --table-only: one table from several results/<NAME>.json, saved as <--name>")
@@ -240,7 +254,7 @@ def main() -> None:
         variants = yaml.safe_load(args.variants.read_text())
         chosen = {k: v or {} for k, v in variants.items() if args.only is None or k in args.only}
         with ThreadPoolExecutor(args.jobs) as pool:
-            futures = [pool.submit(run_variant, name, overrides, sets) for name, overrides in chosen.items()]
+            futures = [pool.submit(run_variant, name, overrides, sets, args.base) for name, overrides in chosen.items()]
             rows = []
             for future in as_completed(futures):  # saved as they finish: a cut-off run keeps what it has
                 rows.append(future.result())

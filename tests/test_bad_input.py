@@ -60,12 +60,14 @@ CASES = [
     ({"run": {"parallel": "fsdp"}}, "run.parallel applies to the text-to-image families (sdxl, sd15, sd3) only; "
                                     "this pipeline's teacher.family is edm"),
     ({"distill": {"lora": {"rank": 4}}}, "distill.lora applies to the text-to-image families (sdxl, sd15, sd3) only"),
-    ({"distill": {"t_max": 980}}, "distill.t_max must be <= 1 for the edm family (a position on the Karras grid"),
+    ({"distill": {"t_max": 980}}, "distill.t_max must be in [0, 1], a position on the teacher's noise schedule "
+                                  "(0 = the noisiest level, 1 = the cleanest), got 980"),
     ({"teacher": {"path": "t"}, "prompts": {"source": "p"}, "distill": {"per_step_critic": True}},
      "distill.per_step_critic applies to the edm family (a teacher trained from data) only; this pipeline's "
      "teacher.family is sdxl"),
-    ({"teacher": {"path": "t"}, "prompts": {"source": "p"}, "distill": {"t_min": 0.5}},
-     "distill.t_min must be a whole DDPM timestep in [0, 999] for the text-to-image families, got 0.5"),
+    ({"teacher": {"path": "t"}, "prompts": {"source": "p"}, "distill": {"t_max": 980}},
+     "distill.t_max must be in [0, 1], a position on the teacher's noise schedule (0 = the noisiest level, 1 = the "
+     "cleanest), got 980; a DDPM timestep T is position 1 - T/1000, so DMD2's 20..980 is 0.02..0.98"),
     ({"teacher": {"path": "t", "family": "sd4"}}, "teacher.family must be one of 'edm', 'sdxl', 'sd15' or 'sd3', got 'sd4'"),
     ({"teacher": {"path": "t"}}, "prompts is required for a text-to-image teacher"),
 ]

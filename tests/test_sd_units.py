@@ -366,3 +366,22 @@ def test_sd3_lora_student_keeps_the_flow_forward_and_saves_merged(prepared_sd3):
     teacher = SD3Transformer2DModel.from_pretrained(prepared_sd3 / "tiny-sd3/transformer")
     changed = [name for name, w in merged.state_dict().items() if not torch.equal(w, teacher.state_dict()[name])]
     assert changed and all("attn" in name for name in changed), changed[:5]  # LoRA targets attention projections
+
+
+def test_noise_range_positions_are_dmd2s_timestep_percentages():
+    """t_min/t_max mean positions on the schedule in every family (0 = noisiest). For a text-to-image teacher,
+    0.02..0.98 draws DMD2's timesteps 20..980, the same draws as the integer range it replaced (outputs unchanged),
+    and a range at the schedule's ends stays inside the 1000 timesteps."""
+    from types import SimpleNamespace
+
+    from fewstep.families.t2i.t2i_trainer import noise_levels
+
+    model = SimpleNamespace(log_sigmas=torch.linspace(-4, 4, 1000, dtype=torch.float64))
+    sigmas = model.log_sigmas.exp().float()
+    ours = noise_levels(model, 0.02, 0.98, torch.Generator().manual_seed(3), "cpu")(4096)
+    before = sigmas[torch.randint(20, 981, (4096,), generator=torch.Generator().manual_seed(3))]
+    assert torch.equal(ours, before)
+    ends = noise_levels(model, 0.0, 1.0, torch.Generator().manual_seed(0), "cpu")(20000)
+    assert ends.min() == sigmas[0] and ends.max() == sigmas[999]
+    low_noise = noise_levels(model, 0.9, 1.0, torch.Generator().manual_seed(0), "cpu")(2000)
+    assert low_noise.max() <= sigmas[100]  # high positions are the clean end: timesteps 0..100

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from typing import Protocol
+
 from fewstep.core.distances import fid, kid, pixel_view
-from fewstep.data.featurizer import Featurizer
+
+
+class Featurizer(Protocol):
+    """What the Evaluator needs of a family's classifier (fewstep.data.featurizer.Featurizer is one): features
+    for FID/KID and k-NN, and the class head on them for conditioning accuracy."""
+
+    def eval(self) -> "Featurizer": ...
+    def embed(self, images: torch.Tensor, batch_size: int) -> torch.Tensor: ...
+    def head(self, features: torch.Tensor) -> torch.Tensor: ...
 
 
 def seed_interval(values: list[float]) -> list[float] | None:

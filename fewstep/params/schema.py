@@ -14,7 +14,7 @@ from fewstep.params.sections import (BenchmarkParams, CriticParams, DataParams, 
 
 
 _T2I_LOOP = {"batch_size": 4, "lr": 5e-7, "betas": [0.9, 0.999], "ema_decay": 0.0, "checkpoint_every": 100}
-_T2I_DISTILL = {**_T2I_LOOP, "steps": 200, "real_guidance": 8.0, "t_min": 20, "t_max": 980,
+_T2I_DISTILL = {**_T2I_LOOP, "steps": 200, "real_guidance": 8.0,
                 "dmd2": {"ttur": 5, "gan": {"generator_weight": 5e-3, "critic_weight": 1e-2}}}
 TEXT_TO_IMAGE_DEFAULTS = {
     "trajectories": {"num_samples": 64, "sampling_steps": 25, "guidance": 8.0, "batch_size": 8, "shard_size": 256,
@@ -90,12 +90,11 @@ class Params(Section):
         for key, value in ranges.items():
             if value is None:
                 continue
-            if self.family == "edm" and value > 1:
-                raise ParamsError(f"{key} must be <= 1 for the edm family (a position on the Karras grid, "
-                                  f"0 = sigma_max), got {value:g}")
-            if self.family in TEXT_TO_IMAGE and (value != int(value) or value > 999):
-                raise ParamsError(f"{key} must be a whole DDPM timestep in [0, 999] for the text-to-image "
-                                  f"families, got {value:g}")
+            if value > 1:
+                hint = ("; a DDPM timestep T is position 1 - T/1000, so DMD2's 20..980 is 0.02..0.98"
+                        if self.family in TEXT_TO_IMAGE else "")
+                raise ParamsError(f"{key} must be in [0, 1], a position on the teacher's noise schedule "
+                                  f"(0 = the noisiest level, 1 = the cleanest), got {value:g}{hint}")
         for name in ("distill", "finetune"):
             section = getattr(self, name)
             if self.family in TEXT_TO_IMAGE and section.student_timesteps is None:

@@ -273,8 +273,9 @@ class DistillParams(TrainLoopParams):
     steps_per_batch: Literal["one", "all"] = "one"  # multi-step: one random step per batch (DMD2) | all, split evenly
     init_student: str | None = None  # a saved student of this teacher to start from (e.g. a 1-step one); null = the teacher
     real_guidance: float = Field(1.0, ge=0)  # CFG on the real (teacher) score; 1 = none
-    # the DM / fake-score noise range, in the family's terms: edm, positions on the Karras grid in [0, 1]
-    # (0 = sigma_max); text-to-image, DDPM timesteps t ~ U{t_min..t_max} in [0, 999]
+    # the DM / fake-score noise range as positions on the teacher's noise schedule, in every family: 0 = its
+    # noisiest level, 1 = its cleanest (edm: the Karras grid, sigma_max..sigma_min; text-to-image: DDPM timestep
+    # (1 - position) x 1000, so DMD2's 0.02..0.98 is timesteps 20..980)
     t_min: float = Field(0.02, ge=0)
     t_max: float = Field(0.98, gt=0)
     # [t_min, t_max] at the last step, the range moving linearly from [t_min, t_max] at the first; null: fixed

@@ -28,12 +28,15 @@ from fewstep.families.t2i.encoded import CondSampler, Encoded
 
 def noise_levels(model: SDDenoiser, t_min: float, t_max: float, generator: torch.Generator, device,
                  end: tuple[float, float] | None = None, steps: int = 1) -> NoiseRange:
-    """DMD2's noise levels for SD: integer timesteps t ~ U{t_min..t_max} (whole numbers, checked by the
-    params; a scheduled range is rounded to them), as VE sigmas."""
+    """DMD2's noise levels for SD, as VE sigmas: integer DDPM timesteps drawn uniformly between the range's
+    positions on the schedule (0 = the noisiest timestep, 1 = timestep 0), as DMD2's min/max_step_percent:
+    positions 0.02..0.98 are timesteps 20..980."""
     sigmas = model.log_sigmas.exp().float()
+    timesteps = len(sigmas)
 
     def draw(n: int, low: float, high: float) -> torch.Tensor:
-        return sigmas[torch.randint(round(low), round(high) + 1, (n,), generator=generator)].to(device)
+        first, last = round((1 - high) * timesteps), min(round((1 - low) * timesteps), timesteps - 1)
+        return sigmas[torch.randint(first, last + 1, (n,), generator=generator)].to(device)
 
     return NoiseRange(draw, t_min, t_max, end, steps)
 
