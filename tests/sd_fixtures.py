@@ -359,7 +359,7 @@ def sdxl_project(tmp_path: Path, assets: dict, name: str = "sdxl", **sections) -
     """The SDXL (or another family's) pipeline on a prompt dataset with images, CLIP score and FID configured, and
     the text-to-image benchmark on a tiny caption folder with an Inception stand-in."""
     benchmark = {"source": str(assets["captions"]), "featurizer": str(assets["inception"]), "clip_path": str(assets["clip"]),
-                 "count": 0, "batch_size": 4, "bootstrap": 10, "grid_size": 2, **sections.pop("benchmark", {})}
+                 "count": 0, "batch_size": 4, "seeds": 2, "grid_size": 2, **sections.pop("benchmark", {})}
     params = sd_params(name, **{"prompts": {"text_column": "caption", "image_column": "image"},
                                 "evaluate": {"clip_path": str(assets["clip"]),
                                              "fid": {"featurizer": str(assets["featurizer"]),

@@ -1,5 +1,5 @@
 """The text-to-image benchmark's parts on tiny local models: optional inputs and their digests, the FID
-Inception's calling convention, CLIP score against torchmetrics, FID's bootstrap interval, caption folders."""
+Inception's calling convention, CLIP score against torchmetrics, intervals over sampling seeds, caption folders."""
 import json
 
 import pytest
@@ -66,6 +66,7 @@ def test_fid_inception_torchscript_gets_pixels_in_0_255_and_returns_pool_feature
 
 
 def test_clip_score_per_image_averages_to_torchmetrics(tmp_path):
+    from scipy.stats import t
     from torchmetrics.multimodal.clip_score import CLIPScore
     from transformers import CLIPModel, CLIPProcessor
 
@@ -94,23 +95,35 @@ def test_clip_score_per_image_averages_to_torchmetrics(tmp_path):
     reference.update(uint8(images), prompts)
     assert mean == pytest.approx(float(per_image.double().mean()), abs=1e-5)
     assert mean > 0 and mean == pytest.approx(float(reference.compute()), abs=1e-4)
-    half = 1.96 * float(per_image.double().std()) / 6 ** 0.5
+    half = t.ppf(0.975, 5) * float(per_image.double().std()) / 6 ** 0.5  # a t-interval over the 6 images
     assert (low, high) == pytest.approx((mean - half, mean + half), abs=1e-5)
 
 
-def test_fid_bootstrap_interval_covers_the_known_distance():
-    """Features N(0, I) against N(mu, I) in 4 dimensions: the Fréchet distance is |mu|^2 = 1."""
-    from fewstep.families.t2i.benchmark import fid_interval
+def test_benchmark_intervals_are_over_sampling_seeds_as_everywhere():
+    """Features N(0, I) against N(mu, I) in 4 dimensions: the Fréchet distance is |mu|^2 = 1. Each sampling seed
+    is one FID; the interval is the t-interval over seeds (none with one seed, never a bootstrap over images);
+    a one-seed CLIP score keeps its interval over the images."""
+    from scipy.stats import t
+
+    from fewstep.families.t2i.benchmark import ModelScores, scores_over_seeds
 
     gen = torch.Generator().manual_seed(0)
-    reference = torch.randn(4000, 4, generator=gen, dtype=torch.float64)
-    fake = torch.randn(4000, 4, generator=gen, dtype=torch.float64) + torch.tensor([1.0, 0, 0, 0], dtype=torch.float64)
-    full, (low, high) = fid_interval(reference, fake, resamples=50, seed=0)
-    assert low < 1.0 < high and low <= full <= high and high - low < 0.3
-    same, (low, high) = fid_interval(reference, torch.randn(4000, 4, generator=gen, dtype=torch.float64), 50, 0)
-    assert same < 0.02 and low < 0.02
-    assert fid_interval(reference, fake, 50, 0) == (full, list(fid_interval(reference, fake, 50, 0)[1]))  # seeded
-    assert fid_interval(reference, fake, 0, 0) == (full, None)
+    draw = lambda shift: torch.randn(4000, 4, generator=gen, dtype=torch.float64) + shift  # noqa: E731
+    reference = ModelScores(features=[draw(0.0)])
+    mu = torch.tensor([1.0, 0, 0, 0], dtype=torch.float64)
+    runs = [ModelScores(features=[draw(mu)], clip=[torch.rand(50, generator=gen) + 20]) for _ in range(3)]
+    three = scores_over_seeds(runs, reference)
+    low, high = three["fid_ci95"]
+    assert low < 1.0 < high and low < three["fid"] < high and high - low < 1
+    assert 0.9 < three["fid"] < 1.1 and three["kid"] > 0 and "kid_ci95" in three
+    assert three["clip_score_ci95"][0] < three["clip_score"] < three["clip_score_ci95"][1]
+    one = scores_over_seeds(runs[:1], reference)
+    assert "fid_ci95" not in one and "kid_ci95" not in one and one["fid"] != three["fid"]
+    per_image = runs[0].clip[0].double()
+    assert one["clip_score"] == pytest.approx(float(per_image.mean()))
+    half = one["clip_score"] - one["clip_score_ci95"][0]
+    assert half == pytest.approx(t.ppf(0.975, 49) * float(per_image.std()) / 50 ** 0.5)  # over the 50 images
+    assert scores_over_seeds(runs[:1], ModelScores()) == {k: one[k] for k in ("clip_score", "clip_score_ci95")}
 
 
 def test_caption_folder_pairs_count_and_errors(tmp_path):

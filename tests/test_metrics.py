@@ -2,7 +2,7 @@
 import torch
 
 from fewstep.core.distances import fid, kid, pixel_view
-from fewstep.core.metrics import differ, seed_interval
+from fewstep.core.metrics import differ, mean_interval
 
 
 def gaussian(n: int, shift: float, seed: int, dim: int = 8) -> torch.Tensor:
@@ -14,7 +14,7 @@ def test_fid_of_shifted_gaussians_matches_the_closed_form():
     assert abs(fid(gaussian(4000, 0.0, 0), gaussian(4000, 0.5, 1)) - 8 * 0.25) < 0.2  # sampling sd ≈ 0.06
 
 
-def test_the_seed_interval_covers_the_expected_fid_at_its_sample_count():
+def test_the_mean_interval_covers_the_expected_fid_at_its_sample_count():
     # FID is biased by the sample count, so what an interval over seeds can hold is the expected FID at that
     # count: here estimated from 200 independent draws, then the 95% interval's coverage is counted
     def draw(i):
@@ -23,10 +23,10 @@ def test_the_seed_interval_covers_the_expected_fid_at_its_sample_count():
     expected = sum(draw(i) for i in range(200)) / 200
     covered = 0
     for trial in range(40):
-        low, high = seed_interval([draw(1000 + 3 * trial + s) for s in range(3)])
+        low, high = mean_interval([draw(1000 + 3 * trial + s) for s in range(3)])
         covered += low <= expected <= high
     assert covered >= 34, covered  # 95% nominal: 38 of 40 expected
-    assert seed_interval([1.0]) is None
+    assert mean_interval([1.0]) is None
 
 
 def test_kid_is_unbiased_where_fid_is_not():

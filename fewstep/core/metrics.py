@@ -1,5 +1,11 @@
 """The evaluate stage's metrics: FID, KID (fewstep.core.distances) and the pixel view per sampling seed, summarized
-with 95% intervals over the seeds; k-NN precision/recall, conditioning accuracy; per-image latency."""
+with 95% intervals over the seeds; k-NN precision/recall, conditioning accuracy; per-image latency.
+
+One interval scheme, in every family and stage (evaluate, compare, the text-to-image benchmark): a 95%
+t-interval of a mean over independent replicates (`mean_interval`). A set-level score (FID, KID, precision,
+recall, pixel W1) has one replicate per sampling seed, so it gets an interval only with two or more seeds, never
+from a bootstrap over images (duplicate draws shift FID upwards). A per-image score (CLIP score) is itself a
+mean over independent images: with one seed its replicates are the images, with several the seeds."""
 from __future__ import annotations
 
 import torch
@@ -18,17 +24,18 @@ class Featurizer(Protocol):
     def head(self, features: torch.Tensor) -> torch.Tensor: ...
 
 
-def seed_interval(values: list[float]) -> list[float] | None:
-    """95% t-interval of the mean of per-sampling-seed values (None with one seed). Over seeds, not a
-    bootstrap over images: every model is scored against the same reference images, so the reference's own
-    noise is common to the rows being compared; and a bootstrap's duplicate draws shift FID upwards (on 359
-    reference images in 128 dimensions, by more than the differences between models)."""
+def mean_interval(values) -> list[float] | None:
+    """95% t-interval of the mean of independent replicates (a list or tensor; None with fewer than two).
+    For FID the replicates are sampling seeds, not a bootstrap over images: every model is scored against the
+    same reference images, so the reference's own noise is common to the rows being compared; and a bootstrap's
+    duplicate draws shift FID upwards (on 359 reference images in 128 dimensions, by more than the differences
+    between models)."""
     from scipy.stats import t
 
-    if len(values) < 2:
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if len(v) < 2:
         return None
-    v = torch.tensor(values, dtype=torch.float64)
-    half = float(t.ppf(0.975, len(values) - 1) * v.std() / len(values) ** 0.5)
+    half = float(t.ppf(0.975, len(v) - 1) * v.std() / len(v) ** 0.5)
     return [float(v.mean()) - half, float(v.mean()) + half]
 
 
@@ -38,7 +45,7 @@ def over_seeds(values: dict[str, list[float]], suffix: str = "") -> dict:
     out = {}
     for name, per_seed in values.items():
         out[f"{name}{suffix}"] = sum(per_seed) / len(per_seed)
-        if (interval := seed_interval(per_seed)) is not None:
+        if (interval := mean_interval(per_seed)) is not None:
             out[f"{name}{suffix}_ci95"] = interval
     return out
 

@@ -157,7 +157,7 @@ class BenchmarkParams(Section):
     clip_path: InputPath = None      # a local CLIP model directory (transformers CLIPModel) for the CLIP score
     teacher: bool = True             # also sample the teacher (trajectories' steps and guidance) on every caption
     batch_size: int = Field(8, gt=0)  # also the batch at which latency is timed (median over the batches)
-    bootstrap: int = Field(100, ge=0)  # resamples of the generated images for FID's 95% interval; 0 = none
+    seeds: int = Field(1, gt=0)      # sampling seeds: each a fresh image per caption; >= 2 gives FID/KID 95% intervals
     grid_size: int = Field(4, gt=0)
 
     @model_validator(mode="after")

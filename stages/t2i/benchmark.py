@@ -1,15 +1,14 @@
 """benchmark: DMD2's text-to-image protocol, when benchmark.source names local caption/image pairs (e.g. COCO-2014
 val: 10k at 512 px for SDXL, 30k at 256 px for SD1.5): one image per caption from the student and the teacher
 (same noise), FID against the captions' own images in benchmark.featurizer's space (the FID Inception, a local
-file), CLIP score with benchmark.clip_path — each with a 95% interval. Off (one line in metrics.json) while
-benchmark.source is unset. Captions are encoded here, batch by batch, through the teacher's text encoders."""
+file), CLIP score with benchmark.clip_path — each with a 95% interval over benchmark.seeds sampling seeds. Off
+(one line in metrics.json) while benchmark.source is unset. Captions are encoded here, batch by batch, through the teacher's text encoders."""
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from fewstep.core import runtime
-from fewstep.core.distances import kid
 from fewstep.core.grid import write_scores
 from fewstep.core.sampling import heun_sample, student_sample, teacher_nfe
 from fewstep.families.t2i import (benchmark, encode, t2i_evaluation, networks,
@@ -17,8 +16,8 @@ from fewstep.families.t2i import (benchmark, encode, t2i_evaluation, networks,
 from fewstep.families.t2i.sd_denoiser import SDCond
 from fewstep.families.t2i.encoded import DTYPES, Encoded
 
-INTERVALS = ("fid_ci95: 2.5th-97.5th percentile of FID over benchmark.bootstrap resamples of the generated images "
-             "(reference fixed); clip_score_ci95: mean +- 1.96 standard errors over images")
+INTERVALS = ("95% t-intervals of the mean over benchmark.seeds sampling seeds (fid, kid, clip_score; with one seed "
+             "none for fid and kid, and clip_score's over the images): fewstep.core.metrics")
 
 
 def captions(pipe, texts: list[str], encoded: Encoded, family: str, dtype: torch.dtype, device) -> SDCond:
@@ -68,35 +67,31 @@ def main(params, args, device):
     net = t2i_evaluation.load_featurizer(b.featurizer, b.resolution, "benchmark.featurizer").to(device) if b.featurizer else None
     clip = t2i_evaluation.ClipScorer(b.clip_path, device, "benchmark.clip_path") if b.clip_path else None
     dtype, latent_shape = DTYPES[params.encode.dtype], encoded.index["latent_shape"]
-    noise_gen, keep = runtime.seeded(params.seed, "benchmark"), b.grid_size ** 2
-    kept = {name: benchmark.ModelScores() for name in [*fns, "reference"]}
-    for start in tqdm(range(0, n, b.batch_size), desc="benchmark", unit="batch", mininterval=5.0):
-        texts = pairs.texts[start:start + b.batch_size]
-        cond = captions(pipe, texts, encoded, family, dtype, device).to(device)
-        noise = torch.randn((len(texts), *latent_shape), generator=noise_gen).to(device)
-        batch = {"reference": pairs.images(start, start + len(texts))}
-        with torch.no_grad():
-            for name, fn in fns.items():
-                batch[name] = encode.to_images(vae, fn(noise, cond), b.batch_size, device)
-        for name, images in batch.items():
-            kept[name].add(images, texts, net, clip, b.resolution, keep, device)
+    keep, per_seed = b.grid_size ** 2, []
+    for seed in range(b.seeds):  # seed 0 also scores the reference images and keeps the grids
+        noise_gen = runtime.seeded(params.seed, "benchmark" if seed == 0 else f"benchmark-{seed}")
+        kept = {name: benchmark.ModelScores() for name in [*fns, *(["reference"] if seed == 0 else [])]}
+        for start in tqdm(range(0, n, b.batch_size), desc=f"benchmark seed {seed}", unit="batch", mininterval=5.0):
+            texts = pairs.texts[start:start + b.batch_size]
+            cond = captions(pipe, texts, encoded, family, dtype, device).to(device)
+            noise = torch.randn((len(texts), *latent_shape), generator=noise_gen).to(device)
+            batch = {"reference": pairs.images(start, start + len(texts))} if seed == 0 else {}
+            with torch.no_grad():
+                for name, fn in fns.items():
+                    batch[name] = encode.to_images(vae, fn(noise, cond), b.batch_size, device)
+            for name, images in batch.items():
+                kept[name].add(images, texts, net, clip, b.resolution, keep if seed == 0 else 0, device)
+        per_seed.append(kept)
 
     metrics = {"protocol": {"source": b.source, "pairs": n, "resolution": b.resolution, "featurizer": b.featurizer,
-                            "clip_path": b.clip_path, "intervals": INTERVALS}}
-    reference = torch.cat(kept["reference"].features) if net else None
+                            "clip_path": b.clip_path, "seeds": b.seeds, "intervals": INTERVALS}}
     for name in fns:
-        scores, m = kept[name], {"nfe": nfe[name]}
-        if net:
-            features = torch.cat(scores.features)
-            m["fid"], m["fid_ci95"] = benchmark.fid_interval(reference, features, b.bootstrap, params.seed)
-            m["kid"] = kid(reference, features, subsets=10)
-        if clip:
-            m["clip_score"], m["clip_score_ci95"] = t2i_evaluation.mean_interval(torch.cat(scores.clip))
-        metrics[name] = m
-        print(f"[benchmark] {name:8s} " + " ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, (int, float))),
-              flush=True)
+        metrics[name] = {"nfe": nfe[name], **benchmark.scores_over_seeds([run[name] for run in per_seed], per_seed[0]["reference"])}
+        print(f"[benchmark] {name:8s} " + " ".join(f"{k}={v:.4g}" for k, v in metrics[name].items()
+                                                   if isinstance(v, (int, float))), flush=True)
     if clip:  # the captions' own images: the CLIP score real data reaches
-        metrics["reference"] = {"clip_score": t2i_evaluation.mean_interval(torch.cat(kept["reference"].clip))[0]}
+        metrics["reference"] = {"clip_score": float(torch.cat(per_seed[0]["reference"].clip).double().mean())}
+    kept = per_seed[0]
     write_scores(args.samples, args.metrics, {name: torch.cat(scores.grid) for name, scores in kept.items()},
                  b.grid_size, metrics, pairs.texts[:keep])
     print(f"[benchmark] metrics -> {args.metrics}, grids -> {args.samples}", flush=True)

@@ -1,6 +1,7 @@
 """DMD2's text-to-image protocol on a user's local caption/image pairs (COCO-2014: 10k at 512 px for SDXL, 30k
 at 256 px for SD1.5): one image per caption from the student (and the teacher), FID against the captions' own
-images in an Inception-compatible featurizer's space, CLIP score against the captions — each with a 95% interval.
+images in an Inception-compatible featurizer's space, CLIP score against the captions — each with core.metrics' 95% interval (over benchmark.seeds sampling seeds; CLIP
+score with one seed: over the images).
 
 Generated and reference images go through the same resize (to uint8, PIL bicubic on the short side, center
 crop to `benchmark.resolution`) before the featurizer, as clean-fid does; CLIP sees the generated images at
@@ -15,7 +16,9 @@ from pathlib import Path
 import torch
 
 from fewstep.errors import DataError
-from fewstep.families.t2i.t2i_evaluation import uint8
+from fewstep.core.distances import fid, kid
+from fewstep.core.metrics import over_seeds
+from fewstep.families.t2i.t2i_evaluation import per_image_mean, uint8
 from fewstep.families.t2i.prompts import image_tensor
 
 
@@ -81,31 +84,6 @@ def resized(images: torch.Tensor, resolution: int) -> torch.Tensor:
     return image_tensor(pil, resolution)
 
 
-def fid_interval(reference: torch.Tensor, fake: torch.Tensor, resamples: int, seed: int) -> tuple[float, list[float] | None]:
-    """FID of all images, and the 2.5th/97.5th percentiles of FID over `resamples` bootstrap resamples of the
-    generated images (reference fixed; its statistics computed once)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    from fewstep.core.distances import _Given
-
-    metric = FrechetInceptionDistance(feature=_Given(reference.shape[1]), reset_real_features=False,
-                                      sync_on_compute=False)
-    metric.update(reference, real=True)
-
-    def score(rows: torch.Tensor) -> float:
-        metric.reset()  # fake statistics only: reset_real_features=False keeps the reference's
-        metric.update(rows, real=False)
-        return float(metric.compute())
-
-    full = score(fake)
-    if resamples == 0:
-        return full, None
-    gen = torch.Generator().manual_seed(seed)
-    values = torch.tensor([score(fake[torch.randint(len(fake), (len(fake),), generator=gen)])
-                           for _ in range(resamples)])
-    return full, [float(values.quantile(0.025)), float(values.quantile(0.975))]
-
-
 @dataclass
 class ModelScores:
     """What the benchmark keeps of one model's images: featurizer features, per-image CLIP scores, a few images."""
@@ -129,3 +107,19 @@ class ModelScores:
         room = keep - sum(len(g) for g in self.grid)
         if room > 0:
             self.grid.append(shown[:room].cpu())
+
+
+def scores_over_seeds(runs: list[ModelScores], reference: ModelScores) -> dict:
+    """One model's FID and KID against the reference images, and its CLIP score, per sampling seed, as means with
+    95% intervals over the seeds (core.metrics' scheme); with one seed, CLIP score's interval is over the images."""
+    values = {}
+    if reference.features:
+        real = torch.cat(reference.features)
+        values["fid"] = [fid(real, torch.cat(run.features)) for run in runs]
+        values["kid"] = [kid(real, torch.cat(run.features), subsets=10) for run in runs]
+    if runs[0].clip:
+        values["clip_score"] = [float(torch.cat(run.clip).double().mean()) for run in runs]
+    out = over_seeds(values)
+    if runs[0].clip and len(runs) == 1:
+        out["clip_score_ci95"] = per_image_mean(torch.cat(runs[0].clip))[1]
+    return out

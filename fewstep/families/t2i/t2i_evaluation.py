@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from fewstep.core.evaluation import Evaluation, Model, student_sampler
 from fewstep.io import ArtifactError, load_trajectories
-from fewstep.core.metrics import over_seeds
+from fewstep.core.metrics import mean_interval, over_seeds
 from fewstep.core.sampling import heun_sample
 from fewstep.families.t2i import encode, networks, teacher as teachers
 from fewstep.families.t2i import launch as start_up
@@ -58,20 +58,17 @@ class ClipScorer:
         return (100 * (image * caption).sum(-1)).float().cpu()
 
 
-def mean_interval(values: torch.Tensor) -> tuple[float, list[float]]:
-    """The mean and its normal-approximation 95% interval (1.96 standard errors): per-image scores are
-    independent draws, one per caption."""
-    values = values.double()
-    mean = float(values.mean())
-    half = 1.96 * float(values.std()) / len(values) ** 0.5 if len(values) > 1 else float("nan")
-    return mean, [mean - half, mean + half]
+def per_image_mean(scores: torch.Tensor) -> tuple[float, list[float] | None]:
+    """A per-image score's mean and its 95% t-interval over the images (independent draws, one per caption):
+    core.metrics' one interval scheme for a single sampling seed."""
+    return float(scores.double().mean()), mean_interval(scores)
 
 
-def clip_score(scorer: ClipScorer, images: torch.Tensor, prompts: list[str], batch_size: int) -> tuple[float, list[float]]:
-    """Mean CLIP score of images and their prompts, and its 95% interval."""
+def clip_score(scorer: ClipScorer, images: torch.Tensor, prompts: list[str], batch_size: int) -> tuple[float, list[float] | None]:
+    """Mean CLIP score of images and their prompts, and its 95% interval over the images."""
     scores = torch.cat([scorer(images[i:i + batch_size], prompts[i:i + batch_size])
                         for i in range(0, len(images), batch_size)])
-    return mean_interval(scores)
+    return per_image_mean(scores)
 
 
 class InceptionFeatures(nn.Module):
