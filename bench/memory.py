@@ -218,7 +218,7 @@ def worker(args) -> None:
         real=lambda: (torch.randn(settings.batch_size, *latent, generator=generator).to(device),
                       conditions(settings.batch_size)),
         conditions=conditions,
-        noise_levels=noise_levels(teacher, 20, 980, generator, device),
+        noise_levels=noise_levels(teacher, settings.t_min, settings.t_max, generator, device),
         student_sigmas=[teacher.sigma_of(t) for t in settings.student_timesteps], params=settings,
         generator=generator, device=device, sigma_data=1.0,
         step_generator=torch.Generator().manual_seed(args.seed))

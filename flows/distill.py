@@ -6,6 +6,8 @@
   upstream stages' keys and its other inputs' digests (fewstep.pipeline.keys). Keys and records (dvc.lock entry +
   xxh3 manifest, JSON — never pickles) live in the team store: `<DVC default remote>/fewstep/` on S3 or
   SSH, so every clone of the team shares them, or a local folder (FEWSTEP_CACHE_DIR / .fewstep/cache).
+- Every stage is submitted at once, waiting for the stages it reads (Prefect futures): independent stages are
+  looked up and sent to workers side by side; in one workspace DVC runs one stage at a time.
 - A hit skips the stage. Outputs are fetched only where needed — inputs of a stage that must run here,
   and the final stages' outputs (`fetch="all"`: every stage's) — and verified against the manifest, as
   is every output already in the workspace; a record whose outputs cannot be restored intact is
@@ -26,13 +28,17 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.futures import wait
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.states import Failed
@@ -43,7 +49,8 @@ from fewstep.pipeline.keys import StageSpec, missing_input, producer, stage_keys
 from fewstep.pipeline.hashing import Hasher
 from fewstep.pipeline.locking import lock_manager
 from fewstep.params import parse_yaml
-from fewstep.pipeline.stagerun import OutputsLost, StageError, compute, materialize, run_always_changed
+from fewstep.pipeline.stagerun import (OutputsLost, StageError, StageRecord, compute, materialize,
+                                       run_always_changed)
 from fewstep.pipeline.store import Store, StoreError, from_dvc, share_remote
 from fewstep.pipeline.worktree import CheckoutError, clean_checkout, head
 
@@ -94,6 +101,9 @@ class Run:
     keys: dict[str, str]
     store: Store
     params_before: str | None = None  # the params file before this run's overrides, put back at its end
+    # one stage at a time runs DVC in this workspace (fetching inputs, computing): dvc.lock is one file, and
+    # one machine's GPU is one device; lookups and stages sent to workers go side by side
+    workspace: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def spec(self, name: str) -> StageSpec:
         return next(s for s in self.specs if s.name == name)
@@ -102,6 +112,16 @@ class Run:
         """Stages whose outputs this stage reads, in graph order."""
         names = {made.name for d in spec.deps if (made := producer(d, self.specs)) and made.name != spec.name}
         return [s.name for s in self.specs if s.name in names]
+
+    @cached_property
+    def blocks(self):
+        """(keys, results) blocks of the store. Prefect needs result storage saved server-side: the saved
+        block holds the location and fsspec settings only, never credentials (fewstep.pipeline.store)."""
+        import xxhash
+
+        results = self.store.block("results")
+        results.save(f"fewstep-results-{xxhash.xxh64_hexdigest(self.store.url.encode())}", overwrite=True)
+        return self.store.block("keys"), results
 
 
 def prepare_run(pipeline: str, root: Path = ROOT, params_text: str | None = None,
@@ -162,18 +182,7 @@ def _prepare(root: Path, pipeline: str, dvcfile: str, specs: list[StageSpec]) ->
     except KeyError as exc:
         raise PipelineError(exc.args[0]) from None
     hasher.save()
-    _RUNS[(root, pipeline)] = run = Run(root, pipeline, dvcfile, specs, keys, store)
-    return run
-
-
-_RUNS: dict[tuple[Path, str], Run] = {}  # the latest prepared run of each pipeline in this process
-
-
-def current_run(pipeline: str, stage: str, key: str, root: Path = ROOT) -> Run:
-    """The run the calling flow prepared (tasks execute in its process), so a stage does not check deps,
-    reach the store and hash the code again; prepared afresh if none matches the stage's key."""
-    run = _RUNS.get((root, pipeline))
-    return run if run is not None and run.keys.get(stage) == key else prepare_run(pipeline, root)
+    return Run(root, pipeline, dvcfile, specs, keys, store)
 
 
 # ---- Prefect tasks over the store ------------------------------------------------------------------
@@ -182,45 +191,30 @@ def _key_from_argument(context, parameters) -> str:
     return parameters["key"]
 
 
-_BLOCKS: dict[str, Any] = {}
-
-
-def _blocks(store: Store):
-    """(keys, results) blocks of the store. Prefect needs result storage saved server-side: the saved
-    block holds the location and endpoint only, never credentials."""
-    if store.url not in _BLOCKS:
-        import xxhash
-
-        results = store.block("results")
-        results.save(f"fewstep-results-{xxhash.xxh64_hexdigest(store.url.encode())}", overwrite=True)
-        _BLOCKS[store.url] = (store.block("keys"), results)
-    return _BLOCKS[store.url]
-
-
 def stage_task(run: Run, refresh: bool = False, lock: bool = True):
     """The cached stage task. `lock`: hold the key's lock while computing — a lease on the team's Prefect
     server, or this clone's lock file without one — so concurrent runs compute a key once and the others
     take its record; a run that only sends the work to a worker must not hold it (the worker takes it)."""
-    keys, results = _blocks(run.store)
+    keys, results = run.blocks
     isolation = {"isolation_level": "SERIALIZABLE", "lock_manager": lock_manager(run.root / ".fewstep" / "locks")}
     policy = CacheKeyFnPolicy(cache_key_fn=_key_from_argument, key_storage=keys, **(isolation if lock else {}))
     return run_stage.with_options(cache_policy=policy, persist_result=True, result_storage=results,
                                   result_serializer="json", refresh_cache=refresh)
 
 
-def stored_record(run: Run, key: str) -> dict | None:
+def stored_record(run: Run, key: str) -> dict | None:  # StageRecord.as_json()
     """The record stored under a key, or None (read through Prefect's own result store)."""
     from prefect.results import ResultStore
     from prefect.serializers import JSONSerializer
 
-    keys, results = _blocks(run.store)
+    keys, results = run.blocks
     store = ResultStore(result_storage=results, metadata_storage=keys, serializer=JSONSerializer())
     return store.read(key).result if store.exists(key) else None
 
 
 def drop_record(run: Run, key: str) -> None:
     """Forget a key whose outputs are lost, so every clone recomputes it instead of trusting it."""
-    keys, _ = _blocks(run.store)
+    keys, _ = run.blocks
     if run.store.is_local:
         Path(keys._resolve_path(key)).unlink(missing_ok=True)
     elif keys.filesystem.exists(keys._resolve_path(key)):
@@ -228,34 +222,33 @@ def drop_record(run: Run, key: str) -> None:
 
 
 @task(task_run_name="{stage}")
-def run_stage(pipeline: str, stage: str, key: str, inputs: dict[str, dict], placement: str = "local",
-              force: bool = False, params_text: str | None = None, root: str | None = None) -> dict:
-    """Cache miss: compute the stage (in the workspace `root`, or on a worker of its pool) and return its record."""
+def run_stage(run: Run, stage: str, key: str, inputs: dict[str, dict], placement: str = "local",
+              force: bool = False, params_text: str | None = None) -> dict:
+    """Cache miss: compute the stage (in the run's workspace, or on a worker of its pool) and return its
+    record. `run` is the calling flow's prepared pipeline (tasks execute in its process)."""
     logger = get_run_logger()
-    root = Path(root) if root else ROOT
     if placement == "workers":
-        return _on_worker(pipeline, stage, key, inputs, force, params_text, root)
-    run = current_run(pipeline, stage, key, root)
-    spec = run.spec(stage)
-    for name, record in inputs.items():
-        try:
-            how = materialize(run.root, run.spec(name), record, run.store, log=logger.debug, warn=logger.warning)
-        except OutputsLost:
-            drop_record(run, run.keys[name])
-            raise
-        logger.info(f"{stage}: input {name} {how}")
-    return compute(run.root, spec, run.store, force=force, log=logger.info)
+        return _on_worker(run, stage, key, inputs, force, params_text)
+    with run.workspace:
+        for name, record in inputs.items():
+            try:
+                how = materialize(run.root, run.spec(name), StageRecord.from_json(record), run.store, log=logger.debug,
+                              warn=logger.warning)
+            except OutputsLost:
+                drop_record(run, run.keys[name])
+                raise
+            logger.info(f"{stage}: input {name} {how}")
+        return compute(run.root, run.spec(stage), run.store, force=force, log=logger.info).as_json()
 
 
-def _on_worker(pipeline, stage, key, inputs, force, params_text, root: Path) -> dict:
+def _on_worker(run: Run, stage, key, inputs, force, params_text) -> dict:
     from prefect.deployments import run_deployment
 
-    run = current_run(pipeline, stage, key, root)
     pool = run.spec(stage).pool
     logger = get_run_logger()
     logger.info(f"{stage}: sending to a worker of pool {pool}")
     flow_run = run_deployment(name=f"fewstep-stage/{pool}", timeout=0,
-                              parameters={"pipeline": pipeline, "stage": stage, "key": key, "inputs": inputs,
+                              parameters={"pipeline": run.pipeline, "stage": stage, "key": key, "inputs": inputs,
                                           "force": force, "params_text": params_text, "commit": head(run.root)})
     state = _follow(flow_run, f"{stage} on pool {pool}", logger.info)
     if state.is_crashed():
@@ -361,12 +354,9 @@ def _failure(state) -> str:
 @flow(name="distill", log_prints=True)
 def distill(pipeline: str = "default", overrides: dict[str, Any] | None = None, placement: str = "local",
             fetch: str = "needed") -> dict[str, str]:
-    """Run (or reuse) every stage of a pipeline in graph order.
+    """Run (or reuse) every stage of a pipeline, each once the stages it reads are done.
 
-    Returns {stage: how}: "cached" (a stored record; outputs verified wherever they were needed),
-    "computed" (ran), "up-to-date" (no record, but DVC found the stage current, e.g. after `dvc pull`),
-    "restored" (a record whose local outputs were damaged: fetched again) or "recomputed" (a record whose
-    outputs were lost everywhere: recomputed)."""
+    Returns {stage: how}, each an `Outcome` value: cached, computed, up-to-date, restored or recomputed."""
     started = time.perf_counter()
     logger = get_run_logger()
     if placement not in ("local", "workers") or fetch not in ("needed", "all"):
@@ -408,63 +398,119 @@ def _checkout_root(checkout):
 def _distill(run: Run, placement: str, fetch: str, started: float):
     logger = get_run_logger()
     logger.info(f"store: {run.store.describe()}; placement: {placement}")
-    params_text = (run.root / run.specs[0].params_file).read_text()
-    records: dict[str, dict] = {}
-    report: dict[str, str] = {}
-
-    def obtain(spec: StageSpec, refresh: bool = False) -> None:
-        """Get the stage's record: a stored hit, or a computed miss (after fetching its inputs)."""
-        key = run.keys[spec.name]
-        for attempt in range(3):
-            inputs = {name: records[name] for name in run.producers(spec)}
-            state = stage_task(run, refresh, lock=placement == "local")(
-                run.pipeline, spec.name, key, inputs, placement, force=refresh, params_text=params_text,
-                root=str(run.root), return_state=True)
-            if state.is_completed():
-                if state.name != "Cached" and stored_record(run, key) is None:  # Prefect only logs write errors
-                    raise StageError(f"stage {spec.name}: computed, but its record could not be written to "
-                                     f"{run.store.describe()} (see the log above)")
-                records[spec.name] = state.result()
-                how = "cached" if state.name == "Cached" else "computed" if records[spec.name]["ran"] else "up-to-date"
-                report[spec.name] = "recomputed" if refresh else how
-                logger.info(f"{spec.name}: {report[spec.name]} (key {key[:12]}, {records[spec.name]['where']})")
-                return
-            exc = state.result(raise_on_failure=False)
-            if not isinstance(exc, OutputsLost) or exc.stage not in inputs or attempt == 2:
-                raise StageError(_failure(state))
-            # an input's outputs were lost and its record dropped: recompute that input, then retry
-            logger.warning(f"{spec.name}: input {exc.stage} is lost from {run.store.describe()}; recomputing it")
-            obtain(run.spec(exc.stage), refresh=True)
-
+    stages = Stages(run, placement, (run.root / run.specs[0].params_file).read_text())
     try:
-        for spec in run.specs:
-            obtain(spec)
-        # the final stages' outputs, and every output this workspace already holds (checked, so a damaged
-        # local copy is repaired rather than left to mislead `dvc status` or a later run)
-        consumers = {p for s in run.specs for p in run.producers(s)}
-        wanted = [s for s in run.specs if fetch == "all" or s.name not in consumers
-                  or any((run.root / rel).exists() for rel in records[s.name]["manifest"])]
-        for spec in wanted:
-            try:
-                how = materialize(run.root, spec, records[spec.name], run.store, log=logger.debug, warn=logger.warning)
-            except OutputsLost as exc:
-                logger.warning(f"{exc}; recomputing {spec.name}")
-                drop_record(run, run.keys[spec.name])
-                obtain(spec, refresh=True)  # the stage run fetches and verifies its own inputs
-                how = materialize(run.root, spec, records[spec.name], run.store, log=logger.debug, warn=logger.warning)
-            if how == "restored" and report[spec.name] == "cached":
-                report[spec.name] = "restored"  # a hit whose local copy was damaged
-            logger.info(f"{spec.name}: outputs {how} and verified")
+        stages.obtain_all()
+        wanted = stages.bring_outputs(fetch)
     except (StageError, StoreError, PipelineError) as exc:
         return failed(str(exc))
     logger.info(f"{len(run.specs)} stages in {time.perf_counter() - started:.2f} s of flow time")
     metrics = [run.root / o for s in wanted if s.name == "evaluate" for o in s.outs if o.endswith("metrics.json")]
     if metrics and metrics[0].is_file():
-        _metrics_artifact(metrics[0], sorted((metrics[0].parent / "samples").glob("*.png")), records)
-    return report
+        _metrics_artifact(metrics[0], sorted((metrics[0].parent / "samples").glob("*.png")), stages.records)
+    return {name: outcome.value for name, outcome in stages.report.items()}
 
 
-def _metrics_artifact(metrics_file: Path, grids: list[Path], records: dict[str, dict]) -> None:
+class Outcome(str, Enum):
+    """How a flow run obtained a stage (its report, {stage: outcome}, is the flow's result)."""
+
+    CACHED = "cached"          # a stored record; outputs verified wherever they were needed
+    COMPUTED = "computed"      # ran here or on a worker
+    UP_TO_DATE = "up-to-date"  # no record, but DVC found the stage current (e.g. after `dvc pull`)
+    RESTORED = "restored"      # a record whose local outputs were damaged: fetched again
+    RECOMPUTED = "recomputed"  # a record whose outputs were lost everywhere: recomputed
+
+
+@dataclass
+class Stages:
+    """One flow run's stages: each one's record, and how it was obtained ("cached", "computed", ...)."""
+
+    run: Run
+    placement: str
+    params_text: str
+    records: dict[str, StageRecord] = field(default_factory=dict)
+    report: dict[str, Outcome] = field(default_factory=dict)
+
+    def task(self, refresh: bool = False):
+        return stage_task(self.run, refresh, lock=self.placement == "local")
+
+    def obtain_all(self) -> None:
+        """Every stage submitted at once, each waiting for the stages it reads (their futures, resolved by
+        Prefect into the records it takes as inputs): independent stages are looked up, sent to workers and
+        computed side by side. A stage whose input turned out lost is then obtained on its own (`obtain`)."""
+        futures = {}
+        for spec in self.run.specs:
+            inputs = {name: futures[name] for name in self.run.producers(spec)}
+            futures[spec.name] = self.task().submit(self.run, spec.name, self.run.keys[spec.name], inputs,
+                                                    self.placement, params_text=self.params_text)
+        try:
+            for spec in self.run.specs:
+                state = futures[spec.name].wait() or futures[spec.name].state
+                if self._take(spec, state):
+                    continue
+                exc = state.result(raise_on_failure=False) if state.is_failed() else None
+                if state.is_failed() and not isinstance(exc, OutputsLost):
+                    raise StageError(_failure(state))
+                self.obtain(spec)  # an input lost (or its producer's): repaired one stage at a time
+        finally:
+            wait(list(futures.values()))  # none left running when the flow ends, failed or not
+
+    def obtain(self, spec: StageSpec, refresh: bool = False) -> None:
+        """Get the stage's record: a stored hit, or a computed miss (after fetching its inputs); an input
+        whose outputs were lost (its record dropped) is recomputed first."""
+        key = self.run.keys[spec.name]
+        for attempt in range(3):
+            inputs = {name: self.records[name].as_json() for name in self.run.producers(spec)}
+            state = self.task(refresh)(self.run, spec.name, key, inputs, self.placement, force=refresh,
+                                       params_text=self.params_text, return_state=True)
+            if self._take(spec, state, refresh):
+                return
+            exc = state.result(raise_on_failure=False)
+            if not isinstance(exc, OutputsLost) or exc.stage not in inputs or attempt == 2:
+                raise StageError(_failure(state))
+            get_run_logger().warning(f"{spec.name}: input {exc.stage} is lost from {self.run.store.describe()}; "
+                                     f"recomputing it")
+            self.obtain(self.run.spec(exc.stage), refresh=True)
+
+    def _take(self, spec: StageSpec, state, refresh: bool = False) -> bool:
+        """Keep a finished stage task's record; False when it gave none."""
+        if not state.is_completed():
+            return False
+        key = self.run.keys[spec.name]
+        if state.name != "Cached" and stored_record(self.run, key) is None:  # Prefect only logs write errors
+            raise StageError(f"stage {spec.name}: computed, but its record could not be written to "
+                             f"{self.run.store.describe()} (see the log above)")
+        record = self.records[spec.name] = StageRecord.from_json(state.result())
+        how = Outcome.CACHED if state.name == "Cached" else Outcome.COMPUTED if record.ran else Outcome.UP_TO_DATE
+        self.report[spec.name] = Outcome.RECOMPUTED if refresh else how
+        get_run_logger().info(f"{spec.name}: {self.report[spec.name].value} (key {key[:12]}, {record.where})")
+        return True
+
+    def bring_outputs(self, fetch: str) -> list[StageSpec]:
+        """The final stages' outputs (`fetch` "all": every stage's), and every output this workspace already
+        holds, verified here (so a damaged local copy is repaired rather than left to mislead `dvc status` or a
+        later run); an output lost everywhere is recomputed. Returns the stages whose outputs are here."""
+        run, logger = self.run, get_run_logger()
+        consumers = {p for s in run.specs for p in run.producers(s)}
+        wanted = [s for s in run.specs if fetch == "all" or s.name not in consumers
+                  or any((run.root / rel).exists() for rel in self.records[s.name].manifest)]
+        for spec in wanted:
+            bring = lambda: materialize(run.root, spec, self.records[spec.name], run.store,  # noqa: E731
+                                        log=logger.debug, warn=logger.warning)
+            try:
+                how = bring()
+            except OutputsLost as exc:
+                logger.warning(f"{exc}; recomputing {spec.name}")
+                drop_record(run, run.keys[spec.name])
+                self.obtain(spec, refresh=True)  # the stage run fetches and verifies its own inputs
+                how = bring()
+            if how == "restored" and self.report[spec.name] == Outcome.CACHED:
+                self.report[spec.name] = Outcome.RESTORED  # a hit whose local copy was damaged
+            logger.info(f"{spec.name}: outputs {how} and verified")
+        return wanted
+
+
+def _metrics_artifact(metrics_file: Path, grids: list[Path], records: dict[str, StageRecord]) -> None:
     """The evaluation as markdown: one row per model (every entry with an NFE), the metrics it has;
     then where each stage ran."""
     metrics = json.loads(metrics_file.read_text())
@@ -484,7 +530,7 @@ def _metrics_artifact(metrics_file: Path, grids: list[Path], records: dict[str, 
               f"at that count {floor['teacher']['fid']:.4g}"] if floor else [])
     notes += ["[a, b]: 95% interval over sampling seeds", f"speedup: {metrics.get('speedup', float('nan')):.1f}x",
               *metrics.get("skipped", [])]
-    where = "\n".join(f"| {name} | {r['where']} | {r['seconds']} |" for name, r in records.items())
+    where = "\n".join(f"| {name} | {r.where} | {r.seconds} |" for name, r in records.items())
     extra = "\n\n" + "; ".join(notes) + "\n\n| stage | computed on | seconds |\n|---|---|---|\n" + where + "\n"
     images = "".join(f"\n\n**{g.stem}**\n\n![{g.stem}](data:image/png;base64,{base64.b64encode(g.read_bytes()).decode()})"
                      for g in grids if g.is_file())

@@ -12,6 +12,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from distill import ROOT, PipelineError, failed, prepare_run, stage_task
+from fewstep.pipeline.stagerun import StageRecord
 from fewstep.pipeline.worktree import CheckoutError, clean_checkout
 
 
@@ -31,11 +32,11 @@ def stage(pipeline: str, stage: str, key: str, inputs: dict, force: bool = False
             except PipelineError as exc:
                 return failed(str(exc))
             logger.info(f"{stage}: in {root} (commit {at[:12]})")
-            state = stage_task(run, refresh=force)(pipeline, stage, key, inputs, "local", force=force, root=str(root),
-                                                   return_state=True)
+            state = stage_task(run, refresh=force)(run, stage, key, inputs, "local", force=force, return_state=True)
     except CheckoutError as exc:
         return failed(str(exc))
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)
         return failed(str(exc) if isinstance(exc, BaseException) else state.message)
-    logger.info(f"{stage}: {'computed' if state.result()['ran'] else 'current'} on {state.result()['where']}")
+    record = StageRecord.from_json(state.result())
+    logger.info(f"{stage}: {'computed' if record.ran else 'current'} on {record.where}")

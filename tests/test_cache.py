@@ -24,8 +24,15 @@ def test_memo_by_size_and_mtime(tmp_path):
     hasher = Hasher(memo)
     first = hasher.file(f)
     hasher.save()
-    f.write_bytes(b"two")  # new content, new size: the memo must not answer
-    assert Hasher(memo).file(f) != first
+    old = os.stat(f)
+    f.write_bytes(b"three")  # another size, the same mtime: the size alone must invalidate
+    os.utime(f, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert Hasher(memo).file(f) == file_digest(f) != first
+    f.write_bytes(b"one")  # the same size as memoized, a later mtime: the mtime alone must invalidate
+    os.utime(f, ns=(old.st_atime_ns, old.st_mtime_ns + 10**9))
+    stale = Hasher(memo)
+    stale.memo[f"{f.resolve()}|{old.st_size}|{old.st_mtime_ns}"] = "stale"
+    assert stale.file(f) == first
     st = os.stat(f)
     again = Hasher(memo)
     again.memo[f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"] = "sentinel"
@@ -124,3 +131,50 @@ def test_verify_finds_a_flipped_byte_and_a_missing_file(tmp_path):
     (out / "a.bin").write_bytes(bytes(data))
     (out / "b.bin").unlink()
     assert verify(recorded, tmp_path) == ["out/a.bin", "out/b.bin"]
+
+
+def test_store_takes_dvcs_own_remote_settings_and_saves_no_credential(tmp_path, monkeypatch):
+    """The flow's store is built from the filesystem arguments DVC uses for the remote: options a user set for
+    DVC (profile, TLS bundle, encryption, SSH port/user/key) reach it; credentials go to the environment, never
+    into the settings a Prefect block saves; a credential with no such channel is refused in one line."""
+    import json
+    import subprocess
+
+    from fewstep.pipeline.store import StoreError, from_dvc
+
+    monkeypatch.delenv("FEWSTEP_CACHE_DIR", raising=False)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.setenv(name, "")  # recorded, so what DVC's S3 plugin exports is undone after the test
+        monkeypatch.delenv(name)
+
+    def dvc(*args):
+        subprocess.run(["dvc", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    dvc("init", "-q")
+    dvc("remote", "add", "-d", "team", "s3://bucket/dvc")
+    for key, value in (("endpointurl", "http://127.0.0.1:9"), ("profile", "team-profile"), ("ssl_verify", "/ca.pem"),
+                       ("sse", "AES256"), ("credentialpath", "/creds"), ("read_timeout", "300")):
+        dvc("remote", "modify", "team", key, value)
+    dvc("remote", "modify", "--local", "team", "access_key_id", "AK")
+    dvc("remote", "modify", "--local", "team", "secret_access_key", "SK")
+    store = from_dvc(tmp_path)
+    saved = json.dumps(store.settings)  # what the results block holds on the Prefect server
+    assert store.url == "s3://bucket/dvc/fewstep" and "AK" not in saved and "SK" not in saved
+    assert store.settings["profile"] == "team-profile"
+    assert store.settings["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9", "verify": "/ca.pem"}
+    assert store.settings["s3_additional_kwargs"] == {"ServerSideEncryption": "AES256"}
+    assert store.settings["config_kwargs"]["read_timeout"] == 300  # the user's, over our short default
+    assert store.secrets == {"AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK",
+                             "AWS_SHARED_CREDENTIALS_FILE": "/creds"}
+
+    dvc("remote", "add", "-d", "box", "ssh://alice@127.0.0.1:2222/srv/dvc")
+    dvc("remote", "modify", "box", "keyfile", "/keys/id")
+    store = from_dvc(tmp_path)
+    assert store.url == "ssh://127.0.0.1:2222/srv/dvc/fewstep"
+    assert {k: store.settings[k] for k in ("host", "port", "username", "client_keys")} == {
+        "host": "127.0.0.1", "port": 2222, "username": "alice", "client_keys": ["/keys/id"]}
+    json.dumps(store.settings)  # DVC's interactive client class is not carried
+    dvc("remote", "modify", "--local", "box", "password", "pw")
+    with pytest.raises(StoreError, match=r"^DVC remote 'box': the flow's store cannot use an SSH password: use "):
+        from_dvc(tmp_path)

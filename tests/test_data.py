@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import write_image_folder
-from fewstep.data.sources import DataError, load_dataset, split
+from fewstep.data.sources import DataError, Dataset, load_dataset, split
 from fewstep.families.edm.unet import EDMDenoiser, build_unet, make_scheduler
 from fewstep.data.featurizer import Featurizer
 from fewstep.core.heads import GanHead, FeatureTap
@@ -19,9 +19,11 @@ def test_digits_default():
 def test_split_is_seeded_and_disjoint():
     data = load_dataset("digits", 8)
     train, test = split(data, 0.2, seed=3)
-    train2, test2 = split(data, 0.2, seed=3)
-    assert torch.equal(test.images, test2.images) and len(test.labels) == 359
-    assert len(train.labels) + len(test.labels) == 1797
+    assert torch.equal(test.images, split(data, 0.2, seed=3)[1].images) and len(test.labels) == 359
+    numbered = Dataset(data.images, torch.arange(1797), data.class_names)  # each image's index as its label
+    train_ids, test_ids = (set(part.labels.tolist()) for part in split(numbered, 0.2, seed=3))
+    assert not train_ids & test_ids and train_ids | test_ids == set(range(1797))
+    assert set(split(numbered, 0.2, seed=4)[1].labels.tolist()) != test_ids  # another seed, another held-out set
 
 
 @pytest.mark.parametrize("resolution,channels", [(8, 1), (28, 1), (32, 3), (64, 3)])

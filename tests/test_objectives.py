@@ -111,11 +111,20 @@ def test_updates_touch_only_their_own_networks_and_losses_are_finite(objective):
 
 
 def test_dmd2_losses_include_the_gan_terms():
+    """The GAN terms enter both losses at their weights and reach what they train: the generator's term, through
+    the frozen head and fake score, the student; the critic's term, the head."""
     setup = tiny_unet_setup("dmd2")
     obj = objectives.build("dmd2", setup)
-    assert {"dm", "gan", "loss"} <= set(obj.generator_loss())
-    assert {"denoise", "gan", "loss"} <= set(obj.critic_loss())
-    assert obj.critic_updates == setup.params.dmd2.ttur
+    gan = setup.params.dmd2.gan
+    generator = obj.generator_loss()
+    torch.testing.assert_close(generator["loss"], generator["dm"] + gan.generator_weight * generator["gan"])
+    generator["gan"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in setup.student.parameters())
+    assert all(p.grad is None for p in [*setup.head.parameters(), *setup.fake.parameters()])
+    critic = obj.critic_loss()
+    torch.testing.assert_close(critic["loss"], critic["denoise"] + gan.critic_weight * critic["gan"])
+    critic["gan"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in setup.head.parameters())
 
 
 def test_dmd2_gan_head_on_its_own_noise_range_reads_its_own_fake_score_pass():

@@ -68,9 +68,12 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
 
 def test_checkpoint_of_other_params_is_not_resumed(tmp_path, capsys):
     with pytest.raises(Crash):
-        toy_run(tmp_path, crash_after=6 * 10, key="old params")
-    toy_run(tmp_path, key="new params")
+        toy_run(tmp_path / "a", crash_after=6 * 10, key="old params")
+    fresh = toy_run(tmp_path / "a", key="new params")
     assert "belongs to other params or inputs; starting fresh" in capsys.readouterr().out
+    clean = toy_run(tmp_path / "b", key="new params")  # never interrupted: what starting fresh must give
+    assert all(torch.equal(x, y) for x, y in zip(fresh.student.parameters(), clean.student.parameters()))
+    assert digests(tmp_path / "a/out/live") == digests(tmp_path / "b/out/live")
 
 
 # --- the real stages, killed with SIGKILL -------------------------------------------------------------

@@ -111,6 +111,12 @@ def test_sd3_exported_pipeline_replays_the_student(tmp_path):
                 x0 = student(noise * sigma, sigma, SDCond(embeds, pooled))
             torch.testing.assert_close(latents, x0, atol=5e-3, rtol=5e-3)
         assert torch.isfinite(latents).all()
+        again = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, latents=noise, output_type="latent",
+                     num_inference_steps=call["num_inference_steps"], sigmas=call["sigmas"],
+                     guidance_scale=call["guidance_scale"], generator=torch.Generator().manual_seed(7)).images
+        # the same start: one step is deterministic; four draw fresh noise between the steps (from the generator)
+        assert pipe.scheduler.config.stochastic_sampling  # the last step lands on t = 0, where noise weighs 0
+        assert torch.equal(again, latents) == (len(timesteps) == 1)
 
 
 def test_sd3_a_resolution_dependent_shift_is_refused_in_one_line():

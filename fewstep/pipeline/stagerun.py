@@ -13,10 +13,9 @@ import re
 import socket
 import subprocess
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
-
-import yaml
 
 from fewstep.files import write_atomic
 from fewstep.pipeline.keys import StageSpec
@@ -24,6 +23,27 @@ from fewstep.pipeline.hashing import Hasher, manifest, verify
 from fewstep.pipeline.store import Store
 
 INLINE_LIMIT = 1 << 20  # uncached outputs (metrics) travel inside the record up to this size
+
+
+@dataclass
+class StageRecord:
+    """What another machine needs to use a stage's outputs without recomputing them (the module's first
+    paragraph); stored as JSON under the stage's key (`as_json` / `from_json`)."""
+
+    stage: str
+    lock: dict                      # the stage's dvc.lock entry: DVC's md5 of every output
+    manifest: dict[str, str]        # {output file: xxh3-128}, checked after every fetch
+    inline: dict[str, str] = field(default_factory=dict)  # uncached small outputs (metrics): {path: text}
+    ran: bool = False               # DVC ran its command (False: DVC found it current, or restored it from its run-cache)
+    where: str = ""                 # host:workspace that made it
+    seconds: float = 0.0
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StageRecord":
+        return cls(**data)
 
 
 class StageError(RuntimeError):
@@ -75,18 +95,25 @@ def _lock_file(root: Path, spec: StageSpec) -> Path:
 
 
 def lock_entry(root: Path, spec: StageSpec) -> dict:
+    from dvc.utils.serialize import parse_yaml
+
     path = _lock_file(root, spec)
-    lock = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+    lock = (parse_yaml(path.read_text(), str(path)) if path.is_file() else None) or {}
     return lock.get("stages", {}).get(spec.name) or {}
 
 
 def write_lock_entry(root: Path, spec: StageSpec, entry: dict) -> None:
-    """Put another machine's dvc.lock entry for this stage into ours (atomically), so DVC fetches and
-    checks out exactly those outputs; `dvc status` then tells truthfully whether our deps match."""
+    """Put another machine's dvc.lock entry for this stage into ours, so DVC fetches and checks out exactly
+    those outputs; `dvc status` then tells truthfully whether our deps match. Written as DVC's own lockfile
+    writer does (its round-trip YAML: `dvc.dvcfile.Lockfile.dump_stages`), but to a temp file renamed into
+    place, so a crash never leaves a half-written dvc.lock."""
+    from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
+
     path = _lock_file(root, spec)
-    lock = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {"schema": "2.0", "stages": {}}
-    lock.setdefault("stages", {})[spec.name] = entry
-    write_atomic(path, yaml.safe_dump(lock, sort_keys=False))
+    lock = (parse_yaml_for_update(path.read_text(), str(path)) if path.is_file() else None) or {"schema": "2.0"}
+    lock["stages"] = lock.get("stages") or {}
+    lock["stages"][spec.name] = entry
+    write_atomic(path, dumps_yaml(lock))
 
 
 def run_always_changed(root: Path, spec: StageSpec, log: Callable[[str], None] = print) -> None:
@@ -98,16 +125,18 @@ def run_always_changed(root: Path, spec: StageSpec, log: Callable[[str], None] =
 
 
 def compute(root: Path, spec: StageSpec, store: Store, force: bool = False,
-            log: Callable[[str], None] = print) -> dict:
+            log: Callable[[str], None] = print) -> StageRecord:
     """Run the stage through DVC (which keeps dvc.lock truthful and may find it current), publish its
     outputs and DVC's run-cache to the remote, and return its record."""
     started = time.perf_counter()
     rc, lines = dvc(root / spec.project, "repro", "--single-item", *(["--force"] if force else []), spec.target, log=log)
     if rc != 0:
         raise StageError(f"stage {spec.name}: dvc repro failed: {_reason(lines, rc)}")
-    record = {"stage": spec.name, "lock": lock_entry(root, spec), "manifest": manifest(spec.outs, root, Hasher()),
-              "inline": {}, "ran": any("Running stage" in l for l in lines),
-              "where": f"{socket.gethostname()}:{root}", "seconds": round(time.perf_counter() - started, 2)}
+    # DVC's API cannot tell a run from a run-cache restore (both come back from Stage.reproduce as reproduced);
+    # its own report of the difference is this line of its output
+    record = StageRecord(spec.name, lock_entry(root, spec), manifest(spec.outs, root, Hasher()),
+                         ran=any("Running stage" in l for l in lines), where=f"{socket.gethostname()}:{root}",
+                         seconds=round(time.perf_counter() - started, 2))
     for rel in spec.uncached:
         path = root / rel
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
@@ -115,7 +144,7 @@ def compute(root: Path, spec: StageSpec, store: Store, force: bool = False,
             if f.stat().st_size > INLINE_LIMIT:
                 raise StageError(f"stage {spec.name}: {f.relative_to(root)} is not cached by DVC and too large "
                                  f"to share inline; mark it cache: true")
-            record["inline"][f.relative_to(root).as_posix()] = f.read_text()
+            record.inline[f.relative_to(root).as_posix()] = f.read_text()
     if store.remote:
         publish(root, spec, store, log)
     return record
@@ -129,35 +158,35 @@ def publish(root: Path, spec: StageSpec, store: Store, log: Callable[[str], None
                          f"(its outputs are kept here: rerun to push them)")
 
 
-def materialize(root: Path, spec: StageSpec, record: dict, store: Store,
+def materialize(root: Path, spec: StageSpec, record: StageRecord, store: Store,
                 log: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> str:
     """Make this workspace hold the record's outputs, verified against its manifest: 'present' (already
     here), 'fetched' (from the local DVC cache or the remote) or 'restored' (fetched in place of damaged
     or partial files that dvc.lock names as these very outputs). Raises OutputsLost when they cannot be restored
     intact; nothing unverified is left in place of the outputs."""
-    bad = verify(record["manifest"], root)
+    bad = verify(record.manifest, root)
     if not bad:
         return "present"
     ours = lock_entry(root, spec)
-    damaged = (ours.get("outs") == record["lock"].get("outs")
-               and any((root / rel).exists() for rel in record["manifest"]))
+    damaged = (ours.get("outs") == record.lock.get("outs")
+               and any((root / rel).exists() for rel in record.manifest))
     if damaged:
         warn(f"{spec.name}: local outputs missing or damaged: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
              f"restoring them")
-    elif _same_inputs(ours, record["lock"]) and any((root / rel).is_file() for rel in bad):
+    elif _same_inputs(ours, record.lock) and any((root / rel).is_file() for rel in bad):
         # computed here from the same code, params and inputs, yet other bytes (run-to-run measurements,
         # float bits of another machine type): the team's record is kept, and said so
         warn(f"{spec.name}: this workspace computed other bytes for the same inputs ({len(bad)} files differ, e.g. "
-             f"{bad[0]}); keeping the team's record, from {record.get('where', 'another run')}")
-    write_lock_entry(root, spec, record["lock"])
-    for rel, text in record.get("inline", {}).items():
+             f"{bad[0]}); keeping the team's record, from {record.where or 'another run'}")
+    write_lock_entry(root, spec, record.lock)
+    for rel, text in record.inline.items():
         write_atomic(root / rel, text)
     store.export_secrets()
     if store.remote:
         rc, lines = dvc(root / spec.project, "pull", spec.target, log=log)
     else:
         rc, lines = dvc(root / spec.project, "checkout", "--force", spec.target, log=log)
-    bad = verify(record["manifest"], root)
+    bad = verify(record.manifest, root)
     if bad:
         where = store.describe() if store.remote else "the local DVC cache"
         why = _reason(lines, rc) if rc != 0 else f"{len(bad)} files differ from the record, e.g. {bad[0]}"
@@ -178,7 +207,7 @@ def _same_inputs(ours: dict, theirs: dict) -> bool:
     return bool(ours) and all(ours.get(k) == theirs.get(k) for k in ("cmd", "deps", "params"))
 
 
-def _objects_of(root: Path, spec: StageSpec, record: dict, bad: list[str], store: Store) -> list[str]:
+def _objects_of(root: Path, spec: StageSpec, record: StageRecord, bad: list[str], store: Store) -> list[str]:
     """DVC's md5 object names behind the files that failed verification (dvc.lock for a file output, the
     `.dir` listing for a directory's files: from the local cache, or the remote when a failed pull left
     none here)."""
@@ -189,7 +218,7 @@ def _objects_of(root: Path, spec: StageSpec, record: dict, bad: list[str], store
     wanted, objects = set(bad), []
     with Repo(str(root / spec.project)) as repo:
         cache = repo.cache.local
-        for out in record["lock"].get("outs", []):
+        for out in record.lock.get("outs", []):
             md5 = out.get("md5", "")
             rel = os.path.normpath(Path(spec.wdir) / out["path"])
             if not md5.endswith(".dir"):
@@ -215,13 +244,13 @@ def _remote_object(store: Store, md5: str) -> bytes:
     return fs.cat_file(_remote_object_path(store, fs, md5))
 
 
-def _forget_remote_objects(record: dict, store: Store, objects: list[str]) -> None:
+def _forget_remote_objects(record: StageRecord, store: Store, objects: list[str]) -> None:
     """Make the remote take the recomputed outputs again. DVC uploads only objects whose names the remote
     lacks, and trusts a directory's `.dir` object to mean all of its files are there: so the record's `.dir`
     objects and every object whose bytes were found damaged (present under its own name, rotted) are
     removed, and the recomputing clone's push uploads them afresh."""
     fs = store.filesystem()
-    dirs = [o.get("md5", "") for o in record["lock"].get("outs", []) if o.get("md5", "").endswith(".dir")]
+    dirs = [o.get("md5", "") for o in record.lock.get("outs", []) if o.get("md5", "").endswith(".dir")]
     for md5 in dirs + objects:
         path = _remote_object_path(store, fs, md5)
         if fs.exists(path):

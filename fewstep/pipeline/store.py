@@ -34,7 +34,7 @@ class Store:
     url: str                                   # s3://bucket/prefix/fewstep, ssh://host/path/fewstep, or a path
     remote: str | None = None                  # the DVC remote it belongs to (None: a local cache folder)
     settings: dict = field(default_factory=dict)   # fsspec settings, no secrets (saved in a Prefect block)
-    secrets: dict = field(default_factory=dict)    # credentials, exported to this process only
+    secrets: dict = field(default_factory=dict)    # credentials (and their file paths), exported to this process only
 
     @property
     def protocol(self) -> str:
@@ -137,28 +137,53 @@ def from_dvc(root: str | Path) -> Store:
         return Store(str((root / ".fewstep" / "cache").resolve()))
     url = str(remote["url"])
     scheme = urlsplit(url).scheme if "://" in url else "file"
-    if scheme == "s3":
-        client = {"endpoint_url": remote["endpointurl"]} if remote.get("endpointurl") else {}
-        if remote.get("region"):
-            client["region_name"] = remote["region"]
-        secrets = {}
-        if remote.get("access_key_id"):
-            secrets = {"AWS_ACCESS_KEY_ID": remote["access_key_id"],
-                       "AWS_SECRET_ACCESS_KEY": remote.get("secret_access_key", "")}
-        return Store(url.rstrip("/") + "/fewstep", name, {"client_kwargs": client, "config_kwargs": S3_TIMEOUTS}, secrets)
-    if scheme in ("ssh", "sftp"):
-        parts = urlsplit(url)
-        settings = {"host": parts.hostname, "port": int(remote.get("port") or parts.port or 22),
-                    "username": remote.get("user") or parts.username or os.environ.get("USER", "root"),
-                    "known_hosts": None, "connect_timeout": SSH_TIMEOUT}
-        if remote.get("keyfile"):
-            settings["client_keys"] = [str(remote["keyfile"])]
-        return Store(f"ssh://{parts.hostname}:{settings['port']}{parts.path.rstrip('/')}/fewstep", name, settings)
     if scheme == "file":
         path = Path(url)
         path = path if path.is_absolute() else (root / ".dvc" / path).resolve()
         return Store(str(path / "fewstep"), name)
-    raise StoreError(f"DVC remote '{name}' ({url}): only s3://, ssh:// and local remotes can hold the flow's cache")
+    if scheme not in ("s3", "ssh", "sftp"):
+        raise StoreError(f"DVC remote '{name}' ({url}): only s3://, ssh:// and local remotes can hold the flow's cache")
+    settings, environment = _dvc_fs_args(root, name)
+    if scheme == "s3":
+        settings["config_kwargs"] = {**S3_TIMEOUTS, **settings.get("config_kwargs", {})}  # a user's own win
+        return Store(url.rstrip("/") + "/fewstep", name, settings, environment)
+    settings.setdefault("connect_timeout", SSH_TIMEOUT)
+    return Store(f"ssh://{settings['host']}:{settings.get('port', 22)}{urlsplit(url).path.rstrip('/')}/fewstep", name,
+                 settings, environment)
+
+
+#: fsspec arguments that are credentials with an environment variable of their own: exported, never saved
+_CREDENTIAL_ENV = {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY", "token": "AWS_SESSION_TOKEN"}
+#: credentials with no such variable: a saved Prefect block would be their only way to a worker
+_UNSHAREABLE = {"password": "password: use keyfile or an ssh-agent",
+                "passphrase": "keyfile_passphrase: use an unencrypted key for the store, or an ssh-agent"}
+
+
+def _dvc_fs_args(root: Path, name: str) -> tuple[dict, dict]:
+    """The fsspec arguments DVC itself uses for remote `name` (dvc.fs.get_cloud_fs, the filesystem `dvc push`
+    opens), so a profile, credential file, TLS, encryption or SSH option set for DVC reaches the flow's store too.
+    Returns (settings, environment): settings without credentials (they are saved in a Prefect block), and the
+    variables that carry them (keys, and the AWS file paths DVC's S3 plugin exports) for this process only."""
+    from dvc.fs import get_cloud_fs
+    from dvc.repo import Repo
+
+    before = dict(os.environ)
+    with Repo(str(root)) as repo:
+        fs_class, config, _ = get_cloud_fs(repo.config, name=name)
+        args = dict(fs_class(**config).fs_args)
+    environment = {k: v for k, v in os.environ.items() if before.get(k) != v}  # e.g. AWS_SHARED_CREDENTIALS_FILE
+    for key, variable in _CREDENTIAL_ENV.items():
+        if args.get(key):
+            environment[variable] = args[key]
+        args.pop(key, None)
+    for key, fix in _UNSHAREABLE.items():
+        if args.get(key):
+            raise StoreError(f"DVC remote '{name}': the flow's store cannot use an SSH {fix}")
+    if (args.get("s3_additional_kwargs") or {}).get("SSECustomerKey"):
+        raise StoreError(f"DVC remote '{name}': the flow's store cannot carry sse_customer_key (it would be saved in "
+                         f"a Prefect block); use sse_kms_key_id")
+    args.pop("client_factory", None)  # DVC's interactive passphrase prompt: a flow has no terminal
+    return {k: v for k, v in args.items() if v is not None}, environment
 
 
 _FIXED = False

@@ -31,6 +31,8 @@ def noise_levels(model: SDDenoiser, t_min: float, t_max: float, generator: torch
     """DMD2's noise levels for SD, as VE sigmas: integer DDPM timesteps drawn uniformly between the range's
     positions on the schedule (0 = the noisiest timestep, 1 = timestep 0), as DMD2's min/max_step_percent:
     positions 0.02..0.98 are timesteps 20..980."""
+    if not 0 <= t_min < t_max <= 1:
+        raise ValueError(f"noise range [{t_min:g}, {t_max:g}]: positions on the schedule, 0 <= t_min < t_max <= 1")
     sigmas = model.log_sigmas.exp().float()
     timesteps = len(sigmas)
 
@@ -165,7 +167,7 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
                      train_generator and bool(settings.lora.rank),  # the critic stage trains no student
                      student_dir, Path(settings.init_student) if student_dir is None and settings.init_student else None,
                      critic_dir)
-    setup = _setup(nets, train, traj, settings, t.family, device, generator, seed, train_generator)
+    setup = _setup(nets, train, traj, t.family, device, generator, seed, train_generator)
     inputs = [d for d in (path, encode_dir, trajectories_dir, student_dir, nets.init_dir, critic_dir) if d is not None]
     key = fingerprint(stage, global_settings.model_dump(mode="json"), train_generator, [Hasher().tree(d) for d in inputs])
     # one checkpoint folder per pipeline and stage (and rank, unless sharded: FSDP checkpoints reshard)
@@ -175,15 +177,15 @@ def run(params, settings, *, stage: str, encode_dir: Path, trajectories_dir: Pat
     if setup.step_generator is not None:
         checkpoint.track(step_rng=GeneratorState(setup.step_generator))
     last = fit(setup, settings, out, stage, train_generator, autocast, checkpoint)
-    _save(nets, setup, out, train_generator, sharded, str(t.path))
+    _save(nets, setup, out, train_generator, str(t.path))
     return last
 
 
-def _setup(nets: _Networks, train: Encoded, traj: dict, settings, family: str, device, generator, seed: int,
+def _setup(nets: _Networks, train: Encoded, traj: dict, family: str, device, generator, seed: int,
            train_generator: bool) -> objectives.Setup:
     """The four networks (FSDP: the trained ones built on the CPU, then sharded onto the device) in the
-    objective's view, with the data they train on."""
-    run_p, sharded = nets.run_p, nets.run_p.parallel == "fsdp"
+    objective's view, with the data they train on (per `nets.settings`, this rank's share of the batch)."""
+    run_p, settings, sharded = nets.run_p, nets.settings, nets.run_p.parallel == "fsdp"
     ranks = parallel.world()[1]
     build_on = torch.device("cpu") if sharded else device
     teacher = networks.teacher_denoiser(nets.path, train.negative, build_on if run_p.shard_teacher else device,
@@ -220,13 +222,12 @@ def _setup(nets: _Networks, train: Encoded, traj: dict, settings, family: str, d
         all_steps_per_batch=settings.steps_per_batch == "all")
 
 
-def _save(nets: _Networks, setup: objectives.Setup, out: Path, train_generator: bool, sharded: bool,
-          teacher_path: str) -> None:
+def _save(nets: _Networks, setup: objectives.Setup, out: Path, train_generator: bool, teacher_path: str) -> None:
     """Rank 0 writes student/ (if trained) and critic/; a sharded run first gathers the weights into plain
     models built as at the start."""
     student, fake, head = setup.student, setup.fake, setup.head
     rank, ranks = parallel.world()
-    if sharded:
+    if nets.run_p.parallel == "fsdp":
         cpu = torch.device("cpu")
 
         def rebuild() -> list:
