@@ -79,7 +79,7 @@ def run_variant(name: str, overrides: dict, base_sets: dict, base: str | None = 
     folder.mkdir(parents=True, exist_ok=True)
     for shared in SHARED:
         link = folder / shared
-        if not link.exists():
+        if not link.is_symlink():  # (a link to an upstream output not made yet is dangling, not absent)
             link.symlink_to(ROOT / shared)
     params = base_params(base)
     for dotted, value in {**base_sets, **overrides}.items():
