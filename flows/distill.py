@@ -202,8 +202,8 @@ def stage_task(run: Run, refresh: bool = False, lock: bool = True):
                                   result_serializer="json", refresh_cache=refresh)
 
 
-def stored_record(run: Run, key: str) -> dict | None:  # StageRecord.as_json()
-    """The record stored under a key, or None (read through Prefect's own result store)."""
+def stored_record(run: Run, key: str) -> dict | None:
+    """The record stored under a key (a StageRecord's JSON), or None (read through Prefect's own result store)."""
     from prefect.results import ResultStore
     from prefect.serializers import JSONSerializer
 
@@ -232,8 +232,8 @@ def run_stage(run: Run, stage: str, key: str, inputs: dict[str, dict], placement
     with run.workspace:
         for name, record in inputs.items():
             try:
-                how = materialize(run.root, run.spec(name), StageRecord.from_json(record), run.store, log=logger.debug,
-                              warn=logger.warning)
+                how = materialize(run.root, run.spec(name), StageRecord.from_json(record), run.store,
+                                  log=logger.debug, warn=logger.warning)
             except OutputsLost:
                 drop_record(run, run.keys[name])
                 raise
@@ -445,7 +445,8 @@ class Stages:
                                                     self.placement, params_text=self.params_text)
         try:
             for spec in self.run.specs:
-                state = futures[spec.name].wait() or futures[spec.name].state
+                futures[spec.name].wait()
+                state = futures[spec.name].state
                 if self._take(spec, state):
                     continue
                 exc = state.result(raise_on_failure=False) if state.is_failed() else None

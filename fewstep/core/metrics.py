@@ -8,9 +8,9 @@ from a bootstrap over images (duplicate draws shift FID upwards). A per-image sc
 mean over independent images: with one seed its replicates are the images, with several the seeds."""
 from __future__ import annotations
 
-import torch
-
 from typing import Protocol
+
+import torch
 
 from fewstep.core.distances import fid, kid, pixel_view
 

@@ -227,8 +227,8 @@ def lognormal_sigmas(n: int, p_mean: float, p_std: float, generator=None, device
 
 class NoiseRange:
     """The noise levels of the DM / fake-score losses: drawn by `draw(n, t_min, t_max)` from a range of
-    positions on the teacher's noise schedule (0 = noisiest), the family's `draw` mapping them to sigmas; fixed or, with `end`, moved linearly from [t_min, t_max] at the first training step to
-    `end` at the last (the trainer calls `at(step)` before each step, resumed runs included)."""
+    positions on the teacher's noise schedule (0 = noisiest; the family's `draw` maps them to sigmas), fixed or,
+    with `end`, moved linearly from [t_min, t_max] at the first training step to `end` at the last (the trainer calls `at(step)` before each step, resumed runs included)."""
 
     def __init__(self, draw: Callable[[int, float, float], torch.Tensor], t_min: float, t_max: float,
                  end: tuple[float, float] | None = None, steps: int = 1):

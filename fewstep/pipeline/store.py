@@ -94,18 +94,14 @@ class Store:
             os.environ.setdefault(name, value)
 
 
-def _dvc_remote(root: Path) -> tuple[str | None, dict]:
-    """The DVC default remote's name and merged config (repo + local), or (None, {})."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        config = repo.config
-        name = config["core"].get("remote")
-        if not name:
-            return None, {}
-        if name not in config["remote"]:
-            raise StoreError(f"DVC default remote '{name}' is not defined in .dvc/config")
-        return name, dict(config["remote"][name])
+def _dvc_remote(config) -> tuple[str | None, dict]:
+    """The DVC default remote's name and its config in a repo's merged config (repo + local), or (None, {})."""
+    name = config["core"].get("remote")
+    if not name:
+        return None, {}
+    if name not in config["remote"]:
+        raise StoreError(f"DVC default remote '{name}' is not defined in .dvc/config")
+    return name, dict(config["remote"][name])
 
 
 def share_remote(root: str | Path, project: str) -> None:
@@ -113,11 +109,13 @@ def share_remote(root: str | Path, project: str) -> None:
     remote, in its git-ignored config.local, so its `dvc push/pull` reach the team's store. DVC projects do
     not inherit config, and a second hand-kept copy of the remote would drift."""
     from dvc.config import Config
+    from dvc.repo import Repo
 
     root = Path(root).resolve()
     if project in (".", ""):
         return
-    name, remote = _dvc_remote(root)
+    with Repo(str(root)) as repo:
+        name, remote = _dvc_remote(repo.config)
     config = Config(dvc_dir=str(root / project / ".dvc"), validate=False)
     with config.edit("local") as local:
         if name is None:
@@ -129,10 +127,17 @@ def share_remote(root: str | Path, project: str) -> None:
 
 def from_dvc(root: str | Path) -> Store:
     """The store for this clone: FEWSTEP_CACHE_DIR if set, else the DVC default remote, else a local folder."""
+    from dvc.repo import Repo
+
     root = Path(root)
     if os.environ.get("FEWSTEP_CACHE_DIR"):
         return Store(str(Path(os.environ["FEWSTEP_CACHE_DIR"]).resolve()))
-    name, remote = _dvc_remote(root)
+    with Repo(str(root)) as repo:
+        return _store_for(root, repo.config)
+
+
+def _store_for(root: Path, config) -> Store:
+    name, remote = _dvc_remote(config)
     if name is None:
         return Store(str((root / ".fewstep" / "cache").resolve()))
     url = str(remote["url"])
@@ -143,7 +148,7 @@ def from_dvc(root: str | Path) -> Store:
         return Store(str(path / "fewstep"), name)
     if scheme not in ("s3", "ssh", "sftp"):
         raise StoreError(f"DVC remote '{name}' ({url}): only s3://, ssh:// and local remotes can hold the flow's cache")
-    settings, environment = _dvc_fs_args(root, name)
+    settings, environment = _dvc_fs_args(config, name)
     if scheme == "s3":
         settings["config_kwargs"] = {**S3_TIMEOUTS, **settings.get("config_kwargs", {})}  # a user's own win
         return Store(url.rstrip("/") + "/fewstep", name, settings, environment)
@@ -159,18 +164,16 @@ _UNSHAREABLE = {"password": "password: use keyfile or an ssh-agent",
                 "passphrase": "keyfile_passphrase: use an unencrypted key for the store, or an ssh-agent"}
 
 
-def _dvc_fs_args(root: Path, name: str) -> tuple[dict, dict]:
+def _dvc_fs_args(config, name: str) -> tuple[dict, dict]:
     """The fsspec arguments DVC itself uses for remote `name` (dvc.fs.get_cloud_fs, the filesystem `dvc push`
     opens), so a profile, credential file, TLS, encryption or SSH option set for DVC reaches the flow's store too.
     Returns (settings, environment): settings without credentials (they are saved in a Prefect block), and the
     variables that carry them (keys, and the AWS file paths DVC's S3 plugin exports) for this process only."""
     from dvc.fs import get_cloud_fs
-    from dvc.repo import Repo
 
     before = dict(os.environ)
-    with Repo(str(root)) as repo:
-        fs_class, config, _ = get_cloud_fs(repo.config, name=name)
-        args = dict(fs_class(**config).fs_args)
+    fs_class, fs_config, _ = get_cloud_fs(config, name=name)
+    args = dict(fs_class(**fs_config).fs_args)
     environment = {k: v for k, v in os.environ.items() if before.get(k) != v}  # e.g. AWS_SHARED_CREDENTIALS_FILE
     for key, variable in _CREDENTIAL_ENV.items():
         if args.get(key):

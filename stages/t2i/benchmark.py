@@ -2,7 +2,8 @@
 val: 10k at 512 px for SDXL, 30k at 256 px for SD1.5): one image per caption from the student and the teacher
 (same noise), FID against the captions' own images in benchmark.featurizer's space (the FID Inception, a local
 file), CLIP score with benchmark.clip_path — each with a 95% interval over benchmark.seeds sampling seeds. Off
-(one line in metrics.json) while benchmark.source is unset. Captions are encoded here, batch by batch, through the teacher's text encoders."""
+(one line in metrics.json) while benchmark.source is unset. Captions are encoded here, batch by batch, through
+the teacher's text encoders."""
 from pathlib import Path
 
 import torch
@@ -67,31 +68,31 @@ def main(params, args, device):
     net = t2i_evaluation.load_featurizer(b.featurizer, b.resolution, "benchmark.featurizer").to(device) if b.featurizer else None
     clip = t2i_evaluation.ClipScorer(b.clip_path, device, "benchmark.clip_path") if b.clip_path else None
     dtype, latent_shape = DTYPES[params.encode.dtype], encoded.index["latent_shape"]
-    keep, per_seed = b.grid_size ** 2, []
-    for seed in range(b.seeds):  # seed 0 also scores the reference images and keeps the grids
-        noise_gen = runtime.seeded(params.seed, "benchmark" if seed == 0 else f"benchmark-{seed}")
-        kept = {name: benchmark.ModelScores() for name in [*fns, *(["reference"] if seed == 0 else [])]}
-        for start in tqdm(range(0, n, b.batch_size), desc=f"benchmark seed {seed}", unit="batch", mininterval=5.0):
-            texts = pairs.texts[start:start + b.batch_size]
-            cond = captions(pipe, texts, encoded, family, dtype, device).to(device)
+    keep = b.grid_size ** 2
+    noise_gens = [runtime.seeded(params.seed, "benchmark" if seed == 0 else f"benchmark-{seed}")
+                  for seed in range(b.seeds)]
+    per_seed = [{name: benchmark.ModelScores() for name in fns} for _ in range(b.seeds)]
+    reference = benchmark.ModelScores()
+    for start in tqdm(range(0, n, b.batch_size), desc="benchmark", unit="batch", mininterval=5.0):
+        texts = pairs.texts[start:start + b.batch_size]
+        cond = captions(pipe, texts, encoded, family, dtype, device).to(device)  # once for every seed
+        reference.add(pairs.images(start, start + len(texts)), texts, net, clip, b.resolution, keep, device)
+        for seed, (noise_gen, kept) in enumerate(zip(noise_gens, per_seed)):
             noise = torch.randn((len(texts), *latent_shape), generator=noise_gen).to(device)
-            batch = {"reference": pairs.images(start, start + len(texts))} if seed == 0 else {}
-            with torch.no_grad():
-                for name, fn in fns.items():
-                    batch[name] = encode.to_images(vae, fn(noise, cond), b.batch_size, device)
-            for name, images in batch.items():
+            for name, fn in fns.items():
+                with torch.no_grad():
+                    images = encode.to_images(vae, fn(noise, cond), b.batch_size, device)
                 kept[name].add(images, texts, net, clip, b.resolution, keep if seed == 0 else 0, device)
-        per_seed.append(kept)
 
     metrics = {"protocol": {"source": b.source, "pairs": n, "resolution": b.resolution, "featurizer": b.featurizer,
                             "clip_path": b.clip_path, "seeds": b.seeds, "intervals": INTERVALS}}
     for name in fns:
-        metrics[name] = {"nfe": nfe[name], **benchmark.scores_over_seeds([run[name] for run in per_seed], per_seed[0]["reference"])}
+        metrics[name] = {"nfe": nfe[name], **benchmark.scores_over_seeds([kept[name] for kept in per_seed], reference)}
         print(f"[benchmark] {name:8s} " + " ".join(f"{k}={v:.4g}" for k, v in metrics[name].items()
                                                    if isinstance(v, (int, float))), flush=True)
     if clip:  # the captions' own images: the CLIP score real data reaches
-        metrics["reference"] = {"clip_score": float(torch.cat(per_seed[0]["reference"].clip).double().mean())}
-    kept = per_seed[0]
+        metrics["reference"] = {"clip_score": t2i_evaluation.per_image_mean(torch.cat(reference.clip))[0]}
+    kept = {**per_seed[0], "reference": reference}  # the grids: seed 0's images, and the captions' own
     write_scores(args.samples, args.metrics, {name: torch.cat(scores.grid) for name, scores in kept.items()},
                  b.grid_size, metrics, pairs.texts[:keep])
     print(f"[benchmark] metrics -> {args.metrics}, grids -> {args.samples}", flush=True)

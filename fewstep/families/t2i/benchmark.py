@@ -1,7 +1,7 @@
 """DMD2's text-to-image protocol on a user's local caption/image pairs (COCO-2014: 10k at 512 px for SDXL, 30k
 at 256 px for SD1.5): one image per caption from the student (and the teacher), FID against the captions' own
-images in an Inception-compatible featurizer's space, CLIP score against the captions — each with core.metrics' 95% interval (over benchmark.seeds sampling seeds; CLIP
-score with one seed: over the images).
+images in an Inception-compatible featurizer's space, CLIP score against the captions — each with core.metrics'
+95% interval (over benchmark.seeds sampling seeds; CLIP score with one seed: over the images).
 
 Generated and reference images go through the same resize (to uint8, PIL bicubic on the short side, center
 crop to `benchmark.resolution`) before the featurizer, as clean-fid does; CLIP sees the generated images at
@@ -118,7 +118,7 @@ def scores_over_seeds(runs: list[ModelScores], reference: ModelScores) -> dict:
         values["fid"] = [fid(real, torch.cat(run.features)) for run in runs]
         values["kid"] = [kid(real, torch.cat(run.features), subsets=10) for run in runs]
     if runs[0].clip:
-        values["clip_score"] = [float(torch.cat(run.clip).double().mean()) for run in runs]
+        values["clip_score"] = [per_image_mean(torch.cat(run.clip))[0] for run in runs]
     out = over_seeds(values)
     if runs[0].clip and len(runs) == 1:
         out["clip_score_ci95"] = per_image_mean(torch.cat(runs[0].clip))[1]
