@@ -12,7 +12,8 @@
   and the final stages' outputs (`fetch="all"`: every stage's) — and verified against the manifest, as
   is every output already in the workspace; a record whose outputs cannot be restored intact is
   dropped from the store and its stage recomputed.
-- A miss runs the stage through `dvc repro --single-item` (dvc.lock stays truthful), pushes its outputs
+- A miss runs the stage through DVC's Python API (`Repo.reproduce` of the one stage, in a process of its
+  own: fewstep.pipeline.repro; dvc.lock stays truthful), pushes its outputs
   and DVC's run-cache to the remote, and records it. With `placement="workers"` the miss runs on a
   Prefect worker instead: `fewstep-stage/gpu` for stages marked `meta: {pool: gpu}` in dvc.yaml,
   `fewstep-stage/cpu` for the rest (prefect.yaml; flows/stage.py).
@@ -307,13 +308,10 @@ def failed(message: str):
     changes, so `prefect deployment run --watch` (which stops at the final state) prints it."""
     from prefect.logging.handlers import APILogHandler
 
-    _REPORTED.add(message)
+    one_line_faults().told.add(message)
     get_run_logger().error(message)
     APILogHandler().flush()
     return Failed(message=message)
-
-
-_REPORTED: set[str] = set()  # failures already told in one line by this process
 
 
 _ONE_LINE_FAULTS = ("StageError", "OutputsLost", "PipelineError", "StoreError")
@@ -322,28 +320,47 @@ _ONE_LINE_FAULTS = ("StageError", "OutputsLost", "PipelineError", "StoreError")
 class _OneLineFaults(logging.Filter):
     """A fault this flow explains in one line is told once: Prefect's traceback of it ("Task run failed with
     exception"), its "Finished in state Failed(...)" restatements and the deployment process's re-raise of
-    the run's own Failed state are dropped (the state message keeps the line)."""
+    the run's own Failed state are dropped (the state message keeps the line). `told`: the lines `failed`
+    has told in this process."""
+
+    def __init__(self):
+        super().__init__()
+        self.told: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None and (type(exc).__name__ in _ONE_LINE_FAULTS
-                                or (type(exc).__name__ == "FailedRun" and str(exc) in _REPORTED)):
+                                or (type(exc).__name__ == "FailedRun" and str(exc) in self.told)):
             return False
         message = record.getMessage()
         if message.startswith(("Finished in state Failed(", "Finished in state Crashed(")):
-            return not (any(name in message for name in _ONE_LINE_FAULTS) or any(m in message for m in _REPORTED))
+            return not (any(name in message for name in _ONE_LINE_FAULTS) or any(m in message for m in self.told))
         return True
 
 
 class _PrintedAtExit(logging.Filter):
     """On the console of `python flows/distill.py`, which prints the failure itself as its last line."""
 
+    def __init__(self, faults: _OneLineFaults):
+        super().__init__()
+        self.faults = faults
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() not in _REPORTED
+        return record.getMessage() not in self.faults.told
 
 
-for _name in ("prefect.flow_runs", "prefect.task_runs"):
-    logging.getLogger(_name).addFilter(_OneLineFaults())
+def one_line_faults() -> _OneLineFaults:
+    """The filter on Prefect's run loggers, installed once: logging is process-wide, and so is what it holds."""
+    loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    installed = next((f for f in loggers[0].filters if isinstance(f, _OneLineFaults)), None)
+    if installed is None:
+        installed = _OneLineFaults()
+        for logger in loggers:
+            logger.addFilter(installed)
+    return installed
+
+
+one_line_faults()  # on import: a task's failure is logged before any line of this module's flows runs
 
 
 def _failure(state) -> str:
@@ -547,7 +564,7 @@ def main() -> None:
                     help="outputs to bring into this clone: the final stages' and what must run here (default), or all")
     args = ap.parse_args()
     for handler in logging.getLogger().handlers:  # Prefect's console handler
-        handler.addFilter(_PrintedAtExit())
+        handler.addFilter(_PrintedAtExit(one_line_faults()))
     overrides = {k: parse_yaml(v) for k, v in (s.split("=", 1) for s in args.set)}
     state = distill(args.pipeline, overrides or None, "workers" if args.workers else "local", args.fetch,
                     return_state=True)

@@ -178,3 +178,43 @@ def test_store_takes_dvcs_own_remote_settings_and_saves_no_credential(tmp_path, 
     dvc("remote", "modify", "--local", "box", "password", "pw")
     with pytest.raises(StoreError, match=r"^DVC remote 'box': the flow's store cannot use an SSH password: use "):
         from_dvc(tmp_path)
+
+
+def test_reproduce_reports_what_dvc_did_with_the_stage(tmp_path):
+    """Through DVC's Python API: a first run runs the command; a rerun finds it current; after a param edit
+    and back, DVC restores the earlier outputs from its run-cache without running; --force runs; a failing
+    command is one line with DVC's reason."""
+    import subprocess
+
+    from fewstep.pipeline.stagerun import StageError, reproduce
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "params.yaml").write_text("n: 1\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n"
+        "  make:\n    cmd: python -c \"import yaml; n = yaml.safe_load(open('params.yaml'))['n']; "
+        "open('out.txt', 'w').write(str(n)); open('runs.log', 'a').write('run\\n')\"\n"
+        "    params: [n]\n    outs: [out.txt]\n"
+        "  broken:\n    cmd: python -c \"raise SystemExit(3)\"\n    outs: [never.txt]\n")
+    spec = StageSpec("make", "", [], ["n"], "params.yaml", ["out.txt"])
+    lines = []
+
+    def runs() -> int:
+        return (tmp_path / "runs.log").read_text().count("run")
+
+    assert reproduce(tmp_path, spec, log=lines.append) == "ran" and runs() == 1
+    assert any("Running stage 'make'" in line for line in lines)  # DVC's own lines reach the log
+    assert reproduce(tmp_path, spec) == "current" and runs() == 1
+    (tmp_path / "params.yaml").write_text("n: 2\n")
+    assert reproduce(tmp_path, spec) == "ran" and runs() == 2
+    (tmp_path / "params.yaml").write_text("n: 1\n")
+    lines.clear()
+    assert reproduce(tmp_path, spec, log=lines.append) == "restored" and runs() == 2
+    assert (tmp_path / "out.txt").read_text() == "1"
+    assert sum("is cached - skipping run" in line for line in lines) == 1  # said once, by the restore itself
+    assert reproduce(tmp_path, spec, force=True) == "ran" and runs() == 3
+    broken = StageSpec("broken", "", [], [], "params.yaml", ["never.txt"])
+    with pytest.raises(StageError, match=r"^stage broken: dvc repro failed: failed to reproduce 'broken': "
+                                         r"failed to run: .*exited with 3$"):
+        reproduce(tmp_path, broken)

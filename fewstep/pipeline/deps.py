@@ -12,6 +12,7 @@ Static analysis cannot follow a module imported by a name computed at run time, 
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import shlex
 import threading
@@ -67,9 +68,16 @@ def _parse(path: Path) -> ast.Module:
             return ast.parse(source, filename=str(path))
 
 
-def _imported_names(path: Path, root: Path) -> list[tuple[str, int]]:
+def _imported_names(path: Path, root: Path) -> tuple[tuple[str, int], ...]:
     """Every module name a file may load, with its line: `import a.b` gives a.b; `from a import b`
-    gives a and a.b (b may be a submodule); relative imports resolved against the file's package."""
+    gives a and a.b (b may be a submodule); relative imports resolved against the file's package.
+    Read once per version of the file: every stage's closure walks the same shared modules."""
+    stat = path.stat()
+    return _names_in_file(path.resolve(), root.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _names_in_file(path: Path, root: Path, mtime_ns: int, size: int) -> tuple[tuple[str, int], ...]:
     tree = _parse(path)
     names = []
     for node in ast.walk(tree):
@@ -90,7 +98,7 @@ def _imported_names(path: Path, root: Path) -> list[tuple[str, int]]:
             if called in ("import_module", "__import__"):
                 raise DepsError(f"{_rel(path, root)}:{node.lineno}: imports a module by a run-time name; "
                                 f"the stage dependency analysis cannot follow it (import it statically)")
-    return names
+    return tuple(names)
 
 
 def _with_packages(file: Path, search_base: Path) -> list[Path]:
@@ -113,15 +121,30 @@ class Closure:
     files: dict[str, list[str]] = field(default_factory=dict)  # file -> chain of files from the script
 
 
-def closure(script: str | Path, root: str | Path) -> Closure:
+def _loaded_by(module: Path, search: tuple[Path, ...], root: Path) -> list[tuple[str, Path]]:
+    """(root-relative name, path) of every repo-local file that running `module` imports, with the
+    __init__.py of each package above it."""
+    loaded = []
+    for name, _ in _imported_names(module, root):
+        found = _module_file(name, list(search)) if name else None
+        if found is None:
+            continue
+        base = next(b for b in search if b.resolve() in found.resolve().parents)
+        loaded += [(_rel(file, root), file) for file in _with_packages(found, base)]
+    return loaded
+
+
+def closure(script: str | Path, root: str | Path, memo: dict | None = None) -> Closure:
     """Every repo-local file the script runs, following imports from the repo root and the script's own
-    folder (Python puts it first on sys.path)."""
+    folder (Python puts it first on sys.path). `memo`: what each module loads, shared by the closures of
+    one check (stages import the same modules; the files must not change while it is shared)."""
     root = Path(root).resolve()
     script = Path(script)
     script = (script if script.is_absolute() else root / script).resolve()
     if not script.is_file():
         raise DepsError(f"{script}: stage script not found")
-    search = [script.parent, root]
+    search = (script.parent, root)
+    memo = {} if memo is None else memo
     result = Closure(_rel(script, root), {_rel(script, root): [_rel(script, root)]})
     queue = [script]
     if (script.parent / "__init__.py").is_file():  # a family's module named by --trainer/--family: imported by
@@ -131,16 +154,12 @@ def closure(script: str | Path, root: str | Path) -> Closure:
     while queue:
         current = queue.pop()
         chain = result.files[_rel(current, root)]
-        for name, _ in _imported_names(current, root):
-            found = _module_file(name, search) if name else None
-            if found is None:
-                continue
-            base = next(b for b in search if b.resolve() in found.resolve().parents)
-            for file in _with_packages(found, base):
-                rel = _rel(file, root)
-                if rel not in result.files:
-                    result.files[rel] = chain + [rel]
-                    queue.append(file)
+        if (current, search) not in memo:
+            memo[current, search] = _loaded_by(current, search, root)
+        for rel, file in memo[current, search]:
+            if rel not in result.files:
+                result.files[rel] = chain + [rel]
+                queue.append(file)
     return result
 
 
@@ -225,8 +244,9 @@ def _load(dvcfile: Path):
     return yaml, yaml.load(dvcfile.read_text())
 
 
-def stage_deps(dvcfile: str | Path, root: str | Path) -> list[StageDeps]:
+def stage_deps(dvcfile: str | Path, root: str | Path, memo: dict | None = None) -> list[StageDeps]:
     root = Path(root).resolve()
+    memo = {} if memo is None else memo
     dvcfile = Path(dvcfile)
     dvcfile = dvcfile if dvcfile.is_absolute() else root / dvcfile
     _, doc = _load(dvcfile)
@@ -243,7 +263,7 @@ def stage_deps(dvcfile: str | Path, root: str | Path) -> list[StageDeps]:
             raise DepsError(f"{_rel(dvcfile, root)}: stage {name}: no Python script found in its cmd")
         chains: dict[str, list[str]] = {}
         for script in scripts:
-            for file, chain in closure(script, root).files.items():
+            for file, chain in closure(script, root, memo).files.items():
                 chains.setdefault(file, chain)
         script_rels = [_rel(s, root) for s in scripts]
         ordered = script_rels + sorted(f for f in chains if f not in script_rels)
@@ -256,9 +276,9 @@ def stage_deps(dvcfile: str | Path, root: str | Path) -> list[StageDeps]:
 def check(root: str | Path, dvcfiles: list[Path] | None = None) -> list[str]:
     """One line per stage dependency that the code's imports contradict; [] when every pipeline is exact."""
     root = Path(root).resolve()
-    lines = []
+    lines, memo = [], {}
     for dvcfile in dvcfiles or pipeline_files(root):
-        for stage in stage_deps(dvcfile, root):
+        for stage in stage_deps(dvcfile, root, memo):
             lines += stage.problems(root)
     return lines
 
@@ -267,10 +287,10 @@ def write(root: str | Path, dvcfiles: list[Path] | None = None) -> list[str]:
     """Rewrite each stage's code deps as its closure (data and output deps kept, after the code, in
     their order); comments elsewhere in the file survive. Returns the dvc.yaml files changed."""
     root = Path(root).resolve()
-    changed = []
+    changed, memo = [], {}
     for dvcfile in dvcfiles or pipeline_files(root):
         dvcfile = dvcfile if Path(dvcfile).is_absolute() else root / dvcfile
-        stages = {s.stage: s for s in stage_deps(dvcfile, root)}
+        stages = {s.stage: s for s in stage_deps(dvcfile, root, memo)}
         if not any(s.problems(root) for s in stages.values()):
             continue
         yaml, doc = _load(dvcfile)

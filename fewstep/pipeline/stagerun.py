@@ -8,10 +8,13 @@ Records are plain JSON; the Prefect flow stores them under the stage's Merkle ke
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,8 +63,12 @@ class OutputsLost(StageError):
 
 def dvc(root: Path, *args: str, log: Callable[[str], None] = print) -> tuple[int, list[str]]:
     """Run a DVC command in `root`, streaming its lines to `log`; return (exit code, lines)."""
+    return _stream(["dvc", *args], root, log)
+
+
+def _stream(command: list[str], cwd: Path, log: Callable[[str], None]) -> tuple[int, list[str]]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.Popen(["dvc", *args], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
     lines = []
     for line in proc.stdout:
@@ -119,9 +126,19 @@ def write_lock_entry(root: Path, spec: StageSpec, entry: dict) -> None:
 def run_always_changed(root: Path, spec: StageSpec, log: Callable[[str], None] = print) -> None:
     """Run a stage DVC runs every time (an `inputs` stage) before any key is computed: its outputs are parts
     of the keys after it (fewstep.pipeline.keys)."""
-    rc, lines = dvc(root / spec.project, "repro", "--single-item", spec.target, log=log)
-    if rc != 0:
-        raise StageError(f"stage {spec.name}: dvc repro failed: {_reason(lines, rc)}")
+    reproduce(root, spec, log=log)
+
+
+def reproduce(root: Path, spec: StageSpec, force: bool = False, log: Callable[[str], None] = print) -> str:
+    """Reproduce the stage through DVC's Python API in a process of its own (fewstep.pipeline.repro: its
+    output streams to `log`); return what DVC did: "current", "restored" (from its run-cache) or "ran"."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "outcome.json"
+        command = [sys.executable, "-m", "fewstep.pipeline.repro", spec.target, "--report", str(report)]
+        rc, lines = _stream(command + (["--force"] if force else []), root / spec.project, log)
+        if rc != 0 or not report.is_file():
+            raise StageError(f"stage {spec.name}: dvc repro failed: {_reason(lines, rc)}")
+        return json.loads(report.read_text())["outcome"]
 
 
 def compute(root: Path, spec: StageSpec, store: Store, force: bool = False,
@@ -129,13 +146,9 @@ def compute(root: Path, spec: StageSpec, store: Store, force: bool = False,
     """Run the stage through DVC (which keeps dvc.lock truthful and may find it current), publish its
     outputs and DVC's run-cache to the remote, and return its record."""
     started = time.perf_counter()
-    rc, lines = dvc(root / spec.project, "repro", "--single-item", *(["--force"] if force else []), spec.target, log=log)
-    if rc != 0:
-        raise StageError(f"stage {spec.name}: dvc repro failed: {_reason(lines, rc)}")
-    # DVC's API cannot tell a run from a run-cache restore (both come back from Stage.reproduce as reproduced);
-    # its own report of the difference is this line of its output
+    outcome = reproduce(root, spec, force, log)
     record = StageRecord(spec.name, lock_entry(root, spec), manifest(spec.outs, root, Hasher()),
-                         ran=any("Running stage" in l for l in lines), where=f"{socket.gethostname()}:{root}",
+                         ran=outcome == "ran", where=f"{socket.gethostname()}:{root}",
                          seconds=round(time.perf_counter() - started, 2))
     for rel in spec.uncached:
         path = root / rel
