@@ -161,16 +161,17 @@ class StageKey:
     parts: dict = field(default_factory=dict)  # cmd, code, params, upstream, data: what the key covers
 
 
-def code_closure(spec: StageSpec, root: Path) -> list[str]:
-    """Root-relative files of the stage's code closure (its scripts and every repo-local import)."""
+def code_closure(spec: StageSpec, root: Path, memo: dict | None = None) -> list[str]:
+    """Root-relative files of the stage's code closure (its scripts and every repo-local import); `memo` as
+    fewstep.pipeline.deps.closure takes it."""
     files: dict[str, None] = {}
     for script in stage_scripts(spec.cmd, root / spec.wdir):
-        files.update(dict.fromkeys(closure(script, root).files))
+        files.update(dict.fromkeys(closure(script, root, memo).files))
     return sorted(files)
 
 
 def stage_key(spec: StageSpec, specs: list[StageSpec], keys: dict[str, StageKey], root: str | Path,
-              hasher: Hasher) -> StageKey:
+              hasher: Hasher, memo: dict | None = None) -> StageKey:
     """The Merkle key of one stage, given the keys of the stages before it. Raises on a missing input:
     a key that cannot be computed must fail the run, not disable caching."""
     root = Path(root).resolve()
@@ -178,7 +179,7 @@ def stage_key(spec: StageSpec, specs: list[StageSpec], keys: dict[str, StageKey]
     if not params_path.is_file():
         raise FileNotFoundError(f"{spec.params_file}: params file of stage {spec.name} not found")
     params = parse_yaml(params_path.read_text()) or {}
-    code = code_closure(spec, root)
+    code = code_closure(spec, root, memo)
     upstream, data = {}, {}
     for dep in spec.deps:
         if dep in code:
@@ -208,6 +209,7 @@ def stage_key(spec: StageSpec, specs: list[StageSpec], keys: dict[str, StageKey]
 def stage_keys(specs: list[StageSpec], root: str | Path, hasher: Hasher) -> dict[str, StageKey]:
     """Keys of every stage, in graph order."""
     keys: dict[str, StageKey] = {}
+    memo: dict = {}  # the stages' closures share their modules
     for spec in specs:
-        keys[spec.name] = stage_key(spec, specs, keys, root, hasher)
+        keys[spec.name] = stage_key(spec, specs, keys, root, hasher, memo)
     return keys
