@@ -1,5 +1,6 @@
 """The Prefect flow over the DVC graph: caching, param edits, corruption, concurrency, team sharing."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -24,11 +25,27 @@ def report(proc) -> dict:
     return json.loads(text[text.index("{"):text.rindex("}") + 1])
 
 
+@pytest.fixture(scope="module")
+def computed(tmp_path_factory, prefect_server):
+    """The tiny default, computed once through the flow: (project, its private store, the flow's report).
+    Tests work on copies (`copy_of`)."""
+    folder = tmp_path_factory.mktemp("computed")
+    project, cache = make_project(folder / "project", tiny_params()), folder / "cache"
+    return project, cache, report(flow(project, cache))
+
+
+def copy_of(computed, dest):
+    """A copy of the computed project and its store (DVC's cache copies its files: no link into the original)."""
+    project, cache, _ = computed
+    shutil.copytree(project, dest / "project", symlinks=True)
+    shutil.copytree(cache, dest / "cache", symlinks=True)
+    return dest / "project", dest / "cache"
+
+
 @pytest.mark.slow
-def test_cached_rerun_param_edit_and_corruption(tmp_path, prefect_server):
-    project = make_project(tmp_path / "project", tiny_params())
-    cache = tmp_path / "cache"
-    assert report(flow(project, cache)) == {s: "computed" for s in STAGES}
+def test_cached_rerun_param_edit_and_corruption(tmp_path, computed):
+    assert computed[2] == {s: "computed" for s in STAGES}
+    project, cache = copy_of(computed, tmp_path)
     assert report(flow(project, cache)) == {s: "cached" for s in STAGES}
 
     edited = report(flow(project, cache, "--set", "distill.lr=0.0001"))
@@ -76,11 +93,15 @@ def test_two_concurrent_runs_compute_each_stage_once(tmp_path, prefect_server):
 
 
 @pytest.mark.slow
-def test_served_deployment_run_completes_with_metrics_artifact(tmp_path, prefect_server):
+def test_served_deployment_run_completes_with_metrics_artifact(tmp_path, prefect_server, computed):
+    """`flows/serve.py` serves the deployments; a run of distill/digits completes and leaves the evaluation
+    artifact. (On a copy of the computed project: the stages' own runs are the other tests'; a served run that
+    computes is tests/test_sd_flow.py's.)"""
     import time
 
-    project = make_project(tmp_path / "project", tiny_params())
-    e = env() | {"FEWSTEP_CACHE_DIR": str(tmp_path / "cache"), "PREFECT_API_URL": prefect_server["url"]}
+    project, cache = copy_of(computed, tmp_path)
+    (project / "evaluate/metrics.json").unlink()  # brought back by the run
+    e = env() | {"FEWSTEP_CACHE_DIR": str(cache), "PREFECT_API_URL": prefect_server["url"]}
     prefect = str(__import__("pathlib").Path(sys.executable).parent / "prefect")
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen([sys.executable, "flows/serve.py"], cwd=project, env=e, stdout=log,
