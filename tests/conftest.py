@@ -23,10 +23,13 @@ TINY = {
     "teacher": {"steps": 8, "batch_size": 16},
     "trajectories": {"num_samples": 40, "sampling_steps": 3, "batch_size": 16, "shard_size": 25},
     "critic": {"steps": 2, "batch_size": 8},
-    "distill": {"steps": 3, "batch_size": 8, "dmd2": {"ttur": 2}, "log_every": 2},
-    "finetune": {"steps": 2, "batch_size": 8, "dmd2": {"ttur": 1}},
+    "distill": {"steps": 3, "batch_size": 8, "dmd2": {"ttur": 2}, "log_every": 2, "eval_every": 0},
+    "finetune": {"steps": 2, "batch_size": 8, "dmd2": {"ttur": 1}, "eval_every": 0},
     "evaluate": {"batch_size": 20, "grid_size": 4},
 }
+# The quality curves while training (params.yaml's eval_every), for the tests that check them: a second a stage
+# that the other tiny runs skip.
+CURVES = {"distill.eval_every": 50, "finetune.eval_every": 20}
 
 
 EDM_TRAINER = str(ROOT / "fewstep/families/edm/edm_trainer.py")  # the shared training stages' --trainer for this family

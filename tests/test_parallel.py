@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, STAGE_ARGS, run, run_stage, tiny_params, write_params
+from conftest import CURVES, ROOT, STAGE_ARGS, run, run_stage, tiny_params, write_params
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -49,7 +49,7 @@ def test_two_processes_follow_the_one_process_loss_trajectory(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_distillation_runs_and_saves_once(tmp_path):
-    write_params(tmp_path, tiny_params(**{"run.num_threads": 1}))
+    write_params(tmp_path, tiny_params(**{"run.num_threads": 1, **CURVES}))
     for stage, args in (("prepare", ["--out", "prepare"]), ("teacher", ["--prepare", "prepare", "--out", "teacher"]),
                         ("trajectories", STAGE_ARGS["trajectories"])):
         run_stage(stage, tmp_path, *args)

@@ -5,7 +5,7 @@ import re
 import pytest
 import yaml
 
-from conftest import make_project, run, tiny_params, write_image_folder, write_params
+from conftest import CURVES, make_project, run, tiny_params, write_image_folder, write_params
 
 ALL_STAGES = ["prepare", "teacher", "trajectories", "critic", "distill", "finetune", "evaluate"]
 
@@ -97,7 +97,7 @@ def assert_the_way_back_keeps_this_machines_outputs(project):
 
 @pytest.mark.slow
 def test_newcomer_repro_rerun_param_edit_experiments_and_the_way_back(tmp_path):
-    project = make_project(tmp_path / "project", tiny_params())
+    project = make_project(tmp_path / "project", tiny_params(**CURVES))
     first = run(["dvc", "repro"], project)
     assert ran(first.stdout) == ALL_STAGES
     metrics = json.loads((project / "evaluate/metrics.json").read_text())

@@ -6,7 +6,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, STAGE_ARGS, run_stage, tiny_params, undeclared_reads, write_params
+from conftest import CURVES, ROOT, STAGE_ARGS, run_stage, tiny_params, undeclared_reads, write_params
 from fewstep.families.edm.unet import load_model
 
 
@@ -19,7 +19,7 @@ def workdir(tmp_path_factory):
     import os
 
     folder = tmp_path_factory.mktemp("stages")
-    write_params(folder, tiny_params())
+    write_params(folder, tiny_params(**CURVES))
     (folder / "reads").mkdir()
     os.environ["FEWSTEP_PARAMS_READS"] = str(folder / "reads")  # each stage notes the params keys it reads
     try:
