@@ -50,8 +50,7 @@ from fewstep.pipeline.keys import StageSpec, missing_input, producer, stage_keys
 from fewstep.pipeline.hashing import Hasher
 from fewstep.pipeline.locking import lock_manager
 from fewstep.params import parse_yaml
-from fewstep.pipeline.stagerun import (OutputsLost, StageError, StageRecord, compute, materialize,
-                                       run_always_changed)
+from fewstep.pipeline.stagerun import OutputsLost, StageError, StageRecord, compute, materialize, reproduce
 from fewstep.pipeline.store import Store, StoreError, from_dvc, share_remote
 from fewstep.pipeline.worktree import CheckoutError, clean_checkout, head
 
@@ -170,9 +169,10 @@ def _prepare(root: Path, pipeline: str, dvcfile: str, specs: list[StageSpec]) ->
     missing = missing_input(specs, root)
     if missing is not None:
         raise PipelineError(str(missing))
-    for spec in (s for s in specs if s.always_changed):  # e.g. `inputs`: its outputs are parts of later keys
+    # a stage DVC runs every time (e.g. `inputs`) runs before any key is computed: its outputs are parts of later keys
+    for spec in (s for s in specs if s.always_changed):
         try:
-            run_always_changed(root, spec, log=lambda line: None)
+            reproduce(root, spec, log=lambda line: None)
         except StageError as exc:
             raise PipelineError(str(exc)) from None
     hasher = Hasher(root / ".fewstep" / "hash-memo.json")

@@ -23,13 +23,14 @@ def reproduce(target: str, force: bool = False) -> str:
     """Reproduce `target` in the DVC project of the working directory; return its outcome."""
     from dvc.repo import Repo
 
+    restored = False
     with Repo() as repo:
-        restored = []
         restore = repo.stage_cache.restore
 
         def restore_and_tell(stage, *args, **kwargs):  # DVC asks its run-cache before it runs a command
+            nonlocal restored
             restore(stage, *args, **kwargs)  # raises RunCacheNotFoundError when DVC must run the command
-            restored.append(stage.addressing)
+            restored = True
 
         repo.stage_cache.restore = restore_and_tell
         reproduced = repo.reproduce(target, single_item=True, force=force)

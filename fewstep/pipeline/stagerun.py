@@ -123,12 +123,6 @@ def write_lock_entry(root: Path, spec: StageSpec, entry: dict) -> None:
     write_atomic(path, dumps_yaml(lock))
 
 
-def run_always_changed(root: Path, spec: StageSpec, log: Callable[[str], None] = print) -> None:
-    """Run a stage DVC runs every time (an `inputs` stage) before any key is computed: its outputs are parts
-    of the keys after it (fewstep.pipeline.keys)."""
-    reproduce(root, spec, log=log)
-
-
 def reproduce(root: Path, spec: StageSpec, force: bool = False, log: Callable[[str], None] = print) -> str:
     """Reproduce the stage through DVC's Python API in a process of its own (fewstep.pipeline.repro: its
     output streams to `log`); return what DVC did: "current", "restored" (from its run-cache) or "ran"."""
